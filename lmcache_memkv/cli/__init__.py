@@ -1,0 +1,1 @@
+"""The ``memkv`` command line (typer)."""

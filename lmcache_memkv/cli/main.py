@@ -1,0 +1,31 @@
+"""Entry point of the ``memkv`` command; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from lmcache_memkv.cli import node as node_cmd
+
+app = typer.Typer(
+    name="memkv",
+    help="MemKV: a cluster memory tier for LMCache. Run `memkv COMMAND --help` for details.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """MemKV: a cluster memory tier for LMCache."""
+
+
+app.command("node", help=node_cmd.HELP, epilog=node_cmd.EXAMPLE)(node_cmd.node)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

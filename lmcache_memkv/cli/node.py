@@ -1,0 +1,115 @@
+"""``memkv node``: run a MemKV memory node."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+HELP = "Run a MemKV node: a memory server that pools this host's DRAM for LMCache."
+EXAMPLE = "Example: memkv node --listen 127.0.0.1:9900 --capacity 8GiB --metrics-listen 127.0.0.1:9910"
+
+
+def node(
+    listen: Annotated[str, typer.Option(help="Data-plane address HOST:PORT.", envvar="MEMKV_LISTEN")] = "127.0.0.1:9900",
+    capacity: Annotated[str, typer.Option(help="Arena size, e.g. 512MiB or 64GiB.", envvar="MEMKV_CAPACITY")] = "1GiB",
+    node_id: Annotated[str, typer.Option(help="Unique node name (default: HOSTNAME-PORT).", envvar="MEMKV_NODE_ID")] = "",
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="Serve Prometheus /metrics on HOST:PORT.", envvar="MEMKV_METRICS_LISTEN")
+    ] = None,
+    auth_key_file: Annotated[
+        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).")
+    ] = None,
+    control_listen: Annotated[
+        str | None, typer.Option(help="gRPC control address HOST:PORT (default: data port + 1).")
+    ] = None,
+    seed: Annotated[list[str] | None, typer.Option(help="Control endpoint of a cluster member to join; repeatable.")] = None,
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 0.5,
+    suspect_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is SUSPECT.")] = 1.5,
+    dead_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is DEAD.")] = 3.0,
+    tls_cert: Annotated[str | None, typer.Option(help="PEM certificate for the control plane (enables TLS).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most keys in one request.")] = 1024,
+    max_value: Annotated[str, typer.Option(help="Largest value accepted.")] = "1GiB",
+    max_meta: Annotated[str, typer.Option(help="Largest frame meta (keys and sizes) accepted.")] = "1MiB",
+    frame_timeout: Annotated[float, typer.Option(help="Seconds a client may take to finish a frame it started.")] = 10.0,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    from lmcache_memkv.auth import load_key
+    from lmcache_memkv.node.config import NodeConfig
+    from lmcache_memkv.sizes import parse_size
+    from lmcache_memkv.wire.limits import Limits
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = NodeConfig(
+            listen=listen,
+            capacity=parse_size(capacity),
+            node_id=node_id,
+            metrics_listen=metrics_listen,
+            auth_key=load_key(auth_key_file),
+            limits=Limits(max_batch=max_batch, max_value_len=parse_size(max_value), max_meta_len=parse_size(max_meta)),
+            frame_timeout_s=frame_timeout,
+            drain_timeout_s=drain_timeout,
+            control_listen=control_listen,
+            seeds=list(seed or []),
+            heartbeat_interval_s=heartbeat_interval,
+            suspect_after_s=suspect_after,
+            dead_after_s=dead_after,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
+    except ValueError as exc:
+        typer.echo(f"memkv node: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sys.exit(run_node(config))
+
+
+def run_node(config: object) -> int:
+    """Start data and control planes, wait for SIGTERM/SIGINT, drain, exit 0."""
+    from lmcache_memkv.node.config import NodeConfig
+    from lmcache_memkv.node.server import NodeServer
+
+    assert isinstance(config, NodeConfig)
+    log = logging.getLogger("memkv.node")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server = NodeServer(config)
+        server.start()
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    control = None
+    try:
+        from lmcache_memkv.control.node_service import start_control_plane
+    except ImportError:  # control plane not built yet
+        start_control_plane = None  # type: ignore[assignment]
+    if start_control_plane is not None:
+        try:
+            control = start_control_plane(server, config)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("control plane: %s", exc)
+            server.stop(0)
+            return 1
+    # One parseable line for scripts and tests waiting for readiness.
+    ready = f"memkv node {config.node_id} ready data={server.endpoint} pid={os.getpid()}"
+    if control is not None:
+        ready += f" control={control.endpoint}"
+    if server.metrics_address:
+        ready += f" metrics={server.metrics_address[0]}:{server.metrics_address[1]}"
+    print(ready, flush=True)
+    stop.wait()
+    log.info("shutting down: no new connections, finishing in-flight requests")
+    if control is not None:
+        control.stop()
+    drained = server.stop()
+    log.info("stopped (%s)", "drained" if drained else "drain timed out")
+    return 0

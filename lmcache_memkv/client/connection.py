@@ -1,0 +1,103 @@
+"""One authenticated data-plane connection to a node (blocking, used by one thread at a time)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+
+from lmcache_memkv.endpoints import parse_endpoint
+from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, drain, recv_exact, recv_into_exact, send_views, tune
+from lmcache_memkv.wire.constants import Status
+from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
+from lmcache_memkv.wire.limits import Limits
+from lmcache_memkv.wire.messages import GetRequest, GetResponse, Message, decode
+from lmcache_memkv.wire.state import ClientProtocol
+
+# The client accepts whatever a node may send; the node enforces the tighter limits.
+_CLIENT_LIMITS = Limits(max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20)
+
+
+class Connection:
+    def __init__(self, endpoint: str, key: bytes | None, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        host, port = parse_endpoint(endpoint, field="node endpoint")
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        except TimeoutError:
+            raise MemKVTimeout(f"memkv node {endpoint}: connect timed out after {timeout_s:.1f}s") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to memkv node {endpoint}: {exc.strerror or exc}") from None
+        tune(self.sock)
+        self.proto = ClientProtocol(key, where=f"memkv node {endpoint}")
+        self.broken = False
+        try:
+            header, msg = self._read_frame(deadline)
+            send_views(self.sock, [self.proto.on_hello(header, msg)], deadline)
+            header, msg = self._read_frame(deadline)
+            self.proto.on_auth_reply(header, msg)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def node_id(self) -> str:
+        return self.proto.node_id
+
+    def close(self) -> None:
+        self.broken = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _read_frame(self, deadline: float) -> tuple[Header, Message]:
+        try:
+            header = decode_header(recv_exact(self.sock, HEADER_LEN, deadline), _CLIENT_LIMITS)
+            meta = recv_exact(self.sock, header.meta_len, deadline)
+            return header, decode(header, meta, _CLIENT_LIMITS)
+        except PeerClosed as exc:
+            raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None
+
+    def call(self, msg: Message, deadline: float, payload: Sequence[Buffer] = ()) -> Message:
+        """Send one request (plus value bytes) and read its response (without payload)."""
+        _rid, head = self.proto.request(msg)
+        try:
+            send_views(self.sock, [head, *payload], deadline)
+            header, reply = self._read_frame(deadline)
+            if header.payload_len:
+                raise ProtocolError(f"memkv node {self.endpoint}: unexpected payload on {header.base_op.name}")
+            return self.proto.on_response(header, reply)
+        except BaseException:
+            self.close()
+            raise
+
+    def get_into(self, keys: Sequence[bytes], views: Sequence[memoryview], deadline: float) -> list[int | None]:
+        """GET ``keys`` straight into ``views``; per key the value length, or None on a miss."""
+        _rid, head = self.proto.request(GetRequest(keys=keys, capacities=[v.nbytes for v in views]))
+        try:
+            send_views(self.sock, [head], deadline)
+            header, reply = self._read_frame(deadline)
+            reply = self.proto.on_response(header, reply)
+            assert isinstance(reply, GetResponse)
+            if len(reply.statuses) != len(keys):
+                raise ProtocolError(f"memkv node {self.endpoint}: GET answered {len(reply.statuses)} of {len(keys)} keys")
+            out: list[int | None] = []
+            for status, length, view in zip(reply.statuses, reply.lengths, views):
+                if status != Status.OK:
+                    out.append(None)
+                    continue
+                if length > view.nbytes:  # the node broke its promise; do not overrun the buffer
+                    drain(self.sock, length, memoryview(bytearray(1 << 16)), deadline)
+                    raise ProtocolError(f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer")
+                recv_into_exact(self.sock, view[:length], deadline)
+                out.append(length)
+            return out
+        except PeerClosed as exc:
+            self.close()
+            raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None
+        except BaseException:
+            self.close()
+            raise

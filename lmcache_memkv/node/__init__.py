@@ -1,0 +1,1 @@
+"""The MemKV node: arena, index, leases and the data-plane server."""

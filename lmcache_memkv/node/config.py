@@ -1,0 +1,58 @@
+"""Node configuration with validation that names the offending flag."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
+from lmcache_memkv.wire.limits import Limits
+
+
+@dataclass
+class NodeConfig:
+    listen: str = "127.0.0.1:9900"
+    capacity: int = 1 << 30
+    node_id: str = ""
+    metrics_listen: str | None = None
+    auth_key: bytes | None = None
+    limits: Limits = field(default_factory=Limits)
+    frame_timeout_s: float = 10.0  # a peer that stalls mid-frame longer than this is dropped
+    idle_timeout_s: float = 0.0  # 0: idle connections stay open
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # Control plane (gRPC): see lmcache_memkv.control.
+    control_listen: str | None = None  # default: data port + 1
+    seeds: list[str] = field(default_factory=list)
+    heartbeat_interval_s: float = 0.5
+    suspect_after_s: float = 1.5
+    dead_after_s: float = 3.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        host, port = parse_endpoint(self.listen, field="--listen")
+        if self.capacity < 1 << 20:
+            raise ValueError(f"--capacity must be at least 1MiB, got {self.capacity} bytes")
+        if not self.node_id:
+            self.node_id = f"{socket.gethostname()}-{port}"
+        if len(self.node_id.encode()) > 255:
+            raise ValueError("--node-id must be at most 255 bytes")
+        if self.metrics_listen:
+            parse_endpoint(self.metrics_listen, field="--metrics-listen")
+        if self.control_listen is None:
+            self.control_listen = format_endpoint(host, port + 1 if port else 0)
+        parse_endpoint(self.control_listen, field="--control-listen")
+        for seed in self.seeds:
+            parse_endpoint(seed, field="--seed")
+        for name in ("frame_timeout_s", "drain_timeout_s", "heartbeat_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.idle_timeout_s < 0:
+            raise ValueError(f"idle_timeout_s must not be negative, got {self.idle_timeout_s}")
+        if not self.heartbeat_interval_s < self.suspect_after_s < self.dead_after_s:
+            raise ValueError(
+                "heartbeat timeouts must satisfy heartbeat-interval < suspect-after < dead-after, got "
+                f"{self.heartbeat_interval_s} < {self.suspect_after_s} < {self.dead_after_s}"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")

@@ -1,0 +1,76 @@
+"""Prometheus metrics of a node, on its own registry (served by ``--metrics-listen``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lmcache_memkv.endpoints import parse_endpoint
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _StoreCollector(Collector):
+    """Reads the store's counters at scrape time, so /metrics and STATS never disagree."""
+
+    def __init__(self, node_id: str, snapshot: Callable[[], dict[str, int]]) -> None:
+        self._node_id = node_id
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._snapshot()
+        gauges = {
+            "memkv_node_arena_capacity_bytes": ("Arena size in bytes.", s["capacity_bytes"]),
+            "memkv_node_arena_used_bytes": ("Arena bytes allocated to values (aligned).", s["used_bytes"]),
+            "memkv_node_value_bytes": ("Bytes of stored values.", s["value_bytes"]),
+            "memkv_node_keys": ("Keys stored.", s["keys"]),
+            "memkv_node_leases": ("Leases currently held.", s["leases"]),
+        }
+        for name, (doc, value) in gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["node"])
+            g.add_metric([self._node_id], value)
+            yield g
+        counters = {
+            "memkv_node_hits": ("GET lookups that found the key.", s["hits"]),
+            "memkv_node_misses": ("GET lookups that missed.", s["misses"]),
+            "memkv_node_evictions": ("Entries evicted (LRU) to make room.", s["evictions"]),
+            "memkv_node_evicted_bytes": ("Value bytes evicted.", s["evicted_bytes"]),
+            "memkv_node_leases_granted": ("Leases granted by EXISTS.", s["leases_granted"]),
+            "memkv_node_leases_released": ("Leases released by RELEASE.", s["leases_released"]),
+            "memkv_node_leases_expired": ("Leases that ran out their TTL.", s["leases_expired"]),
+            "memkv_node_no_space": ("PUT items refused because nothing evictable made room.", s["no_space"]),
+        }
+        for name, (doc, value) in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["node"])
+            c.add_metric([self._node_id], value)
+            yield c
+
+
+class NodeMetrics:
+    def __init__(self, node_id: str, snapshot: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["node", "op", "outcome"]
+        self.ops = Counter("memkv_node_ops", "Requests served, by opcode and outcome.", labels, registry=self.registry)
+        self.items = Counter("memkv_node_items", "Keys handled inside batches, by opcode.", ["node", "op"], registry=self.registry)
+        self.bytes_in = Counter("memkv_node_received_bytes", "Value bytes received (PUT).", ["node"], registry=self.registry)
+        self.bytes_out = Counter("memkv_node_sent_bytes", "Value bytes sent (GET).", ["node"], registry=self.registry)
+        self.latency = Histogram(
+            "memkv_node_request_seconds", "Time to serve a request.", ["node", "op"], buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.connections = Gauge("memkv_node_connections", "Open client connections.", ["node"], registry=self.registry)
+        self.accepted = Counter("memkv_node_connections_accepted", "Connections accepted.", ["node"], registry=self.registry)
+        self.auth_failures = Counter("memkv_node_auth_failures", "Connections that failed authentication.", ["node"], registry=self.registry)
+        self.protocol_errors = Counter(
+            "memkv_node_protocol_errors", "Connections closed for bad input, by reason.", ["node", "reason"], registry=self.registry
+        )
+        self.registry.register(_StoreCollector(node_id, snapshot))
+        self.node_id = node_id
+
+    def serve(self, listen: str) -> tuple[str, int]:
+        host, port = parse_endpoint(listen, field="--metrics-listen")
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])

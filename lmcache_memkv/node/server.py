@@ -1,0 +1,300 @@
+"""The node's TCP data plane: one thread per connection, value bytes straight to and from the arena."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import threading
+import time
+
+from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
+from lmcache_memkv.errors import MemKVTimeout, ProtocolError
+from lmcache_memkv.node.arena import Arena
+from lmcache_memkv.node.config import NodeConfig
+from lmcache_memkv.node.metrics import NodeMetrics
+from lmcache_memkv.node.store import Extent, Store
+from lmcache_memkv.transport.tcp import PeerClosed, drain, recv_exact, recv_into_exact, send_views, tune
+from lmcache_memkv.wire.constants import ErrorCode, Op, Status
+from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
+from lmcache_memkv.wire.messages import (
+    DeleteRequest,
+    DeleteResponse,
+    ErrorFrame,
+    ExistsRequest,
+    ExistsResponse,
+    GetRequest,
+    GetResponse,
+    ListRequest,
+    ListResponse,
+    Message,
+    PingRequest,
+    PingResponse,
+    PutRequest,
+    PutResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    StatsResponse,
+    decode,
+    encode,
+)
+from lmcache_memkv.wire.state import ServerProtocol
+
+log = logging.getLogger("memkv.node")
+_POLL_MS = 200  # how often an idle connection checks for shutdown
+_SCRATCH = 1 << 20
+
+
+class NodeServer:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.arena = Arena(config.capacity)
+        self.store = Store(self.arena)
+        self.metrics = NodeMetrics(config.node_id, self.stats)
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.started_at = time.time()
+        self.address: tuple[str, int] = ("", 0)
+        self.metrics_address: tuple[str, int] | None = None
+        self._m_node = config.node_id
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        host, port = parse_endpoint(self.config.listen, field="--listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"--listen {self.config.listen}: cannot bind: {exc.strerror}") from None
+        sock.listen(256)
+        sock.settimeout(_POLL_MS / 1000)
+        self._listener = sock
+        self.address = sock.getsockname()[:2]
+        if self.config.metrics_listen:
+            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="memkv-accept", daemon=True)
+        self._accept_thread.start()
+        log.info("node %s serving data on %s", self.config.node_id, self.endpoint)
+
+    @property
+    def endpoint(self) -> str:
+        return format_endpoint(*self.address)
+
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Stop accepting, let in-flight requests finish; True if every connection drained in time."""
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        deadline = time.monotonic() + (self.config.drain_timeout_s if grace_s is None else grace_s)
+        with self._conns_lock:
+            threads = list(self._conns.values())
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._conns_lock:
+            leftover = list(self._conns)
+        for sock in leftover:  # stragglers past the grace period
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return not leftover
+
+    def stats(self) -> dict[str, int]:
+        return self.store.snapshot()
+
+    # ------------------------------------------------------------------ accept
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: back off rather than spin
+                continue
+            tune(sock)
+            t = threading.Thread(target=self._serve_conn, args=(sock,), name="memkv-conn", daemon=True)
+            with self._conns_lock:
+                self._conns[sock] = t
+            self.metrics.accepted.labels(self._m_node).inc()
+            t.start()
+
+    # ------------------------------------------------------------------ one connection
+
+    def _serve_conn(self, sock: socket.socket) -> None:
+        node = self._m_node
+        self.metrics.connections.labels(node).inc()
+        proto = ServerProtocol(self.config.node_id, self.config.auth_key)
+        scratch = memoryview(bytearray(_SCRATCH))
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        request_id = 0
+        try:
+            send_views(sock, [proto.hello()], time.monotonic() + self.config.frame_timeout_s)
+            authed = False
+            idle_since = time.monotonic()
+            while True:
+                if not poller.poll(_POLL_MS):
+                    if self._stopping.is_set():
+                        return
+                    idle = self.config.idle_timeout_s
+                    if idle and time.monotonic() - idle_since > idle:
+                        return
+                    if not authed and time.monotonic() - idle_since > self.config.frame_timeout_s:
+                        raise ProtocolError("no AUTH within the frame timeout", ErrorCode.TIMEOUT)
+                    continue
+                deadline = time.monotonic() + self.config.frame_timeout_s
+                head = recv_exact(sock, HEADER_LEN, deadline)
+                header = decode_header(head, self.config.limits)
+                request_id = header.request_id
+                if not authed:
+                    meta = recv_exact(sock, header.meta_len, deadline)
+                    try:
+                        reply = proto.on_auth(header, decode(header, meta, self.config.limits))
+                    except ProtocolError:
+                        self.metrics.auth_failures.labels(node).inc()
+                        log.warning("auth failure from %s", _peer(sock))
+                        raise
+                    send_views(sock, [reply], deadline)
+                    authed = True
+                else:
+                    proto.check_request(header)
+                    self._serve_request(sock, header, deadline, scratch)
+                    if self._stopping.is_set():
+                        return  # draining: this request is answered, take no new ones
+                idle_since = time.monotonic()
+        except ProtocolError as exc:
+            self.metrics.protocol_errors.labels(node, ErrorCode(exc.code).name.lower()).inc()
+            log.info("closing connection from %s: %s", _peer(sock), exc)
+            self._send_error(sock, request_id, exc.code, str(exc))
+        except MemKVTimeout as exc:
+            self.metrics.protocol_errors.labels(node, "timeout").inc()
+            log.info("closing connection from %s: %s", _peer(sock), exc)
+            self._send_error(sock, request_id, ErrorCode.TIMEOUT, f"frame not completed in time: {exc}")
+        except (PeerClosed, ConnectionError):
+            pass
+        except OSError as exc:
+            log.info("connection from %s failed: %s", _peer(sock), exc)
+        except Exception:  # never let one connection take the node down
+            log.exception("internal error serving %s", _peer(sock))
+            self._send_error(sock, request_id, ErrorCode.INTERNAL, "internal error")
+        finally:
+            proto.close()
+            self.metrics.connections.labels(node).dec()
+            with self._conns_lock:
+                self._conns.pop(sock, None)
+            sock.close()
+
+    def _send_error(self, sock: socket.socket, request_id: int, code: int, message: str) -> None:
+        try:
+            send_views(sock, [encode(ErrorFrame(code=code, message=message), request_id)], time.monotonic() + 1.0)
+        except (OSError, MemKVTimeout):
+            pass
+
+    def _serve_request(self, sock: socket.socket, header: Header, deadline: float, scratch: memoryview) -> None:
+        started = time.perf_counter()
+        meta = recv_exact(sock, header.meta_len, deadline)
+        msg = decode(header, meta, self.config.limits)
+        op = header.base_op
+        rid = header.request_id
+        outcome = "ok"
+        if isinstance(msg, PutRequest):
+            outcome = self._put(sock, rid, msg, deadline, scratch)
+        elif isinstance(msg, GetRequest):
+            outcome = self._get(sock, rid, msg, deadline)
+        else:
+            reply = self._inline(msg)
+            send_views(sock, [encode(reply, rid)], deadline)
+        labels = (self._m_node, op.name.lower())
+        self.metrics.ops.labels(*labels, outcome).inc()
+        self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float, scratch: memoryview) -> str:
+        reserved: list[Extent | Status] = []
+        try:
+            for size in msg.sizes:
+                reserved.append(self.store.reserve(size))
+            view = self.arena.view
+            for size, slot in zip(msg.sizes, reserved):
+                if isinstance(slot, Extent):
+                    recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)
+                else:
+                    drain(sock, size, scratch, deadline)
+        except BaseException:
+            for slot in reserved:
+                if isinstance(slot, Extent):
+                    self.store.abort(slot)
+            raise
+        statuses: list[Status] = []
+        for key, slot in zip(msg.keys, reserved):
+            if isinstance(slot, Extent):
+                self.store.publish(key, slot)
+                statuses.append(Status.OK)
+            else:
+                statuses.append(slot)
+        self.metrics.bytes_in.labels(self._m_node).inc(sum(msg.sizes))
+        self.metrics.items.labels(self._m_node, "put").inc(len(msg.keys))
+        send_views(sock, [encode(PutResponse(statuses=statuses), rid)], deadline)
+        return "ok" if all(s == Status.OK for s in statuses) else "partial"
+
+    def _get(self, sock: socket.socket, rid: int, msg: GetRequest, deadline: float) -> str:
+        pinned: list[Extent] = []
+        statuses: list[Status] = []
+        lengths: list[int] = []
+        try:
+            for key, cap in zip(msg.keys, msg.capacities):
+                status, ext = self.store.pin(key, cap)
+                statuses.append(status)
+                lengths.append(ext.length if ext else 0)
+                if ext is not None:
+                    pinned.append(ext)
+            view = self.arena.view
+            head = encode(GetResponse(statuses=statuses, lengths=lengths), rid)
+            send_views(sock, [head, *(view[e.offset : e.offset + e.length] for e in pinned)], deadline)
+        finally:
+            if pinned:
+                self.store.unpin(pinned)
+        sent = sum(e.length for e in pinned)
+        self.metrics.bytes_out.labels(self._m_node).inc(sent)
+        self.metrics.items.labels(self._m_node, "get").inc(len(msg.keys))
+        return "ok" if len(pinned) == len(msg.keys) else "partial"
+
+    def _inline(self, msg: Message) -> Message:
+        if isinstance(msg, ExistsRequest):
+            found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0)
+            return ExistsResponse(statuses=[s for s, _ in found], lengths=[n for _, n in found])
+        if isinstance(msg, ReleaseRequest):
+            return ReleaseResponse(statuses=self.store.release(msg.keys))
+        if isinstance(msg, DeleteRequest):
+            return DeleteResponse(statuses=self.store.delete(msg.keys))
+        if isinstance(msg, ListRequest):
+            items, cursor = self.store.list(msg.prefix, msg.cursor, msg.limit)
+            return ListResponse(keys=[k for k, _ in items], sizes=[n for _, n in items], next_cursor=cursor)
+        if isinstance(msg, PingRequest):
+            return PingResponse(data=msg.data)
+        if msg.op is Op.STATS:
+            body = dict(self.stats(), node_id=self.config.node_id, uptime_s=int(time.time() - self.started_at))
+            return StatsResponse(body=json.dumps(body).encode())
+        raise ProtocolError(f"opcode {msg.op.name} is not a request", ErrorCode.UNKNOWN_OP)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return format_endpoint(host, port)
+    except OSError:
+        return "?"

@@ -1,0 +1,99 @@
+"""Socket helpers: exact reads into caller buffers and gathered writes, with deadlines.
+
+Value bytes never pass through a Python ``bytes`` object: reads land in the caller's
+buffer with ``recv_into`` and writes gather memoryviews with ``sendmsg``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+from lmcache_memkv.errors import MemKVTimeout, ProtocolError
+
+Buffer = bytes | bytearray | memoryview
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+SOCK_BUF = 4 << 20
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection."""
+
+
+def tune(sock: socket.socket) -> None:
+    """Large buffers and no Nagle: frames are latency-bound, payloads bandwidth-bound."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+
+
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise MemKVTimeout("deadline passed")
+    sock.settimeout(remaining)
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+    """Fill ``view`` completely from ``sock``."""
+    got = 0
+    total = len(view)
+    while got < total:
+        _arm(sock, deadline)
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except TimeoutError:
+            raise MemKVTimeout(f"timed out after receiving {got} of {total} bytes") from None
+        if n == 0:
+            raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")
+        got += n
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearray:
+    """Read exactly ``n`` bytes of header or meta (small, bounded by the limits)."""
+    buf = bytearray(n)
+    if n:
+        recv_into_exact(sock, memoryview(buf), deadline)
+    return buf
+
+
+def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
+    """Read and discard ``n`` bytes (a value we cannot keep), reusing ``scratch``."""
+    while n > 0:
+        chunk = scratch[: min(n, len(scratch))]
+        recv_into_exact(sock, chunk, deadline)
+        n -= len(chunk)
+
+
+def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | None) -> None:
+    """Send every buffer in order with gathered writes, resuming after partial sends."""
+    pending = [memoryview(v).cast("B") for v in views if len(v)]
+    while pending:
+        _arm(sock, deadline)
+        batch = pending[:_IOV_MAX]
+        try:
+            sent = sock.sendmsg(batch)
+        except TimeoutError:
+            raise MemKVTimeout("timed out while sending") from None
+        # Drop what went out; keep the unsent tail of a partly sent view.
+        i = 0
+        while i < len(batch) and sent >= len(batch[i]):
+            sent -= len(batch[i])
+            i += 1
+        rest = pending[i:]
+        if sent and rest:
+            rest[0] = rest[0][sent:]
+        pending = rest
+
+
+def check_len(view: memoryview, expected: int, what: str) -> None:
+    if view.nbytes != expected:
+        raise ProtocolError(f"{what}: buffer is {view.nbytes} bytes, expected {expected}")

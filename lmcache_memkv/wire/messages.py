@@ -1,0 +1,457 @@
+"""Message types and their meta encodings (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from lmcache_memkv.errors import ProtocolError
+from lmcache_memkv.wire.constants import NONCE_LEN, RESPONSE_BIT, ErrorCode, Op, Status
+from lmcache_memkv.wire.frames import MAX_REQUEST_ID, Header, encode_header
+from lmcache_memkv.wire.limits import Limits
+
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+
+
+class _Reader:
+    """Bounds-checked cursor over a meta buffer; every overrun is a ProtocolError."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def _take(self, n: int) -> memoryview:
+        end = self._pos + n
+        if end > len(self._data):
+            raise ProtocolError(
+                f"truncated meta: needed {n} bytes at offset {self._pos}, only {len(self._data) - self._pos} left",
+                ErrorCode.BAD_FRAME,
+            )
+        view = self._data[self._pos : end]
+        self._pos = end
+        return view
+
+    def u8(self) -> int:
+        return int(self._take(1)[0])
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self._take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self._take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self._take(8))[0])
+
+    def raw(self, n: int) -> bytes:
+        return bytes(self._take(n))
+
+    def key(self, limits: Limits) -> bytes:
+        n = self.u16()
+        if n == 0:
+            raise ProtocolError("empty key", ErrorCode.BAD_FRAME)
+        if n > limits.max_key_len:
+            raise ProtocolError(f"key of {n} bytes exceeds the limit of {limits.max_key_len}", ErrorCode.LIMIT)
+        return self.raw(n)
+
+    def count(self, limits: Limits) -> int:
+        n = self.u32()
+        if n > limits.max_batch:
+            raise ProtocolError(f"batch of {n} items exceeds the limit of {limits.max_batch}", ErrorCode.LIMIT)
+        return n
+
+    def status(self) -> Status:
+        value = self.u8()
+        try:
+            return Status(value)
+        except ValueError:
+            raise ProtocolError(f"unknown status code {value}", ErrorCode.BAD_FRAME) from None
+
+    def finish(self) -> None:
+        if self._pos != len(self._data):
+            raise ProtocolError(f"{len(self._data) - self._pos} trailing bytes after meta", ErrorCode.BAD_FRAME)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def u8(self, v: int) -> None:
+        self.buf += _U8.pack(v)
+
+    def u16(self, v: int) -> None:
+        self.buf += _U16.pack(v)
+
+    def u32(self, v: int) -> None:
+        self.buf += _U32.pack(v)
+
+    def u64(self, v: int) -> None:
+        self.buf += _U64.pack(v)
+
+    def blob16(self, b: bytes) -> None:
+        self.u16(len(b))
+        self.buf += b
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Message:
+    op: ClassVar[Op]
+    response: ClassVar[bool] = False
+
+    def payload_len(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    op: ClassVar[Op] = Op.HELLO
+    node_id: str
+    auth_required: bool
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Auth(Message):
+    op: ClassVar[Op] = Op.AUTH
+    proof: bytes = b""
+
+
+@dataclass(frozen=True)
+class AuthOk(Message):
+    op: ClassVar[Op] = Op.AUTH_OK
+
+
+@dataclass(frozen=True)
+class PutRequest(Message):
+    op: ClassVar[Op] = Op.PUT
+    keys: Sequence[bytes]
+    sizes: Sequence[int]
+
+    def payload_len(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class GetRequest(Message):
+    """Read values; each key names the largest value its buffer can take."""
+
+    op: ClassVar[Op] = Op.GET
+    keys: Sequence[bytes]
+    capacities: Sequence[int]
+
+
+@dataclass(frozen=True)
+class ExistsRequest(Message):
+    """Look up keys; a non-zero ``lease_ttl_ms`` also leases each found key."""
+
+    op: ClassVar[Op] = Op.EXISTS
+    keys: Sequence[bytes]
+    lease_ttl_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ReleaseRequest(Message):
+    op: ClassVar[Op] = Op.RELEASE
+    keys: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class DeleteRequest(Message):
+    op: ClassVar[Op] = Op.DELETE
+    keys: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class ListRequest(Message):
+    """One page of keys starting with ``prefix`` and sorting after ``cursor``."""
+
+    op: ClassVar[Op] = Op.LIST
+    prefix: bytes = b""
+    cursor: bytes = b""
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class PingRequest(Message):
+    op: ClassVar[Op] = Op.PING
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class StatsRequest(Message):
+    op: ClassVar[Op] = Op.STATS
+
+
+@dataclass(frozen=True)
+class StatusResponse(Message):
+    """Per-key statuses (PUT, RELEASE, DELETE)."""
+
+    op: ClassVar[Op] = Op.PUT
+    response: ClassVar[bool] = True
+    statuses: Sequence[Status]
+
+
+@dataclass(frozen=True)
+class PutResponse(StatusResponse):
+    op: ClassVar[Op] = Op.PUT
+
+
+@dataclass(frozen=True)
+class ReleaseResponse(StatusResponse):
+    op: ClassVar[Op] = Op.RELEASE
+
+
+@dataclass(frozen=True)
+class DeleteResponse(StatusResponse):
+    op: ClassVar[Op] = Op.DELETE
+
+
+@dataclass(frozen=True)
+class SizedResponse(Message):
+    """Per-key status and value length (GET, EXISTS)."""
+
+    op: ClassVar[Op] = Op.GET
+    response: ClassVar[bool] = True
+    statuses: Sequence[Status]
+    lengths: Sequence[int]
+
+
+@dataclass(frozen=True)
+class GetResponse(SizedResponse):
+    """The payload holds the values of the OK entries, in order."""
+
+    op: ClassVar[Op] = Op.GET
+
+    def payload_len(self) -> int:
+        return sum(n for s, n in zip(self.statuses, self.lengths) if s == Status.OK)
+
+
+@dataclass(frozen=True)
+class ExistsResponse(SizedResponse):
+    op: ClassVar[Op] = Op.EXISTS
+
+
+@dataclass(frozen=True)
+class ListResponse(Message):
+    op: ClassVar[Op] = Op.LIST
+    response: ClassVar[bool] = True
+    keys: Sequence[bytes]
+    sizes: Sequence[int]
+    next_cursor: bytes = b""  # empty: no more pages
+
+
+@dataclass(frozen=True)
+class PingResponse(Message):
+    op: ClassVar[Op] = Op.PING
+    response: ClassVar[bool] = True
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class StatsResponse(Message):
+    op: ClassVar[Op] = Op.STATS
+    response: ClassVar[bool] = True
+    body: bytes = field(default=b"{}")  # UTF-8 JSON
+
+
+@dataclass(frozen=True)
+class ErrorFrame(Message):
+    op: ClassVar[Op] = Op.ERROR
+    code: int = ErrorCode.INTERNAL
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _encode_keys(w: _Writer, keys: Sequence[bytes]) -> None:
+    w.u32(len(keys))
+    for k in keys:
+        w.blob16(k)
+
+
+def _encode_meta(msg: Message) -> bytes:
+    w = _Writer()
+    if isinstance(msg, Hello):
+        if len(msg.nonce) != NONCE_LEN:
+            raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+        w.u8(1 if msg.auth_required else 0)
+        w.buf += msg.nonce
+        w.blob16(msg.node_id.encode())
+    elif isinstance(msg, Auth):
+        w.u8(len(msg.proof))
+        w.buf += msg.proof
+    elif isinstance(msg, AuthOk | StatsRequest):
+        pass
+    elif isinstance(msg, PutRequest):
+        if len(msg.keys) != len(msg.sizes):
+            raise ValueError("keys and sizes differ in length")
+        w.u32(len(msg.keys))
+        for k, n in zip(msg.keys, msg.sizes):
+            w.blob16(k)
+            w.u64(n)
+    elif isinstance(msg, GetRequest):
+        if len(msg.keys) != len(msg.capacities):
+            raise ValueError("keys and capacities differ in length")
+        w.u32(len(msg.keys))
+        for k, n in zip(msg.keys, msg.capacities):
+            w.blob16(k)
+            w.u64(n)
+    elif isinstance(msg, ExistsRequest):
+        w.u32(msg.lease_ttl_ms)
+        _encode_keys(w, msg.keys)
+    elif isinstance(msg, ReleaseRequest | DeleteRequest):
+        _encode_keys(w, msg.keys)
+    elif isinstance(msg, ListRequest):
+        w.u32(msg.limit)
+        w.blob16(msg.prefix)
+        w.blob16(msg.cursor)
+    elif isinstance(msg, PingRequest | PingResponse):
+        w.blob16(msg.data)
+    elif isinstance(msg, StatusResponse):
+        w.u32(len(msg.statuses))
+        for s in msg.statuses:
+            w.u8(s)
+    elif isinstance(msg, SizedResponse):
+        if len(msg.statuses) != len(msg.lengths):
+            raise ValueError("statuses and lengths differ in length")
+        w.u32(len(msg.statuses))
+        for s, n in zip(msg.statuses, msg.lengths):
+            w.u8(s)
+            w.u64(n)
+    elif isinstance(msg, ListResponse):
+        w.u32(len(msg.keys))
+        for k, n in zip(msg.keys, msg.sizes, strict=True):
+            w.blob16(k)
+            w.u64(n)
+        w.blob16(msg.next_cursor)
+    elif isinstance(msg, StatsResponse):
+        w.buf += msg.body
+    elif isinstance(msg, ErrorFrame):
+        w.u16(msg.code)
+        w.blob16(msg.message.encode()[:4096])
+    else:  # pragma: no cover - every message type is listed above
+        raise TypeError(f"cannot encode {type(msg).__name__}")
+    return bytes(w.buf)
+
+
+def encode(msg: Message, request_id: int) -> bytes:
+    """Header plus meta for ``msg``; the payload (value bytes) is sent separately."""
+    if not 0 <= request_id <= MAX_REQUEST_ID:
+        raise ValueError(f"request id {request_id} out of range")
+    meta = _encode_meta(msg)
+    op = msg.op | (RESPONSE_BIT if msg.response else 0)
+    return encode_header(Header(op=op, request_id=request_id, meta_len=len(meta), payload_len=msg.payload_len())) + meta
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _decode_keys(r: _Reader, limits: Limits) -> list[bytes]:
+    return [r.key(limits) for _ in range(r.count(limits))]
+
+
+def _sized(r: _Reader, limits: Limits) -> tuple[list[bytes], list[int]]:
+    keys: list[bytes] = []
+    sizes: list[int] = []
+    for _ in range(r.count(limits)):
+        keys.append(r.key(limits))
+        size = r.u64()
+        if size > limits.max_value_len:
+            raise ProtocolError(f"value of {size} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
+        sizes.append(size)
+    return keys, sizes
+
+
+def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
+    if op is Op.AUTH:
+        return Auth(proof=r.raw(r.u8()))
+    if op is Op.PUT:
+        keys, sizes = _sized(r, limits)
+        return PutRequest(keys=keys, sizes=sizes)
+    if op is Op.GET:
+        keys, caps = _sized(r, limits)
+        return GetRequest(keys=keys, capacities=caps)
+    if op is Op.EXISTS:
+        ttl = r.u32()
+        return ExistsRequest(keys=_decode_keys(r, limits), lease_ttl_ms=ttl)
+    if op is Op.RELEASE:
+        return ReleaseRequest(keys=_decode_keys(r, limits))
+    if op is Op.DELETE:
+        return DeleteRequest(keys=_decode_keys(r, limits))
+    if op is Op.LIST:
+        limit = r.u32()
+        if not 0 < limit <= limits.max_list_limit:
+            raise ProtocolError(f"list limit {limit} outside 1..{limits.max_list_limit}", ErrorCode.LIMIT)
+        prefix = r.raw(r.u16())
+        cursor = r.raw(r.u16())
+        if len(prefix) > limits.max_key_len or len(cursor) > limits.max_key_len:
+            raise ProtocolError("list prefix or cursor longer than the key limit", ErrorCode.LIMIT)
+        return ListRequest(prefix=prefix, cursor=cursor, limit=limit)
+    if op is Op.PING:
+        return PingRequest(data=r.raw(r.u16()))
+    if op is Op.STATS:
+        return StatsRequest()
+    if op is Op.HELLO:
+        auth_required = bool(r.u8())
+        nonce = r.raw(NONCE_LEN)
+        node_id = r.raw(r.u16()).decode("utf-8", "replace")
+        return Hello(node_id=node_id, auth_required=auth_required, nonce=nonce)
+    if op is Op.AUTH_OK:
+        return AuthOk()
+    if op is Op.ERROR:
+        code = r.u16()
+        return ErrorFrame(code=code, message=r.raw(r.u16()).decode("utf-8", "replace"))
+    raise ProtocolError(f"opcode {op.name} is not valid here", ErrorCode.UNKNOWN_OP)
+
+
+def _statuses(r: _Reader, limits: Limits) -> list[Status]:
+    return [r.status() for _ in range(r.count(limits))]
+
+
+def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
+    if op in (Op.PUT, Op.RELEASE, Op.DELETE):
+        cls = {Op.PUT: PutResponse, Op.RELEASE: ReleaseResponse, Op.DELETE: DeleteResponse}[op]
+        return cls(statuses=_statuses(r, limits))
+    if op in (Op.GET, Op.EXISTS):
+        statuses: list[Status] = []
+        lengths: list[int] = []
+        for _ in range(r.count(limits)):
+            statuses.append(r.status())
+            n = r.u64()
+            if n > limits.max_value_len:
+                raise ProtocolError(f"value of {n} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
+            lengths.append(n)
+        return (GetResponse if op is Op.GET else ExistsResponse)(statuses=statuses, lengths=lengths)
+    if op is Op.LIST:
+        keys, sizes = _sized(r, limits)
+        return ListResponse(keys=keys, sizes=sizes, next_cursor=r.raw(r.u16()))
+    if op is Op.PING:
+        return PingResponse(data=r.raw(r.u16()))
+    if op is Op.STATS:
+        return StatsResponse(body=r.raw(len(r._data) - r._pos))
+    raise ProtocolError(f"opcode {op.name} has no response form", ErrorCode.UNKNOWN_OP)  # pragma: no cover
+
+
+def decode(header: Header, meta: bytes | bytearray | memoryview, limits: Limits) -> Message:
+    """Decode a frame's meta; checks that the header's payload length agrees with it."""
+    if len(meta) != header.meta_len:
+        raise ProtocolError(f"meta is {len(meta)} bytes, header says {header.meta_len}", ErrorCode.BAD_FRAME)
+    r = _Reader(meta)
+    op = header.base_op
+    msg = _decode_response(op, r, limits) if header.is_response else _decode_request(op, r, limits)
+    r.finish()
+    if msg.payload_len() != header.payload_len:
+        raise ProtocolError(
+            f"payload length {header.payload_len} does not match the {msg.payload_len()} bytes the meta describes",
+            ErrorCode.BAD_FRAME,
+        )
+    return msg

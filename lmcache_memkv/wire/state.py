@@ -1,0 +1,114 @@
+"""Connection state machines for both ends of a data-plane connection (no I/O).
+
+Every connection opens with the node's HELLO (carrying a fresh nonce) and the client's
+AUTH answer. Only after AUTH_OK may requests flow; each request carries an id, several
+may be in flight, and each response must answer an id that is still pending.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+
+from lmcache_memkv import auth
+from lmcache_memkv.errors import AuthError, ProtocolError, ServerError
+from lmcache_memkv.wire.constants import NONCE_LEN, REQUEST_OPS, ErrorCode, Op
+from lmcache_memkv.wire.frames import MAX_REQUEST_ID, Header
+from lmcache_memkv.wire.messages import Auth, AuthOk, ErrorFrame, Hello, Message, encode
+
+
+class ConnState(enum.Enum):
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class ServerProtocol:
+    """The node's side of one connection."""
+
+    def __init__(self, node_id: str, key: bytes | None, random: Callable[[int], bytes] = os.urandom) -> None:
+        self.node_id = node_id
+        self._key = key
+        self._nonce = random(NONCE_LEN)
+        self.state = ConnState.HANDSHAKE
+
+    def hello(self) -> bytes:
+        return encode(Hello(node_id=self.node_id, auth_required=self._key is not None, nonce=self._nonce), 0)
+
+    def on_auth(self, header: Header, msg: Message) -> bytes:
+        """Check the client's AUTH; return AUTH_OK, or raise ProtocolError (send it, then close)."""
+        if self.state is not ConnState.HANDSHAKE or not isinstance(msg, Auth) or header.is_response:
+            raise ProtocolError("expected AUTH as the first frame", ErrorCode.AUTH_REQUIRED)
+        if self._key is not None:
+            if not msg.proof:
+                raise ProtocolError(
+                    "this node requires an auth key; set MEMKV_AUTH_KEY on the client", ErrorCode.AUTH_REQUIRED
+                )
+            if not auth.verify(auth.data_proof(self._key, self._nonce), msg.proof):
+                raise ProtocolError("authentication failed: wrong auth key", ErrorCode.AUTH_FAILED)
+        self.state = ConnState.READY
+        return encode(AuthOk(), header.request_id)
+
+    def check_request(self, header: Header) -> None:
+        """A request is only valid on a READY connection and only with a request opcode."""
+        if self.state is not ConnState.READY:
+            raise ProtocolError("request before authentication", ErrorCode.AUTH_REQUIRED)
+        if header.is_response or header.base_op not in REQUEST_OPS:
+            raise ProtocolError(f"opcode 0x{header.op:02x} is not a request", ErrorCode.UNKNOWN_OP)
+
+    def close(self) -> None:
+        self.state = ConnState.CLOSED
+
+
+class ClientProtocol:
+    """The client's side of one connection."""
+
+    def __init__(self, key: bytes | None, where: str = "node") -> None:
+        self._key = key
+        self._where = where
+        self._next_id = 1
+        self.pending: dict[int, Op] = {}
+        self.state = ConnState.HANDSHAKE
+        self.node_id = ""
+
+    def on_hello(self, header: Header, msg: Message) -> bytes:
+        if isinstance(msg, ErrorFrame):
+            raise ServerError(f"{self._where} refused the connection: {msg.message}", msg.code)
+        if not isinstance(msg, Hello) or header.is_response:
+            raise ProtocolError(f"{self._where}: expected HELLO, got opcode 0x{header.op:02x}")
+        self.node_id = msg.node_id
+        if msg.auth_required and self._key is None:
+            raise AuthError(f"{self._where} requires an auth key: set MEMKV_AUTH_KEY (64 hex characters)")
+        proof = auth.data_proof(self._key, msg.nonce) if self._key is not None and msg.auth_required else b""
+        return encode(Auth(proof=proof), 0)
+
+    def on_auth_reply(self, header: Header, msg: Message) -> None:
+        if isinstance(msg, ErrorFrame):
+            if msg.code in (ErrorCode.AUTH_FAILED, ErrorCode.AUTH_REQUIRED):
+                raise AuthError(f"{self._where} rejected our credentials: {msg.message}")
+            raise ServerError(f"{self._where}: {msg.message}", msg.code)
+        if not isinstance(msg, AuthOk):
+            raise ProtocolError(f"{self._where}: expected AUTH_OK, got opcode 0x{header.op:02x}")
+        self.state = ConnState.READY
+
+    def request(self, msg: Message) -> tuple[int, bytes]:
+        """Assign a request id and encode the request's header and meta."""
+        if self.state is not ConnState.READY:
+            raise ProtocolError(f"{self._where}: connection is not ready ({self.state.value})")
+        rid = self._next_id
+        self._next_id = 1 if rid >= MAX_REQUEST_ID else rid + 1
+        self.pending[rid] = msg.op
+        return rid, encode(msg, rid)
+
+    def on_response(self, header: Header, msg: Message) -> Message:
+        """Match a response to its pending request; an error frame raises ServerError."""
+        if isinstance(msg, ErrorFrame):
+            self.state = ConnState.CLOSED
+            raise ServerError(f"{self._where} closed the connection: {msg.message}", msg.code)
+        op = self.pending.pop(header.request_id, None)
+        if op is None:
+            raise ProtocolError(f"{self._where}: response for unknown request id {header.request_id}")
+        if not header.is_response or header.base_op is not op:
+            raise ProtocolError(f"{self._where}: response opcode 0x{header.op:02x} does not answer {op.name}")
+        return msg
