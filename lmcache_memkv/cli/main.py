@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from lmcache_memkv.cli import keygen as keygen_cmd
 from lmcache_memkv.cli import node as node_cmd
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ def _root() -> None:
 
 
 app.command("node", help=node_cmd.HELP, epilog=node_cmd.EXAMPLE)(node_cmd.node)
+app.command("keygen", help=keygen_cmd.HELP, epilog=keygen_cmd.EXAMPLE)(keygen_cmd.keygen)
 
 
 def main() -> None:

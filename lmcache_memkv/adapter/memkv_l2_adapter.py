@@ -1,0 +1,467 @@
+"""``MemKVL2Adapter``: LMCache's L2AdapterInterface over a MemKV cluster.
+
+Registered as adapter type ``memkv`` at import. LMCache calls it from two controller
+threads (store and prefetch); every call here only queues work and returns. Worker pools
+move bytes straight between L1 pages (``MemoryObj.byte_array``) and the nodes, and signal
+one event fd per completion kind. A dead node costs at most ``timeout_s`` and shows up as
+misses or a failed store, never as a hang or an exception in LMCache's threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from lmcache.lmcache_native import Bitmap
+from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage, ObjectKey
+from lmcache.v1.distributed.internal_api import L2StoreResult
+from lmcache.v1.distributed.l2_adapters.base import AdapterUsage, L2AdapterInterface, L2TaskId
+from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase, register_l2_adapter_type
+from lmcache.v1.distributed.l2_adapters.factory import register_l2_adapter_factory
+from lmcache.v1.platform import create_event_notifier
+
+from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, model_prefix
+from lmcache_memkv.adapter.metrics import get_metrics
+from lmcache_memkv.adapter.settings import FIELDS, AdapterSettings, resolve
+from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError
+
+if TYPE_CHECKING:
+    from lmcache.v1.distributed.api import MemoryLayoutDesc
+    from lmcache.v1.distributed.internal_api import L1MemoryDesc
+    from lmcache.v1.memory_management import MemoryObj
+
+    from lmcache_memkv.cluster import ClusterClient
+
+log = logging.getLogger("memkv.adapter")
+TYPE_NAME = "memkv"
+_USAGE_REFRESH_S = 5.0
+
+
+class MemKVL2AdapterConfig(L2AdapterConfigBase):
+    """Config of the ``memkv`` L2 adapter; see ``help()`` for the fields."""
+
+    def __init__(self, settings: AdapterSettings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MemKVL2AdapterConfig:
+        return cls(resolve(d))
+
+    @classmethod
+    def help(cls) -> str:
+        return (
+            "MemKV L2 adapter config fields (all optional when MEMKV_CONFIG or MEMKV_* supply them;\n"
+            "precedence: defaults < MEMKV_CONFIG yaml < MEMKV_* env < these JSON fields):\n"
+            "- servers (str|list): control endpoints HOST:PORT of MemKV nodes, comma-separated; any one\n"
+            "  suffices, the rest are found through the cluster view [MEMKV_SERVERS] (required)\n"
+            "- prefix (str): namespace prefix for every key (default '') [MEMKV_PREFIX]\n"
+            "- replicas (int 1..8): nodes each chunk is written to (default 1) [MEMKV_REPLICAS]\n"
+            "- transport (auto|tcp|rdma): data plane; auto picks RDMA when both ends can (default auto)\n"
+            "  [MEMKV_TRANSPORT]\n"
+            "- num_workers (int 1..64): I/O threads per operation kind (default 4) [MEMKV_NUM_WORKERS]\n"
+            "- timeout_s (float): bound on every remote call; a dead node becomes misses after it\n"
+            "  (default 5.0) [MEMKV_TIMEOUT_S]\n"
+            "- lease_ttl_s (float): how long a lookup-and-lock lease protects a chunk if never unlocked\n"
+            "  (default 30) [MEMKV_LEASE_TTL_S]\n"
+            "- auth_key_file (str): file with the 64-hex shared key [or MEMKV_AUTH_KEY]\n"
+            "- tls_ca (str): CA bundle for a TLS control plane [MEMKV_TLS_CA]\n"
+            "- rdma_devices (str|list): RDMA devices to use [MEMKV_RDMA_DEVICES]\n"
+            'Example: {"type": "memkv", "servers": "10.0.0.5:9901,10.0.0.6:9901", "replicas": 2}'
+        )
+
+
+def _fields(key: ObjectKey) -> KeyFields:
+    return KeyFields(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash, key.cache_salt)
+
+
+def _view(obj: MemoryObj) -> memoryview:
+    """The L1 page itself, as bytes (no copy)."""
+    return memoryview(obj.byte_array).cast("B")
+
+
+class MemKVL2Adapter(L2AdapterInterface):
+    def __init__(
+        self,
+        config: MemKVL2AdapterConfig,
+        l1_memory_desc: L1MemoryDesc | None = None,
+        cluster: ClusterClient | None = None,
+    ) -> None:
+        # Capacity is server-side (nodes evict LRU), so LMCache's global L2 eviction stays off.
+        super().__init__(max_capacity_bytes=0)
+        s = config.settings
+        self._settings = s
+        self._prefix = s.prefix
+        self._transport = _choose_transport(s)
+        self._l1 = l1_memory_desc
+        self._cluster = cluster if cluster is not None else _connect(s)
+        self._m = get_metrics()
+
+        self._store_efd = create_event_notifier()
+        self._lookup_efd = create_event_notifier()
+        self._load_efd = create_event_notifier()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._done_store: dict[L2TaskId, L2StoreResult] = {}
+        self._done_lookup: dict[L2TaskId, Bitmap] = {}
+        self._done_load: dict[L2TaskId, Bitmap] = {}
+        self._locked: Counter[ObjectKey] = Counter()
+        self._inflight = 0
+        self._closed = False
+        n = s.num_workers
+        # Separate pools so a burst of stores never queues ahead of a prefetch.
+        self._store_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-store")
+        self._fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-fetch")
+        self._misc_pool = ThreadPoolExecutor(1, thread_name_prefix="memkv-misc")
+        self._usage = AdapterUsage(0, 0)
+        self._usage_stop = threading.Event()
+        self._usage_thread = threading.Thread(target=self._refresh_usage_loop, name="memkv-usage", daemon=True)
+        self._usage_thread.start()
+        log.info("memkv adapter up: servers=%s transport=%s replicas=%d", ",".join(s.servers), self._transport, s.replicas)
+
+    # ------------------------------------------------------------------ event fds
+
+    def get_store_event_fd(self) -> int:
+        return int(self._store_efd.fileno())
+
+    def get_lookup_and_lock_event_fd(self) -> int:
+        return int(self._lookup_efd.fileno())
+
+    def get_load_event_fd(self) -> int:
+        return int(self._load_efd.fileno())
+
+    # ------------------------------------------------------------------ helpers
+
+    def _wire(self, keys: list[ObjectKey]) -> list[bytes]:
+        return [encode_key(self._prefix, _fields(k)) for k in keys]
+
+    def _next_id(self) -> L2TaskId:
+        with self._lock:
+            self._inflight += 1
+            return next(self._ids)
+
+    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            pool.submit(fn, *args)
+        except RuntimeError:  # pool shut down: close() is under way; answer right here
+            fn(*args)
+
+    def _finish(self, op: str, started: float) -> None:
+        with self._lock:
+            self._inflight -= 1
+        self._m.latency.labels(op).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ store
+
+    def submit_store_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
+        tid = self._next_id()
+        self._submit(self._store_pool, self._run_store, tid, keys, objects, time.perf_counter())
+        return tid
+
+    def _run_store(self, tid: L2TaskId, keys: list[ObjectKey], objects: list[MemoryObj], started: float) -> None:
+        oks = [False] * len(keys)
+        sizes = [0] * len(keys)
+        outcome = "error"
+        try:
+            views = [_view(o) for o in objects]
+            sizes = [v.nbytes for v in views]
+            oks = self._cluster.put(self._wire(keys), views) if keys else []
+            outcome = "ok" if all(oks) else "partial"
+        except MemKVError as exc:
+            log.warning("memkv store of %d keys failed: %s", len(keys), exc)
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
+        except Exception:
+            log.exception("memkv store task failed")
+        stored = [k for k, ok in zip(keys, oks) if ok]
+        stored_sizes = [n for n, ok in zip(sizes, oks) if ok]
+        moved = sum(stored_sizes)
+        with self._lock:
+            self._done_store[tid] = L2StoreResult(outcome == "ok", moved)
+        self._m.ops.labels("store", outcome).inc()
+        self._m.keys.labels("store", "stored").inc(len(stored))
+        if len(stored) < len(keys):
+            self._m.keys.labels("store", "failed").inc(len(keys) - len(stored))
+        self._m.bytes.labels("store").inc(moved)
+        if stored:
+            self._notify_keys_stored(stored, stored_sizes)
+        self._finish("store", started)
+        self._store_efd.notify()
+
+    def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
+        with self._lock:
+            done, self._done_store = self._done_store, {}
+        return done
+
+    # ------------------------------------------------------------------ lookup and lock
+
+    def submit_lookup_and_lock_task(self, keys: list[ObjectKey], group_layout_descs: dict[int, MemoryLayoutDesc]) -> L2TaskId:
+        tid = self._next_id()
+        self._submit(self._fetch_pool, self._run_lookup, tid, keys, time.perf_counter())
+        return tid
+
+    def _run_lookup(self, tid: L2TaskId, keys: list[ObjectKey], started: float) -> None:
+        bitmap = Bitmap(len(keys))
+        found: list[ObjectKey] = []
+        outcome = "ok"
+        try:
+            lengths = self._cluster.exists(self._wire(keys), self._settings.lease_ttl_s) if keys else []
+            for i, (key, n) in enumerate(zip(keys, lengths)):
+                if n is not None:
+                    bitmap.set(i)
+                    found.append(key)
+        except MemKVError as exc:
+            log.warning("memkv lookup of %d keys failed (answering misses): %s", len(keys), exc)
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
+        except Exception:
+            log.exception("memkv lookup task failed")
+            outcome = "error"
+        with self._lock:
+            self._locked.update(found)
+            self._done_lookup[tid] = bitmap
+            held = sum(self._locked.values())
+        self._m.leases_held.set(held)
+        self._m.ops.labels("lookup", outcome).inc()
+        self._m.keys.labels("lookup", "hit").inc(len(found))
+        self._m.keys.labels("lookup", "miss").inc(len(keys) - len(found))
+        self._finish("lookup", started)
+        self._lookup_efd.notify()
+
+    def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
+        with self._lock:
+            return self._done_lookup.pop(task_id, None)
+
+    def submit_unlock(self, keys: list[ObjectKey]) -> None:
+        with self._lock:
+            held = [k for k in keys if self._locked[k] > 0]
+            for k in held:
+                self._locked[k] -= 1
+                if not self._locked[k]:
+                    del self._locked[k]
+            total = sum(self._locked.values())
+        self._m.leases_held.set(total)
+        if held:
+            self._submit(self._misc_pool, self._run_unlock, held)
+
+    def _run_unlock(self, keys: list[ObjectKey]) -> None:
+        # The cluster client retries until the release lands (bounded); the TTL is the backstop.
+        try:
+            self._cluster.release(self._wire(keys))
+            self._m.ops.labels("unlock", "ok").inc()
+        except Exception as exc:
+            log.warning("memkv unlock of %d keys failed (leases expire after %.0fs): %s", len(keys), self._settings.lease_ttl_s, exc)
+            self._m.ops.labels("unlock", "error").inc()
+
+    # ------------------------------------------------------------------ load
+
+    def submit_load_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
+        tid = self._next_id()
+        self._submit(self._fetch_pool, self._run_load, tid, keys, objects, time.perf_counter())
+        return tid
+
+    def _run_load(self, tid: L2TaskId, keys: list[ObjectKey], objects: list[MemoryObj], started: float) -> None:
+        bitmap = Bitmap(len(keys))
+        loaded: list[ObjectKey] = []
+        moved = 0
+        outcome = "ok"
+        try:
+            views = [_view(o) for o in objects]
+            wire = self._wire(keys)
+            lengths = self._cluster.get_into(wire, views) if keys else []
+            unreadable: list[bytes] = []
+            for i, (n, view) in enumerate(zip(lengths, views)):
+                if n is None:
+                    continue
+                if n != view.nbytes:  # full-length-or-miss: a short value is no value
+                    unreadable.append(wire[i])
+                    continue
+                bitmap.set(i)
+                loaded.append(keys[i])
+                moved += n
+            if unreadable:
+                log.warning("memkv: purging %d keys whose stored size does not match the L1 page", len(unreadable))
+                self._submit(self._misc_pool, self._purge, unreadable)
+            if len(loaded) < len(keys):
+                outcome = "partial"
+        except MemKVError as exc:
+            log.warning("memkv load of %d keys failed (answering misses): %s", len(keys), exc)
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
+        except Exception:
+            log.exception("memkv load task failed")
+            outcome = "error"
+        with self._lock:
+            self._done_load[tid] = bitmap
+        self._m.ops.labels("load", outcome).inc()
+        self._m.keys.labels("load", "hit").inc(len(loaded))
+        self._m.keys.labels("load", "miss").inc(len(keys) - len(loaded))
+        self._m.bytes.labels("load").inc(moved)
+        if loaded:
+            self._notify_keys_accessed(loaded)
+        self._finish("load", started)
+        self._load_efd.notify()
+
+    def _purge(self, wire: list[bytes]) -> None:
+        try:
+            self._cluster.delete(wire)
+        except Exception as exc:
+            log.warning("memkv purge failed: %s", exc)
+
+    def query_load_result(self, task_id: L2TaskId) -> Bitmap | None:
+        with self._lock:
+            return self._done_load.pop(task_id, None)
+
+    # ------------------------------------------------------------------ delete, list, usage, status
+
+    def delete(self, keys: list[ObjectKey]) -> None:
+        if not keys:
+            return
+        try:
+            deleted = self._cluster.delete(self._wire(keys))
+        except MemKVError as exc:
+            log.warning("memkv delete of %d keys failed: %s", len(keys), exc)
+            self._m.ops.labels("delete", "error").inc()
+            return
+        gone = [k for k, ok in zip(keys, deleted) if ok]
+        self._m.ops.labels("delete", "ok").inc()
+        if gone:
+            # Sizes are not tracked client-side (usage comes from the nodes, see get_usage).
+            self._notify_keys_deleted(gone, [0] * len(gone))
+
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> KeyListPage:
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        prefix = model_prefix(self._prefix, model_name) if model_name else self._prefix.encode()
+        items, next_cursor = self._cluster.list_keys(prefix, cursor, page_size)
+        entries = []
+        for wire, size in items:
+            f = decode_key(self._prefix, wire)
+            if f is None:
+                continue  # digested or foreign key: not listable
+            enc = EncodedObjectKey(f.chunk_hash.hex(), f.model_name, f.kv_rank, f.object_group_id, f.cache_salt)
+            entries.append(KeyEntry(key=enc, size_bytes=size))
+        return KeyListPage(entries=tuple(entries), next_page_token=next_cursor)
+
+    def get_usage(self) -> AdapterUsage:
+        """The cluster's own occupancy (value bytes / arena capacity over ALIVE nodes).
+
+        Nodes evict LRU on their own, so a client-side tally of stores would only grow;
+        this reports what the nodes hold, refreshed in the background every few seconds.
+        """
+        return self._usage
+
+    def _refresh_usage_loop(self) -> None:
+        while not self._usage_stop.is_set():
+            try:
+                self._usage = self._read_usage()
+                self._m.view_epoch.set(self._cluster.epoch)
+                states: Counter[str] = Counter(m.state for m in self._cluster.members())
+                for state in ("ALIVE", "SUSPECT", "DEAD", "LEFT"):
+                    self._m.members.labels(state).set(states.get(state, 0))
+            except Exception as exc:
+                log.debug("usage refresh failed: %s", exc)
+            self._usage_stop.wait(_USAGE_REFRESH_S)
+
+    def _read_usage(self) -> AdapterUsage:
+        stats = self._cluster.node_stats()
+        used = sum(int(s.get("value_bytes", s.get("used_bytes", 0))) for s in stats.values())
+        cap = sum(int(s.get("capacity_bytes", 0)) for s in stats.values())
+        return AdapterUsage(total_bytes_used=used, total_capacity_bytes=cap, bytes_by_cache_salt=MappingProxyType({}))
+
+    def report_status(self) -> dict:
+        try:
+            health = dict(self._cluster.health())
+        except Exception as exc:
+            health = {"error": str(exc)}
+        members = self._cluster.members()
+        up = sum(1 for m in members if m.state == "ALIVE")
+        with self._lock:
+            inflight = self._inflight
+            held = sum(self._locked.values())
+        usage = self._usage
+        return {
+            "is_healthy": up > 0,
+            "type": TYPE_NAME,
+            "servers": list(self._settings.servers),
+            "transport": self._transport,
+            "replicas": self._settings.replicas,
+            "prefix": self._prefix,
+            "view_epoch": self._cluster.epoch,
+            "members_up": up,
+            "members_down": len(members) - up,
+            "members": {m.node_id: m.state for m in members},
+            "leases_held": held,
+            "tasks_in_flight": inflight,
+            "used_bytes": usage.total_bytes_used,
+            "capacity_bytes": usage.total_capacity_bytes,
+            "timeout_s": self._settings.timeout_s,
+            "health": health,
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._usage_stop.set()
+        for pool in (self._store_pool, self._fetch_pool, self._misc_pool):
+            pool.shutdown(wait=True, cancel_futures=False)
+        self._usage_thread.join(timeout=self._settings.timeout_s)
+        self._cluster.close()
+        for efd in (self._store_efd, self._lookup_efd, self._load_efd):
+            efd.close()
+
+
+def _choose_transport(s: AdapterSettings) -> str:
+    from lmcache_memkv.transport.rdma import rdma_devices
+
+    if s.transport == "tcp":
+        return "tcp"
+    devices = rdma_devices(s.rdma_devices)
+    if s.transport == "rdma" and not devices:
+        raise ConfigError(
+            "memkv adapter: 'transport' is 'rdma' but this host has no usable RDMA device "
+            "(ibv_devices lists none); use 'auto' or 'tcp'"
+        )
+    # The verbs data path is negotiated per node at session set-up; until a node offers it
+    # the bytes go over TCP, so "auto" without devices is plain TCP.
+    return "rdma" if devices else "tcp"
+
+
+def _connect(s: AdapterSettings) -> ClusterClient:
+    from lmcache_memkv.cluster import ClusterClient
+
+    client = ClusterClient(list(s.servers), key=s.auth_key, replicas=s.replicas, timeout_s=s.timeout_s, tls_ca=s.tls_ca)
+    try:
+        client.start()
+    except ConnectError as exc:
+        client.close()
+        raise ConnectError(
+            f"memkv adapter cannot reach the MemKV cluster: {exc}. Tried: {', '.join(s.servers)} "
+            f"(from {s.sources.get('servers', 'config')}). Check that `memkv node` runs there and that "
+            "'servers' / MEMKV_SERVERS / MEMKV_CONFIG name its control endpoint (data port + 1)."
+        ) from None
+    return client
+
+
+def _create(config: L2AdapterConfigBase, l1_memory_desc: L1MemoryDesc | None = None) -> L2AdapterInterface:
+    if not isinstance(config, MemKVL2AdapterConfig):
+        raise TypeError(f"expected MemKVL2AdapterConfig, got {type(config).__name__}")
+    return MemKVL2Adapter(config, l1_memory_desc)
+
+
+def _register() -> None:
+    from lmcache.v1.distributed.l2_adapters.config import _L2_ADAPTER_CONFIG_REGISTRY
+
+    if TYPE_NAME in _L2_ADAPTER_CONFIG_REGISTRY:  # imported twice under different names
+        return
+    register_l2_adapter_type(TYPE_NAME, MemKVL2AdapterConfig)
+    register_l2_adapter_factory(TYPE_NAME, _create)
+
+
+_register()
+
+__all__ = ["FIELDS", "MemKVL2Adapter", "MemKVL2AdapterConfig"]

@@ -1,0 +1,183 @@
+"""Adapter settings and their resolution chain (no LMCache imports: testable on its own).
+
+Precedence, lowest first: built-in defaults < ``MEMKV_CONFIG`` yaml < ``MEMKV_*`` environment
+< the adapter's JSON fields. Every invalid value raises ConfigError naming the field, where
+the value came from, and the accepted range.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcache_memkv.auth import parse_key
+from lmcache_memkv.endpoints import parse_endpoint, split_servers
+from lmcache_memkv.errors import ConfigError
+
+TRANSPORTS = ("auto", "tcp", "rdma")
+# Keys LMCache itself reads from every --l2-adapter JSON; not ours to reject.
+_LMCACHE_KEYS = frozenset({"type", "affinity_tag", "shared", "eviction", "persist_enabled", "serde"})
+_ENV = {
+    "servers": "MEMKV_SERVERS",
+    "prefix": "MEMKV_PREFIX",
+    "replicas": "MEMKV_REPLICAS",
+    "transport": "MEMKV_TRANSPORT",
+    "num_workers": "MEMKV_NUM_WORKERS",
+    "timeout_s": "MEMKV_TIMEOUT_S",
+    "lease_ttl_s": "MEMKV_LEASE_TTL_S",
+    "auth_key": "MEMKV_AUTH_KEY",
+    "tls_ca": "MEMKV_TLS_CA",
+    "rdma_devices": "MEMKV_RDMA_DEVICES",
+}
+# JSON may name a key file but never carry the key itself (it would show in `ps`).
+_JSON_ONLY = frozenset({"auth_key_file"})
+FIELDS = tuple(_ENV) + tuple(_JSON_ONLY)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    servers: tuple[str, ...]
+    prefix: str = ""
+    replicas: int = 1
+    transport: str = "auto"
+    num_workers: int = 4
+    timeout_s: float = 5.0
+    lease_ttl_s: float = 30.0
+    auth_key: bytes | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    rdma_devices: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
+
+
+def _where(source: str) -> str:
+    return f" (from {source})" if source else ""
+
+
+def _int(name: str, raw: Any, source: str, lo: int, hi: int) -> int:
+    if isinstance(raw, bool):
+        raise ConfigError(f"memkv adapter: '{name}' must be an integer in {lo}..{hi}, got {raw!r}{_where(source)}")
+    try:
+        value = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ConfigError(f"memkv adapter: '{name}' must be an integer in {lo}..{hi}, got {raw!r}{_where(source)}")
+    return value
+
+
+def _float(name: str, raw: Any, source: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not lo < value <= hi:
+        raise ConfigError(f"memkv adapter: '{name}' must be a number in ({lo}, {hi}], got {raw!r}{_where(source)}")
+    return value
+
+
+def _str_list(name: str, raw: Any, source: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        return tuple(split_servers(raw))
+    if isinstance(raw, list | tuple) and all(isinstance(x, str) for x in raw):
+        return tuple(x.strip() for x in raw if x.strip())
+    raise ConfigError(f"memkv adapter: '{name}' must be a comma-separated string or a list of strings{_where(source)}")
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml  # only when MEMKV_CONFIG is set
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"MEMKV_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"MEMKV_CONFIG: {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"MEMKV_CONFIG: {path} must hold a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_ENV))
+    if unknown:
+        raise ConfigError(f"MEMKV_CONFIG: {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_ENV)}")
+    return data
+
+
+def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AdapterSettings:
+    """Merge defaults, MEMKV_CONFIG, MEMKV_* and ``fields`` (the adapter JSON) and validate."""
+    environ = os.environ if env is None else env
+    unknown = sorted(set(fields) - set(FIELDS) - _LMCACHE_KEYS)
+    if unknown:
+        raise ConfigError(f"memkv adapter: unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    if "auth_key" in fields:
+        raise ConfigError("memkv adapter: do not put 'auth_key' in the JSON; use MEMKV_AUTH_KEY or 'auth_key_file'")
+
+    raw: dict[str, tuple[Any, str]] = {}
+    config_path = environ.get("MEMKV_CONFIG", "").strip()
+    if config_path:
+        for k, v in _load_yaml(config_path).items():
+            raw[k] = (v, f"MEMKV_CONFIG {config_path}")
+    for k, var in _ENV.items():
+        if environ.get(var, "").strip():
+            raw[k] = (environ[var], var)
+    for k, v in fields.items():
+        if k in _ENV:
+            raw[k] = (v, "adapter JSON")
+    if "auth_key_file" in fields:
+        path = fields["auth_key_file"]
+        try:
+            raw["auth_key"] = (Path(str(path)).read_text(), f"auth_key_file {path}")
+        except OSError as exc:
+            raise ConfigError(f"memkv adapter: 'auth_key_file' {path}: {exc.strerror}") from None
+
+    def get(name: str) -> tuple[Any, str] | None:
+        return raw.get(name)
+
+    out: dict[str, Any] = {}
+    sources = {k: src for k, (_, src) in raw.items()}
+
+    servers = get("servers")
+    if servers is None:
+        raise ConfigError(
+            "memkv adapter: no servers configured; set 'servers' in the adapter JSON "
+            '(e.g. {"type":"memkv","servers":"127.0.0.1:9901"}), MEMKV_SERVERS, or MEMKV_CONFIG'
+        )
+    out["servers"] = _str_list("servers", *servers)
+    if not out["servers"]:
+        raise ConfigError(f"memkv adapter: 'servers' is empty{_where(servers[1])}")
+    for s in out["servers"]:
+        try:
+            parse_endpoint(s, field="servers")
+        except ValueError as exc:
+            raise ConfigError(f"memkv adapter: {exc}{_where(servers[1])}") from None
+    if (v := get("prefix")) is not None:
+        if not isinstance(v[0], str) or len(v[0].encode()) > 128:
+            raise ConfigError(f"memkv adapter: 'prefix' must be a string of at most 128 bytes{_where(v[1])}")
+        out["prefix"] = v[0]
+    if (v := get("replicas")) is not None:
+        out["replicas"] = _int("replicas", *v, 1, 8)
+    if (v := get("transport")) is not None:
+        t = str(v[0]).strip().lower()
+        if t not in TRANSPORTS:
+            raise ConfigError(f"memkv adapter: 'transport' must be one of {', '.join(TRANSPORTS)}, got {v[0]!r}{_where(v[1])}")
+        out["transport"] = t
+    if (v := get("num_workers")) is not None:
+        out["num_workers"] = _int("num_workers", *v, 1, 64)
+    if (v := get("timeout_s")) is not None:
+        out["timeout_s"] = _float("timeout_s", *v, 0.0, 300.0)
+    if (v := get("lease_ttl_s")) is not None:
+        out["lease_ttl_s"] = _float("lease_ttl_s", *v, 0.0, 3600.0)
+    if (v := get("auth_key")) is not None and str(v[0]).strip():
+        try:
+            out["auth_key"] = parse_key(str(v[0]), source=v[1])
+        except ValueError as exc:
+            raise ConfigError(f"memkv adapter: {exc}") from None
+    if (v := get("tls_ca")) is not None and str(v[0]).strip():
+        if not Path(str(v[0])).is_file():
+            raise ConfigError(f"memkv adapter: 'tls_ca' {v[0]!r} is not a readable file{_where(v[1])}")
+        out["tls_ca"] = str(v[0])
+    if (v := get("rdma_devices")) is not None:
+        out["rdma_devices"] = _str_list("rdma_devices", *v)
+    return AdapterSettings(sources=sources, **out)
