@@ -125,6 +125,11 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._usage_thread.start()
         log.info("memkv adapter up: servers=%s transport=%s replicas=%d", ",".join(s.servers), self._transport, s.replicas)
 
+    @property
+    def cluster(self) -> ClusterClient:
+        """The cluster client this adapter routes through (status tools read its view)."""
+        return self._cluster
+
     # ------------------------------------------------------------------ event fds
 
     def get_store_event_fd(self) -> int:
