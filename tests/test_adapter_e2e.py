@@ -74,6 +74,18 @@ def test_chunks_leave_l1_for_memkv_and_come_back_byte_exact(node_factory: NodeFa
     assert sidecar.metric("memkv_l2_members", state="ALIVE") == 1
     assert node.metric("memkv_node_sent_bytes_total") >= from_l2 * CHUNK
 
+    # `lmcache describe kvcache` shows the adapter: transport, servers, view epoch, members up/down, health.
+    status = next(a for a in sidecar.status()["storage_manager"]["l2_adapters"] if a.get("type") == "memkv")
+    assert status["is_healthy"] and status["members_up"] == 1 and status["transport"] == "tcp"
+    lmcache = str(Path(sys.executable).with_name("lmcache"))
+    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", LMCACHE_DISABLE_BANNER="1")
+    described = subprocess.run(
+        [lmcache, "describe", "kvcache", "--url", sidecar.admin_url], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert described.returncode == 0, described.stderr
+    assert "L2: memkv" in described.stdout
+    assert f"servers {node.control}" in described.stdout and "members 1 up / 0 down" in described.stdout
+
 
 def test_fresh_sidecar_reads_back_everything_stored_before(node_factory: NodeFactory, sidecar_factory: SidecarFactory) -> None:
     node = node_factory(capacity="256MiB")

@@ -120,6 +120,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-fetch")
         self._misc_pool = ThreadPoolExecutor(1, thread_name_prefix="memkv-misc")
         self._usage = AdapterUsage(0, 0)
+        self._keys = 0
         self._usage_stop = threading.Event()
         self._usage_thread = threading.Thread(target=self._refresh_usage_loop, name="memkv-usage", daemon=True)
         self._usage_thread.start()
@@ -375,30 +376,37 @@ class MemKVL2Adapter(L2AdapterInterface):
         stats = self._cluster.node_stats()
         used = sum(int(s.get("value_bytes", s.get("used_bytes", 0))) for s in stats.values())
         cap = sum(int(s.get("capacity_bytes", 0)) for s in stats.values())
+        self._keys = sum(int(s.get("keys", 0)) for s in stats.values())
         return AdapterUsage(total_bytes_used=used, total_capacity_bytes=cap, bytes_by_cache_salt=MappingProxyType({}))
 
     def report_status(self) -> dict:
-        try:
-            health = dict(self._cluster.health())
-        except Exception as exc:
-            health = {"error": str(exc)}
+        """Status for ``lmcache describe`` and ``/status``; reads only local state (never blocks)."""
+        health = dict(self._cluster.health())
         members = self._cluster.members()
         up = sum(1 for m in members if m.state == "ALIVE")
+        epoch = self._cluster.epoch
         with self._lock:
             inflight = self._inflight
             held = sum(self._locked.values())
         usage = self._usage
+        servers = ",".join(self._settings.servers)
         return {
             "is_healthy": up > 0,
             "type": TYPE_NAME,
+            # ``lmcache describe`` prints "backend", the object count and used/capacity: say it all there.
+            "backend": f"memkv over {self._transport}; servers {servers}; view epoch {epoch}; "
+            f"members {up} up / {len(members) - up} down; replicas {self._settings.replicas}",
+            "stored_object_count": self._keys,
+            "max_capacity_bytes": usage.total_capacity_bytes,
+            "current_size_bytes": usage.total_bytes_used,
             "servers": list(self._settings.servers),
             "transport": self._transport,
             "replicas": self._settings.replicas,
             "prefix": self._prefix,
-            "view_epoch": self._cluster.epoch,
+            "view_epoch": epoch,
             "members_up": up,
             "members_down": len(members) - up,
-            "members": {m.node_id: m.state for m in members},
+            "members": {m.node_id: str(m.state) for m in members},
             "leases_held": held,
             "tasks_in_flight": inflight,
             "used_bytes": usage.total_bytes_used,
@@ -421,19 +429,26 @@ class MemKVL2Adapter(L2AdapterInterface):
 
 
 def _choose_transport(s: AdapterSettings) -> str:
+    """The data plane to use. The verbs data path is not built yet, so every choice ends on TCP
+    or fails loudly: asking for RDMA must never silently mean something else."""
     from lmcache_memkv.transport.rdma import rdma_devices
 
     if s.transport == "tcp":
         return "tcp"
     devices = rdma_devices(s.rdma_devices)
-    if s.transport == "rdma" and not devices:
+    if s.transport == "rdma":
+        if not devices:
+            raise ConfigError(
+                "memkv adapter: 'transport' is 'rdma' but this host has no usable RDMA device "
+                "(ibv_devices lists none); use 'auto' or 'tcp'"
+            )
         raise ConfigError(
-            "memkv adapter: 'transport' is 'rdma' but this host has no usable RDMA device "
-            "(ibv_devices lists none); use 'auto' or 'tcp'"
+            f"memkv adapter: 'transport' is 'rdma' and devices {', '.join(devices)} exist, but this release "
+            "moves bytes over TCP only (the verbs data path is not built yet); use 'auto' or 'tcp'"
         )
-    # The verbs data path is negotiated per node at session set-up; until a node offers it
-    # the bytes go over TCP, so "auto" without devices is plain TCP.
-    return "rdma" if devices else "tcp"
+    if devices:
+        log.info("RDMA devices %s found; this release's data plane is TCP, using tcp", ", ".join(devices))
+    return "tcp"
 
 
 def _connect(s: AdapterSettings) -> ClusterClient:
