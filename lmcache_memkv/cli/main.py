@@ -6,6 +6,7 @@ import typer
 
 from lmcache_memkv.cli import keygen as keygen_cmd
 from lmcache_memkv.cli import node as node_cmd
+from lmcache_memkv.cli import status as status_cmd
 
 app = typer.Typer(
     name="memkv",
@@ -23,6 +24,7 @@ def _root() -> None:
 
 app.command("node", help=node_cmd.HELP, epilog=node_cmd.EXAMPLE)(node_cmd.node)
 app.command("keygen", help=keygen_cmd.HELP, epilog=keygen_cmd.EXAMPLE)(keygen_cmd.keygen)
+app.command("status", help=status_cmd.HELP, epilog=status_cmd.EXAMPLE)(status_cmd.status)
 
 
 def main() -> None:

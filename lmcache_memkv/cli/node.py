@@ -28,6 +28,10 @@ def node(
     control_listen: Annotated[
         str | None, typer.Option(help="gRPC control address HOST:PORT (default: data port + 1).")
     ] = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(help="Host name or address peers and clients use to reach this node (e.g. the pod's DNS name when listening on 0.0.0.0).", envvar="MEMKV_ADVERTISE_HOST"),
+    ] = None,
     seed: Annotated[list[str] | None, typer.Option(help="Control endpoint of a cluster member to join; repeatable.")] = None,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 0.5,
     suspect_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is SUSPECT.")] = 1.5,
@@ -58,6 +62,7 @@ def node(
             frame_timeout_s=frame_timeout,
             drain_timeout_s=drain_timeout,
             control_listen=control_listen,
+            advertise_host=advertise_host,
             seeds=list(seed or []),
             heartbeat_interval_s=heartbeat_interval,
             suspect_after_s=suspect_after,

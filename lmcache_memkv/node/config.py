@@ -9,6 +9,10 @@ from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.wire.limits import Limits
 
 
+def default_node_id(port: int) -> str:
+    return f"{socket.gethostname()}-{port}"
+
+
 @dataclass
 class NodeConfig:
     listen: str = "127.0.0.1:9900"
@@ -22,19 +26,24 @@ class NodeConfig:
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Control plane (gRPC): see lmcache_memkv.control.
     control_listen: str | None = None  # default: data port + 1
+    advertise_host: str | None = None  # what peers and clients dial, when the bind address is not it
     seeds: list[str] = field(default_factory=list)
     heartbeat_interval_s: float = 0.5
     suspect_after_s: float = 1.5
     dead_after_s: float = 3.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    # True when node_id was derived from the listen address; with port 0 the server
+    # replaces it once the real port is known (else every ephemeral node is "HOST-0").
+    node_id_auto: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         host, port = parse_endpoint(self.listen, field="--listen")
         if self.capacity < 1 << 20:
             raise ValueError(f"--capacity must be at least 1MiB, got {self.capacity} bytes")
         if not self.node_id:
-            self.node_id = f"{socket.gethostname()}-{port}"
+            self.node_id = default_node_id(port)
+            self.node_id_auto = True
         if len(self.node_id.encode()) > 255:
             raise ValueError("--node-id must be at most 255 bytes")
         if self.metrics_listen:
@@ -42,6 +51,11 @@ class NodeConfig:
         if self.control_listen is None:
             self.control_listen = format_endpoint(host, port + 1 if port else 0)
         parse_endpoint(self.control_listen, field="--control-listen")
+        if self.advertise_host is not None:
+            if not self.advertise_host.strip() or any(c.isspace() for c in self.advertise_host) or "/" in self.advertise_host:
+                raise ValueError(f"--advertise-host must be a host name or address, got {self.advertise_host!r}")
+            if ":" in self.advertise_host and not self.advertise_host.count(":") > 1:
+                raise ValueError(f"--advertise-host takes a host without a port, got {self.advertise_host!r}")
         for seed in self.seeds:
             parse_endpoint(seed, field="--seed")
         for name in ("frame_timeout_s", "drain_timeout_s", "heartbeat_interval_s"):

@@ -1,0 +1,68 @@
+"""The first view: ask every configured control endpoint at once, take the first answer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
+from lmcache_memkv.control.convert import view_from_proto
+from lmcache_memkv.control.member import Member
+from lmcache_memkv.errors import ConnectError
+from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc
+
+SERVERS_HINT = (
+    'check MEMKV_SERVERS / the adapter\'s "servers" field: it lists control endpoints HOST:PORT '
+    "of `memkv node` (by default the data port + 1)"
+)
+
+
+def fetch_view(pool: ChannelPool, servers: Sequence[str], timeout_s: float) -> tuple[int, list[Member], str]:
+    """Epoch, members and the endpoint that answered first; ConnectError naming every server if none did."""
+    servers = list(dict.fromkeys(servers))  # a repeated endpoint is asked once
+    done = threading.Event()
+    lock = threading.Lock()
+    errors: dict[str, str] = {}
+    answer: list[tuple[int, list[Member], str]] = []
+
+    def finished(endpoint: str, future: grpc.Future) -> None:
+        exc = future.exception() if not future.cancelled() else None
+        with lock:
+            if future.cancelled():
+                errors[endpoint] = "cancelled"
+            elif exc is not None:
+                errors[endpoint] = describe_rpc_error(exc)
+            else:
+                reply: cluster_pb2.MemberListResponse = future.result()
+                try:
+                    epoch, members = view_from_proto(reply.view)
+                    if not answer:
+                        answer.append((epoch, members, endpoint))
+                except ValueError as bad:
+                    errors[endpoint] = f"malformed view: {bad}"
+            if answer or len(errors) == len(servers):
+                done.set()
+
+    calls = []
+    for endpoint in servers:
+        try:
+            stub = cluster_pb2_grpc.ClusterStub(pool.get(endpoint))
+            future = stub.MemberList.future(cluster_pb2.MemberListRequest(), timeout=timeout_s)
+        except (ValueError, RuntimeError) as exc:  # e.g. an endpoint gRPC cannot parse
+            with lock:
+                errors[endpoint] = str(exc)
+                if len(errors) == len(servers):
+                    done.set()
+            continue
+        calls.append(future)
+        future.add_done_callback(lambda f, ep=endpoint: finished(ep, f))
+    done.wait(timeout_s + 0.5)
+    for future in calls:
+        future.cancel()
+    with lock:
+        if answer:
+            return answer[0]
+        tried = "; ".join(f"{ep} ({errors.get(ep, f'no answer within {timeout_s:g}s')})" for ep in servers)
+    raise ConnectError(f"no MemKV control endpoint answered: tried {tried}; {SERVERS_HINT}")

@@ -1,0 +1,538 @@
+"""``ClusterClient``: the whole MemKV cluster behind one thread-safe object.
+
+Placement is rendezvous hashing over the ALIVE members of the view the client watches; with
+``replicas=R`` a key lives on its top-R nodes. Writes go to all R (batched per node, nodes in
+parallel); reads and lookups try the replicas in order and fail over on error or miss. A node
+that fails a call is skipped for a short back-off (``LocalSuspicion``) until the view catches
+up. Every public call is bounded by ``timeout_s`` in total: when a call may need several
+rounds (fail-over), each round gets an equal share of what is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+import grpc
+
+from lmcache_memkv.client import NodeClient
+from lmcache_memkv.cluster.bootstrap import fetch_view
+from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
+from lmcache_memkv.cluster.suspicion import LocalSuspicion
+from lmcache_memkv.cluster.view import ClusterView
+from lmcache_memkv.cluster.watch import ViewWatcher
+from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
+from lmcache_memkv.control.member import Member, State
+from lmcache_memkv.control.peers import wait_all
+from lmcache_memkv.control.stats import stats_dict
+from lmcache_memkv.control.tls import ca_from_env
+from lmcache_memkv.endpoints import parse_endpoint
+from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError, MemKVTimeout, ServerError
+from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
+from lmcache_memkv.transport.tcp import Buffer
+from lmcache_memkv.wire.constants import MAX_KEY_LEN, ErrorCode, Status
+
+log = logging.getLogger("memkv.cluster")
+R = TypeVar("R")
+_CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
+_HOUSEKEEPING_S = 0.2
+_CURSOR_PREFIX = "v1."
+
+
+class _OutOfTime(MemKVTimeout):
+    """A call's deadline passed before a node was asked."""
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline``, for the next node request."""
+    remaining = deadline - time.monotonic()
+    if remaining < 0.001:
+        raise _OutOfTime("the call's deadline passed")
+    return remaining
+
+
+def _chunks(n: int) -> list[range]:
+    return [range(i, min(n, i + _CHUNK)) for i in range(0, n, _CHUNK)]
+
+
+def _encode_cursor(key: bytes) -> str:
+    return _CURSOR_PREFIX + base64.urlsafe_b64encode(key).decode()
+
+
+def _decode_cursor(cursor: str) -> bytes:
+    if not cursor.startswith(_CURSOR_PREFIX):
+        raise ValueError(f"list_keys: not a cursor this client issued: {cursor[:40]!r}")
+    try:
+        return base64.urlsafe_b64decode(cursor[len(_CURSOR_PREFIX) :])
+    except ValueError:
+        raise ValueError(f"list_keys: malformed cursor {cursor[:40]!r}") from None
+
+
+class ClusterClient:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        key: bytes | None = None,
+        replicas: int = 1,
+        timeout_s: float = 5.0,
+        tls_ca: str | None = None,
+    ) -> None:
+        self.servers = [s.strip() for s in servers if s and s.strip()]
+        if not self.servers:
+            raise ConfigError('servers: no control endpoint given; set MEMKV_SERVERS or the adapter\'s "servers" field')
+        for endpoint in self.servers:
+            try:
+                parse_endpoint(endpoint, field="servers")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if replicas < 1:
+            raise ConfigError(f"replicas must be at least 1, got {replicas}")
+        if timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self._key = key
+        self._pool = ChannelPool(key, tls_ca or ca_from_env())
+        self._view = ClusterView()  # replaced whole, so readers need no lock
+        self._view_lock = threading.Lock()
+        self._nodes: dict[str, tuple[int, str, NodeClient]] = {}  # node_id -> (incarnation, endpoint, client)
+        self._nodes_lock = threading.Lock()
+        self._suspicion = LocalSuspicion()
+        self._leases = LeaseBook()
+        self._owed = ReleaseQueue()
+        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="memkv-cluster")
+        self._watcher: ViewWatcher | None = None
+        self._housekeeper: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Fetch the view from the first server that answers, then keep it current in the background."""
+        if self._watcher is not None:
+            return
+        epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s)
+        self._apply(epoch, members)
+        log.info("memkv cluster view from %s: epoch %d, %d members", source, epoch, len(members))
+        self._watcher = ViewWatcher(self._pool, self._watch_order, self._apply)
+        self._watcher.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="memkv-cluster-housekeeping", daemon=True)
+        self._housekeeper.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=self.timeout_s)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._nodes_lock:
+            clients, self._nodes = [c for _, _, c in self._nodes.values()], {}
+        for client in clients:
+            client.close()
+        self._pool.close()
+
+    # ------------------------------------------------------------------ view
+
+    @property
+    def epoch(self) -> int:
+        return self._view.epoch
+
+    def members(self) -> list[Member]:
+        return list(self._view.members.values())
+
+    def placement(self, key: bytes) -> list[str]:
+        return self._view.placement(key)
+
+    def _apply(self, epoch: int, members: list[Member]) -> None:
+        """Adopt a view. The client's epoch never goes back, even when the new view comes from
+        a member whose own counter is behind: it then counts one past the last epoch held."""
+        with self._view_lock:
+            old = self._view
+            if epoch > old.epoch:
+                new_epoch = epoch
+            elif not old.same_membership(members):
+                new_epoch = old.epoch + 1
+            else:
+                new_epoch = old.epoch
+            self._view = view = ClusterView.build(new_epoch, members)
+        stale = []
+        with self._nodes_lock:
+            for node_id, (inc, endpoint, client) in list(self._nodes.items()):
+                m = view.members.get(node_id)
+                if (
+                    m is None
+                    or m.state in (State.DEAD, State.LEFT)
+                    or m.incarnation != inc
+                    or m.data_endpoint != endpoint
+                ):
+                    stale.append(client)
+                    del self._nodes[node_id]
+        for client in stale:  # pooled connections to an earlier life would fail once each
+            client.close()
+
+    def _watch_order(self, failed: str | None) -> list[str]:
+        """Whom to watch: the ALIVE members in random order (sidecars sharing one MEMKV_SERVERS
+        list must not all watch its first entry), then the configured servers, the failed one last."""
+        alive = [m.control_endpoint for m in self._view.members.values() if m.state is State.ALIVE]
+        random.shuffle(alive)
+        order: list[str] = []
+        for endpoint in [*alive, *self.servers]:
+            if endpoint not in order and endpoint != failed:
+                order.append(endpoint)
+        if failed is not None:
+            order.append(failed)
+        return order
+
+    # ------------------------------------------------------------------ node calls
+
+    def _node(self, m: Member) -> NodeClient:
+        with self._nodes_lock:
+            entry = self._nodes.get(m.node_id)
+            if entry is not None and entry[0] == m.incarnation and entry[1] == m.data_endpoint:
+                return entry[2]
+            client = NodeClient(m.data_endpoint, self._key, self.timeout_s)
+            self._nodes[m.node_id] = (m.incarnation, m.data_endpoint, client)
+        if entry is not None:
+            entry[2].close()
+        return client
+
+    def _healthy(self, view: ClusterView, node_id: str) -> bool:
+        m = view.members.get(node_id)
+        return m is not None and m.state is State.ALIVE and self._suspicion.healthy(node_id, m.incarnation)
+
+    def _replica_set(self, view: ClusterView, key: bytes) -> list[str]:
+        """The top ``replicas`` of the healthy ALIVE nodes for ``key``."""
+        out = []
+        for node_id in view.placement(key):
+            if self._suspicion.healthy(node_id, view.members[node_id].incarnation):
+                out.append(node_id)
+                if len(out) == self.replicas:
+                    break
+        return out
+
+    def _call(self, view: ClusterView, node_id: str, op: Callable[[NodeClient], R]) -> R | Exception:
+        """Run ``op`` on one node; on failure mark the node and return the error instead of raising."""
+        m = view.members[node_id]
+        try:
+            return op(self._node(m))
+        except _OutOfTime as exc:
+            return exc  # the call's own deadline ran out (e.g. queued behind others): not the node's fault
+        except (MemKVError, OSError) as exc:
+            if isinstance(exc, ServerError) and exc.code == ErrorCode.LIMIT:
+                return exc  # the request was too big for the node: not the node's fault
+            if self._suspicion.mark(node_id, m.incarnation):
+                log.warning("memkv node %s failed (%s); skipping it for %.1fs", node_id, exc, self._suspicion.backoff_s)
+            return exc
+
+    def _fanout(self, tasks: dict[str, Callable[[], R]]) -> dict[str, R]:
+        """Run one task per node in parallel (the first on this thread); tasks must not raise."""
+        if self._closed:
+            raise ConnectError("ClusterClient is closed")
+        items = list(tasks.items())
+        if not items:
+            return {}
+        futures = {node_id: self._executor.submit(task) for node_id, task in items[1:]}
+        out = {items[0][0]: items[0][1]()}
+        for node_id, future in futures.items():
+            out[node_id] = future.result()  # bounded: every node call carries its own deadline
+        return out
+
+    def _check_keys(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            if not 0 < len(key) <= MAX_KEY_LEN:
+                raise ValueError(f"keys must be 1-{MAX_KEY_LEN} bytes, got {len(key)}")
+
+    # ------------------------------------------------------------------ data operations
+
+    def put(self, keys: Sequence[bytes], values: Sequence[Buffer]) -> list[bool]:
+        """Write each key to its replica set; True where at least one replica stored it."""
+        if len(keys) != len(values):
+            raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
+        self._check_keys(keys)
+        view = self._view
+        deadline = time.monotonic() + self.timeout_s
+        by_node: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            for node_id in self._replica_set(view, key):
+                by_node.setdefault(node_id, []).append(i)
+
+        def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status] | Exception]:
+            def op(client: NodeClient) -> list[Status]:
+                statuses: list[Status] = []
+                for part in _chunks(len(idx)):
+                    sel = [idx[j] for j in part]
+                    statuses += client.put([keys[i] for i in sel], [values[i] for i in sel], timeout_s=_left(deadline))
+                return statuses
+
+            return lambda: self._call(view, node_id, op)
+
+        ok = [False] * len(keys)
+        results = self._fanout({n: put_on(n, idx) for n, idx in by_node.items()})
+        for node_id, result in results.items():
+            if isinstance(result, Exception):
+                continue
+            for i, status in zip(by_node[node_id], result):
+                ok[i] = ok[i] or status == Status.OK
+        return ok
+
+    def _rounds(
+        self,
+        keys: Sequence[bytes],
+        candidates: list[list[str]],
+        run: Callable[[str, list[int], float], list[int | None] | Exception],  # (node, key indexes, deadline)
+    ) -> list[tuple[int, str] | None]:
+        """Ask each key's candidates in turn until one has it: per key (length, node) or None.
+
+        Each round sends every unresolved key to its next healthy candidate, one batch per node,
+        nodes in parallel; misses and failed nodes move on to the next round.
+        """
+        view = self._view
+        deadline = time.monotonic() + self.timeout_s
+        found: list[tuple[int, str] | None] = [None] * len(keys)
+        cursor = [0] * len(keys)
+        pending = [i for i in range(len(keys)) if candidates[i]]
+        while pending and time.monotonic() < deadline:
+            by_node: dict[str, list[int]] = {}
+            for i in pending:
+                cands = candidates[i]
+                while cursor[i] < len(cands) and not self._healthy(view, cands[cursor[i]]):
+                    cursor[i] += 1
+                if cursor[i] < len(cands):
+                    by_node.setdefault(cands[cursor[i]], []).append(i)
+                    cursor[i] += 1
+            if not by_node:
+                break
+            # Leave time for the fail-over rounds still possible: this round gets an equal share.
+            rounds_left = 1 + max(len(candidates[i]) - cursor[i] for i in pending)
+            now = time.monotonic()
+            round_deadline = now + (deadline - now) / rounds_left
+            results = self._fanout({n: partial(run, n, idx, round_deadline) for n, idx in by_node.items()})
+            for node_id, result in results.items():
+                if isinstance(result, Exception):
+                    continue
+                for i, length in zip(by_node[node_id], result):
+                    if length is not None:
+                        found[i] = (length, node_id)
+            pending = [i for i in pending if found[i] is None and cursor[i] < len(candidates[i])]
+        return found
+
+    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Buffer]) -> list[int | None]:
+        """Read each key into its buffer from the first replica that has it; per key the length or None.
+
+        A node this client holds a lease on for the key is asked first (the lease keeps it there).
+        """
+        if len(keys) != len(buffers):
+            raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
+        self._check_keys(keys)
+        view = self._view
+        candidates = []
+        for key in keys:
+            held = [n for n in self._leases.holders(key) if n in view.alive]
+            candidates.append(held + [n for n in self._replica_set(view, key) if n not in held])
+
+        def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
+            def op(client: NodeClient) -> list[int | None]:
+                out: list[int | None] = []
+                for part in _chunks(len(idx)):
+                    sel = [idx[j] for j in part]
+                    out += client.get_into([keys[i] for i in sel], [buffers[i] for i in sel], timeout_s=_left(deadline))
+                return out
+
+            return self._call(view, node_id, op)
+
+        return [None if f is None else f[0] for f in self._rounds(keys, candidates, run)]
+
+    def exists(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0) -> list[int | None]:
+        """Per key its length if any replica has it; with ``lease_ttl_s`` the answering node leases it."""
+        self._check_keys(keys)
+        view = self._view
+        candidates = [self._replica_set(view, key) for key in keys]
+
+        def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
+            def op(client: NodeClient) -> list[int | None]:
+                out: list[int | None] = []
+                for part in _chunks(len(idx)):
+                    out += client.exists([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
+                return out
+
+            return self._call(view, node_id, op)
+
+        found = self._rounds(keys, candidates, run)
+        if lease_ttl_s > 0:
+            for key, f in zip(keys, found):
+                if f is not None:
+                    self._leases.add(key, f[1])
+        return [None if f is None else f[0] for f in found]
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Return one lease per key to the node that granted it; failures are retried in the background."""
+        view = self._view
+        owed: dict[str, list[OwedRelease]] = {}
+        for key in keys:
+            node_id = self._leases.take(key)
+            m = view.members.get(node_id) if node_id is not None else None
+            if m is not None and m.state not in (State.DEAD, State.LEFT):  # else its leases died with it
+                owed.setdefault(m.node_id, []).append(OwedRelease(key, m.node_id, m.incarnation))
+        self._release(view, owed)
+
+    def _release(self, view: ClusterView, owed: dict[str, list[OwedRelease]]) -> None:
+        deadline = time.monotonic() + self.timeout_s
+
+        def release_on(node_id: str, items: list[OwedRelease]) -> list[bool] | Exception:
+            def op(client: NodeClient) -> list[bool]:
+                out: list[bool] = []
+                for part in _chunks(len(items)):
+                    out += client.release([items[j].key for j in part], timeout_s=_left(deadline))
+                return out
+
+            return self._call(view, node_id, op)
+
+        tasks: dict[str, Callable[[], list[bool] | Exception]] = {}
+        retry: list[OwedRelease] = []
+        for node_id, items in owed.items():
+            if self._suspicion.healthy(node_id, items[0].incarnation):
+                tasks[node_id] = partial(release_on, node_id, items)
+            else:
+                retry += items
+        for node_id, result in self._fanout(tasks).items():
+            if isinstance(result, Exception):
+                retry += owed[node_id]
+        if retry and self._owed.owe(retry, time.monotonic()):
+            log.warning("gave up releasing some leases after %d attempts (their TTL expires them)", MAX_ATTEMPTS)
+
+    def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        """Delete from every healthy ALIVE node (stale copies included); True where any node had it."""
+        self._check_keys(keys)
+        view = self._view
+        nodes = [n for n in view.alive if self._healthy(view, n)]
+        deadline = time.monotonic() + self.timeout_s
+
+        def op(client: NodeClient) -> list[bool]:
+            out: list[bool] = []
+            for part in _chunks(len(keys)):
+                out += client.delete([keys[i] for i in part], timeout_s=_left(deadline))
+            return out
+
+        ok = [False] * len(keys)
+        results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
+        for result in results.values():
+            if not isinstance(result, Exception):
+                ok = [a or b for a, b in zip(ok, result)]
+        return ok
+
+    def list_keys(
+        self, prefix: bytes = b"", cursor: str | None = None, limit: int = 1000
+    ) -> tuple[list[tuple[bytes, int]], str | None]:
+        """One page of (key, size) over all ALIVE nodes, sorted and deduplicated; the next cursor or None.
+
+        Each node returns its first ``limit`` keys after the cursor; the page is the first ``limit``
+        of their union, which is exactly the cluster's next ``limit`` keys.
+        """
+        if limit <= 0:
+            raise ValueError(f"list_keys: limit must be positive, got {limit}")
+        after = _decode_cursor(cursor) if cursor else b""
+        view = self._view
+        nodes = [n for n in view.alive if self._healthy(view, n)]
+        deadline = time.monotonic() + self.timeout_s
+
+        def op(client: NodeClient) -> tuple[list[tuple[bytes, int]], bytes]:
+            return client.list_keys(prefix, after, limit, timeout_s=_left(deadline))
+
+        merged: dict[bytes, int] = {}
+        more = False
+        results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
+        for result in results.values():
+            if isinstance(result, Exception):
+                continue
+            items, node_cursor = result
+            more = more or bool(node_cursor)
+            for key, size in items:
+                merged.setdefault(key, size)
+        page = sorted(merged.items())
+        if len(page) > limit:
+            page, more = page[:limit], True
+        return page, (_encode_cursor(page[-1][0]) if more and page else None)
+
+    # ------------------------------------------------------------------ status
+
+    def node_stats(self) -> dict[str, dict[str, Any]]:
+        """Per node id (of the members that answered) its statistics from Maintenance.Status."""
+        view = self._view
+        asked = []
+        for m in view.members.values():
+            if m.state in (State.ALIVE, State.SUSPECT):
+                try:
+                    stub = maintenance_pb2_grpc.MaintenanceStub(self._pool.get(m.control_endpoint))
+                    asked.append((m, stub.Status.future(maintenance_pb2.StatusRequest(), timeout=self.timeout_s)))
+                except RuntimeError:  # closed
+                    return {}
+        wait_all([f for _, f in asked], self.timeout_s)
+        out: dict[str, dict[str, Any]] = {}
+        for m, future in asked:
+            try:
+                reply: maintenance_pb2.StatusResponse = future.result(timeout=0)
+            except (grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError) as exc:
+                log.debug("stats of %s unavailable: %s", m.node_id, describe_rpc_error(exc))
+                continue
+            out[m.node_id] = {
+                **stats_dict(reply.stats),
+                "node_id": m.node_id,
+                "state": str(m.state),
+                "incarnation": m.incarnation,
+                "uptime_seconds": reply.uptime_seconds,
+                "version": reply.version,
+            }
+        return out
+
+    def health(self) -> dict[str, Any]:
+        view = self._view
+        watcher = self._watcher
+        up = len(view.alive)
+        return {
+            "epoch": view.epoch,
+            "members": len(view.members),
+            "members_up": up,
+            "members_down": len(view.members) - up,
+            "states": {n: str(m.state) for n, m in view.members.items()},
+            "suspected_locally": self._suspicion.suspected(),
+            "watching": watcher.endpoint if watcher else None,
+            "watch_silence_s": watcher.silence() if watcher else None,
+            "replicas": self.replicas,
+            "leases_held": self._leases.count(),
+            "releases_owed": len(self._owed),
+        }
+
+    # ------------------------------------------------------------------ background
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(_HOUSEKEEPING_S):
+            try:
+                if self._watcher is not None:
+                    self._watcher.check_stale()
+                due = self._owed.due(time.monotonic())
+                if due:
+                    view = self._view
+                    owed: dict[str, list[OwedRelease]] = {}
+                    for node_id, items in due.items():
+                        m = view.members.get(node_id)
+                        if m is None or m.state in (State.DEAD, State.LEFT):
+                            continue  # gone: its leases went with it
+                        # A restarted node holds none of its earlier life's leases.
+                        live = [i for i in items if i.incarnation == m.incarnation]
+                        if live:
+                            owed[node_id] = live
+                    self._release(view, owed)
+            except Exception:  # keep the housekeeping alive whatever one pass hits
+                log.exception("cluster housekeeping failed")

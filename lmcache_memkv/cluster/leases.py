@@ -1,0 +1,93 @@
+"""Leases this client holds (per key, a multiset of granting nodes) and releases still owed.
+
+A key may be leased several times (LMCache locks per request), on different nodes if the
+view changed in between; each release returns one lease to the node that granted it.
+A release that fails is retried with back-off until it lands, the node is gone, or the
+attempts run out; the lease TTL on the node is the backstop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+MAX_ATTEMPTS = 8
+_FIRST_BACKOFF_S = 0.2
+_MAX_BACKOFF_S = 2.0
+
+
+class LeaseBook:
+    def __init__(self) -> None:
+        self._held: dict[bytes, Counter[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: bytes, node_id: str) -> None:
+        with self._lock:
+            self._held.setdefault(key, Counter())[node_id] += 1
+
+    def holders(self, key: bytes) -> list[str]:
+        """Nodes holding a lease of ``key`` for this client, most leases first."""
+        with self._lock:
+            held = self._held.get(key)
+            return [n for n, _ in held.most_common()] if held else []
+
+    def take(self, key: bytes) -> str | None:
+        """Forget one lease of ``key``; the node that granted it (None: none held)."""
+        with self._lock:
+            held = self._held.get(key)
+            if not held:
+                return None
+            node_id = held.most_common(1)[0][0]
+            held[node_id] -= 1
+            if held[node_id] <= 0:
+                del held[node_id]
+            if not held:
+                del self._held[key]
+            return node_id
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(c.total() for c in self._held.values())
+
+
+@dataclass
+class OwedRelease:
+    key: bytes
+    node_id: str
+    incarnation: int  # a restarted node holds none of its earlier life's leases
+    attempts: int = 0
+    next_try: float = 0.0
+
+
+class ReleaseQueue:
+    def __init__(self) -> None:
+        self._owed: list[OwedRelease] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._owed)
+
+    def owe(self, items: list[OwedRelease], now: float) -> int:
+        """Schedule another try of each item; the number dropped for running out of attempts."""
+        dropped = 0
+        with self._lock:
+            for item in items:
+                item.attempts += 1
+                if item.attempts >= MAX_ATTEMPTS:
+                    dropped += 1
+                    continue
+                item.next_try = now + min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (item.attempts - 1))
+                self._owed.append(item)
+        return dropped
+
+    def due(self, now: float) -> dict[str, list[OwedRelease]]:
+        """Remove and return the items whose time has come, grouped by node."""
+        with self._lock:
+            ready = [i for i in self._owed if i.next_try <= now]
+            self._owed = [i for i in self._owed if i.next_try > now]
+        out: dict[str, list[OwedRelease]] = {}
+        for item in ready:
+            out.setdefault(item.node_id, []).append(item)
+        return out

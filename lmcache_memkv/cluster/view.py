@@ -1,0 +1,30 @@
+"""An immutable snapshot of the cluster view as a client holds it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from lmcache_memkv.cluster.hrw import rank
+from lmcache_memkv.control.member import Member, State
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    epoch: int = 0
+    members: Mapping[str, Member] = field(default_factory=lambda: MappingProxyType({}))
+    alive: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, epoch: int, members: Iterable[Member]) -> ClusterView:
+        by_id = {m.node_id: m for m in sorted(members, key=lambda m: m.node_id)}
+        alive = tuple(n for n, m in by_id.items() if m.state is State.ALIVE)
+        return cls(epoch=epoch, members=MappingProxyType(by_id), alive=alive)
+
+    def placement(self, key: bytes) -> list[str]:
+        """ALIVE node ids, best first for ``key``."""
+        return rank(self.alive, key)
+
+    def same_membership(self, members: Iterable[Member]) -> bool:
+        return {m.identity for m in self.members.values()} == {m.identity for m in members}

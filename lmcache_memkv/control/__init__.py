@@ -1,0 +1,1 @@
+"""The node's control plane: gRPC membership, statistics and session services."""

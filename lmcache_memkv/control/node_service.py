@@ -1,0 +1,271 @@
+"""A node's control plane: the gRPC server, joining through seeds, heartbeats, graceful leave.
+
+Every heartbeat interval the node times out silent members, then sends each member its own
+record and its whole view (fine at tens of nodes); the answer carries the peer's record and
+view back. Members that are DEAD are still probed now and then, so a partition heals.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+
+from lmcache_memkv import __version__
+from lmcache_memkv.control.auth import AuthInterceptor, ProofChecker
+from lmcache_memkv.control.channel import MAX_MESSAGE, ChannelPool, describe_rpc_error
+from lmcache_memkv.control.convert import member_from_proto, member_to_proto, view_from_proto, view_to_proto
+from lmcache_memkv.control.decoding import StrictDecoding
+from lmcache_memkv.control.member import Member, State
+from lmcache_memkv.control.membership import Membership
+from lmcache_memkv.control.peers import Peers, wait_all
+from lmcache_memkv.control.service import ClusterService, MaintenanceService, SessionService
+from lmcache_memkv.control.stats import RateMeter, node_stats
+from lmcache_memkv.control.tls import ca_from_env, server_credentials
+from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
+from lmcache_memkv.node.config import NodeConfig
+from lmcache_memkv.node.server import NodeServer
+from lmcache_memkv.proto.memkv.v1 import (
+    cluster_pb2,
+    cluster_pb2_grpc,
+    maintenance_pb2,
+    maintenance_pb2_grpc,
+    member_pb2,
+    session_pb2_grpc,
+)
+from lmcache_memkv.wire.constants import VERSION
+
+log = logging.getLogger("memkv.control")
+_MAX_WATCHERS = 32
+_WORKERS = _MAX_WATCHERS + 16  # watches hold a thread each; the rest serve unary calls
+_DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
+_LEAVE_WAIT_S = 1.0
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def _advertised(host: str, port: int, advertise_host: str | None = None) -> str:
+    """An endpoint peers and clients can dial: ``--advertise-host`` if given, else the bound
+    address, and a wildcard bind under this host's name."""
+    if advertise_host:
+        host = advertise_host
+    elif host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return format_endpoint(host, port)
+
+
+def _ops_total(server: NodeServer) -> int:
+    return int(
+        sum(s.value for metric in server.metrics.ops.collect() for s in metric.samples if s.name.endswith("_total"))
+    )
+
+
+class ControlPlane:
+    def __init__(self, server: NodeServer, config: NodeConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._server = server
+        self._config = config
+        # Nodes dial each other too: with TLS and no MEMKV_TLS_CA they trust their own certificate.
+        tls_ca = ca_from_env() or config.tls_cert
+        self._peers = Peers(ChannelPool(config.auth_key, tls_ca if config.tls_cert else None))
+        self._rate = RateMeter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started_at = time.time()
+        self._refusals_logged: set[str] = set()
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="memkv-control"),
+            interceptors=[AuthInterceptor(ProofChecker(config.auth_key), self._auth_failed), StrictDecoding()],
+            options=[
+                ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+            ],
+        )
+        listen = config.control_listen or "127.0.0.1:0"
+        host, _ = parse_endpoint(listen, field="--control-listen")
+        try:
+            if config.tls_cert and config.tls_key:
+                port = self._grpc.add_secure_port(listen, server_credentials(config.tls_cert, config.tls_key))
+            else:
+                port = self._grpc.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise OSError(f"--control-listen {listen}: cannot bind: {exc}") from None
+        if not port:
+            raise OSError(f"--control-listen {listen}: cannot bind")
+        self.endpoint = format_endpoint(host, port)
+        data_host, data_port = server.address
+        stats = server.stats()
+        local = Member(
+            node_id=config.node_id,
+            # Start time in ms: a restart outranks every record of the previous life.
+            incarnation=time.time_ns() // 1_000_000,
+            state=State.ALIVE,
+            data_endpoint=_advertised(data_host, data_port, config.advertise_host),
+            control_endpoint=_advertised(host, port, config.advertise_host),
+            transports=("tcp",),
+            capacity_bytes=stats["capacity_bytes"],
+            used_bytes=stats["used_bytes"],
+        )
+        self.membership = Membership(
+            local,
+            suspect_after_s=config.suspect_after_s,
+            dead_after_s=config.dead_after_s,
+            clock=clock,
+            stall_after_s=config.suspect_after_s,  # ticks run every heartbeat interval, well below this
+        )
+        keepalive_s = max(1.0, config.heartbeat_interval_s)
+        cluster_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc
+        )
+        maintenance_pb2_grpc.add_MaintenanceServicer_to_server(
+            MaintenanceService(self.membership, self.status, self._peers), self._grpc
+        )
+        session_pb2_grpc.add_SessionServicer_to_server(SessionService(self.membership, config.auth_key), self._grpc)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._grpc.start()
+        log.info("node %s serving control on %s", self._config.node_id, self.endpoint)
+        self._join_seeds(timeout_s=min(2.0, self._config.dead_after_s), wait=True)
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="memkv-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        """Leave gracefully: peers see LEFT at once instead of finding this node DEAD later."""
+        me = self.membership.leave()
+        request = cluster_pb2.LeaveRequest(node_id=me.node_id, incarnation=me.incarnation)
+        told = [
+            self._peers.leave(m.control_endpoint, request, _LEAVE_WAIT_S)
+            for m in self.membership.peers()
+            if m.state in (State.ALIVE, State.SUSPECT)
+        ]
+        wait_all(told, _LEAVE_WAIT_S + 0.5)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.membership.close()
+        self._grpc.stop(grace_s).wait()
+        self._peers.close()
+
+    # ------------------------------------------------------------------ statistics
+
+    def status(self) -> maintenance_pb2.StatusResponse:
+        stats = self._server.stats()
+        ops = _ops_total(self._server)
+        self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
+        return maintenance_pb2.StatusResponse(
+            header=member_pb2.ResponseHeader(node_id=self.membership.node_id, epoch=self.membership.epoch),
+            member=member_to_proto(self.membership.local),
+            stats=node_stats(stats, ops, self._rate.sample(ops)),
+            version=__version__,
+            uptime_seconds=time.time() - self._started_at,
+            protocol_version=VERSION,
+        )
+
+    # ------------------------------------------------------------------ membership traffic
+
+    def _auth_failed(self, method: str, reason: str) -> None:
+        log.warning("refused control call %s: %s", method, reason)
+
+    def _join_seeds(self, timeout_s: float, wait: bool) -> None:
+        """Announce this node to every seed not yet known as ALIVE; optionally wait for the answers."""
+        me = self.membership.local
+        known = {m.control_endpoint for m in self.membership.peers() if m.state is State.ALIVE}
+        request = cluster_pb2.JoinRequest(member=member_to_proto(me))
+        seeds = [s for s in self._config.seeds if s not in known and s not in (self.endpoint, me.control_endpoint)]
+        sent = [self._peers.join(seed, request, timeout_s) for seed in seeds]
+        for future in sent:
+            future.add_done_callback(self._on_join_reply)
+        if not wait or not sent:
+            return
+        if not any(f.exception() is None for f in wait_all(sent, timeout_s + 0.5)):
+            log.warning("no seed answered (%s); serving alone until one does", ", ".join(seeds))
+
+    def _on_join_reply(self, future: grpc.Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.debug("seed did not answer: %s", describe_rpc_error(future.exception()))
+            return
+        reply: cluster_pb2.JoinResponse = future.result()
+        try:
+            epoch, members = view_from_proto(reply.view)
+        except ValueError as exc:
+            log.warning("ignoring a malformed view from seed %s: %s", reply.header.node_id, exc)
+            return
+        for m in members:  # the seed's own record in its view: we just heard from it
+            if m.node_id == reply.header.node_id:
+                self.membership.heard_from(m)
+        self.membership.merge(epoch, members)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self._config.heartbeat_interval_s
+        rounds = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._round(rounds)
+            except Exception:  # a bad round must not end failure detection for good
+                log.exception("heartbeat round failed")
+            rounds += 1
+            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _round(self, rounds: int) -> None:
+        for node_id, state in self.membership.tick():
+            log.warning(
+                "member %s is now %s (silent for %.1fs)", node_id, state, self.membership.silence(node_id) or 0.0
+            )
+        stats = self._server.stats()
+        self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
+        self._rate.sample(_ops_total(self._server))
+        epoch, members = self.membership.view()
+        me = self.membership.local
+        request = cluster_pb2.HeartbeatRequest(member=member_to_proto(me), view=view_to_proto(epoch, members))
+        probe_dead = rounds % _DEAD_PROBE_EVERY == 0
+        timeout = self._config.suspect_after_s
+        for m in members:
+            if m.node_id == me.node_id:
+                continue
+            if m.state in (State.ALIVE, State.SUSPECT) or (m.state is State.DEAD and probe_dead):
+                self._peers.heartbeat(m.control_endpoint, request, timeout, self._on_heartbeat_reply)
+        if probe_dead and rounds:
+            self._join_seeds(timeout_s=timeout, wait=False)
+
+    def _on_heartbeat_reply(self, future: grpc.Future) -> None:
+        if future.cancelled():  # shutting down
+            return
+        exc = future.exception()
+        if exc is not None:
+            # A peer refusing us (another key, our node id taken) is a misconfiguration that
+            # timeouts alone would hide: say it once per peer and reason.
+            if isinstance(exc, grpc.Call) and exc.code() in _REFUSALS:
+                reason = describe_rpc_error(exc)
+                if reason not in self._refusals_logged:
+                    self._refusals_logged.add(reason)
+                    log.error("a peer refused our heartbeat: %s", reason)
+            return
+        reply: cluster_pb2.HeartbeatResponse = future.result()
+        try:
+            record = member_from_proto(reply.member)
+        except ValueError as exc2:
+            log.warning("ignoring a malformed heartbeat reply: %s", exc2)
+            return
+        try:
+            epoch, members = view_from_proto(reply.view)
+        except ValueError as exc2:
+            log.warning("ignoring a malformed view from %s: %s", record.node_id, exc2)
+            return
+        self.membership.heard_from(record)
+        self.membership.merge(epoch, members)
+
+
+def start_control_plane(server: NodeServer, config: NodeConfig) -> ControlPlane:
+    """Bind, join the seeds (bounded wait) and start heartbeating; ``.endpoint`` is the bound address."""
+    plane = ControlPlane(server, config)
+    plane.start()
+    return plane

@@ -1,0 +1,234 @@
+"""The gRPC servicers: Cluster (membership), Maintenance (statistics), Session (set-up).
+
+They translate between protobuf and the membership state; every record from the wire is
+validated first (INVALID_ARGUMENT on anything malformed), and nothing is changed before that.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+import grpc
+
+from lmcache_memkv.control import auth
+from lmcache_memkv.control.channel import describe_rpc_error
+from lmcache_memkv.control.convert import (
+    member_from_proto,
+    member_to_proto,
+    state_to_proto,
+    view_from_proto,
+    view_to_proto,
+)
+from lmcache_memkv.control.member import Member, State
+from lmcache_memkv.control.membership import Membership
+from lmcache_memkv.control.peers import Peers
+from lmcache_memkv.control.stats import total
+from lmcache_memkv.proto.memkv.v1 import (
+    cluster_pb2,
+    cluster_pb2_grpc,
+    maintenance_pb2,
+    maintenance_pb2_grpc,
+    member_pb2,
+    session_pb2,
+    session_pb2_grpc,
+)
+from lmcache_memkv.wire.constants import VERSION
+
+log = logging.getLogger("memkv.control")
+_MAX_NONCE = 64
+
+
+def _header(membership: Membership) -> member_pb2.ResponseHeader:
+    return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch)
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("abort returned")  # pragma: no cover - abort raises
+
+
+def _invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.ServicerContext, rpc: str) -> Member:
+    """The caller's record of itself, validated; a caller claiming this node's id is refused."""
+    try:
+        record = member_from_proto(p)
+    except ValueError as exc:
+        _invalid(context, f"{rpc}: {exc}")
+    if record.node_id == membership.node_id:
+        context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"node id {record.node_id!r} is already taken by the node at {membership.local.control_endpoint}; "
+            "give every node its own --node-id",
+        )
+    return record
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServicer):
+    def __init__(self, membership: Membership, keepalive_s: float, max_watchers: int) -> None:
+        self._m = membership
+        self._keepalive_s = keepalive_s
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+
+    def _view(self) -> member_pb2.View:
+        return view_to_proto(*self._m.view())
+
+    def MemberList(
+        self, request: cluster_pb2.MemberListRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.MemberListResponse:
+        return cluster_pb2.MemberListResponse(header=_header(self._m), view=self._view())
+
+    def Join(self, request: cluster_pb2.JoinRequest, context: grpc.ServicerContext) -> cluster_pb2.JoinResponse:
+        record = _own_record(self._m, request.member, context, "Join")
+        if record.state is not State.ALIVE:
+            _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
+        if self._m.heard_from(record):
+            log.info(
+                "member %s joined (incarnation %d, control %s)",
+                record.node_id,
+                record.incarnation,
+                record.control_endpoint,
+            )
+        return cluster_pb2.JoinResponse(header=_header(self._m), view=self._view())
+
+    def Leave(self, request: cluster_pb2.LeaveRequest, context: grpc.ServicerContext) -> cluster_pb2.LeaveResponse:
+        if request.node_id == self._m.node_id:
+            _invalid(context, "Leave: a node leaves by stopping, not by being told to")
+        known = self._m.get(request.node_id)
+        if known is None:
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
+        if request.incarnation >= known.incarnation:  # an earlier life's goodbye must not remove a restart
+            left = Member(
+                node_id=known.node_id,
+                incarnation=request.incarnation,
+                state=State.LEFT,
+                data_endpoint=known.data_endpoint,
+                control_endpoint=known.control_endpoint,
+                transports=known.transports,
+            )
+            if self._m.heard_from(left):
+                log.info("member %s left", request.node_id)
+        return cluster_pb2.LeaveResponse(header=_header(self._m), view=self._view())
+
+    def Heartbeat(
+        self, request: cluster_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.HeartbeatResponse:
+        record = _own_record(self._m, request.member, context, "Heartbeat")
+        try:
+            epoch, members = view_from_proto(request.view)
+        except ValueError as exc:
+            _invalid(context, f"Heartbeat: {exc}")
+        self._m.heard_from(record)
+        self._m.merge(epoch, members)
+        return cluster_pb2.HeartbeatResponse(
+            header=_header(self._m), member=member_to_proto(self._m.local), view=self._view()
+        )
+
+    def Watch(
+        self, request: cluster_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[cluster_pb2.WatchResponse]:
+        # Each watch holds a server thread for its lifetime, hence the cap.
+        if not self._watch_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many watchers on this node; watch another member")
+        keepalive_ms = int(self._keepalive_s * 1000)
+        try:
+            sent = request.start_epoch
+            while context.is_active() and not self._m.closed:
+                epoch, members = self._m.view()
+                if epoch != sent or sent == 0:
+                    yield cluster_pb2.WatchResponse(
+                        header=_header(self._m), view=view_to_proto(epoch, members), keepalive_ms=keepalive_ms
+                    )
+                    sent = epoch
+                else:
+                    yield cluster_pb2.WatchResponse(header=_header(self._m), keepalive_ms=keepalive_ms)
+                self._m.wait_changed(epoch, self._keepalive_s)
+        finally:
+            self._watch_slots.release()
+
+
+class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
+    def __init__(
+        self, membership: Membership, status: Callable[[], maintenance_pb2.StatusResponse], peers: Peers
+    ) -> None:
+        self._m = membership
+        self._status = status
+        self._peers = peers
+
+    def Status(
+        self, request: maintenance_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> maintenance_pb2.StatusResponse:
+        return self._status()
+
+    def ClusterStats(
+        self, request: maintenance_pb2.ClusterStatsRequest, context: grpc.ServicerContext
+    ) -> maintenance_pb2.ClusterStatsResponse:
+        remaining = context.time_remaining()
+        timeout = min(2.0, max(0.1, remaining - 0.1)) if remaining is not None else 2.0
+        own = self._status()
+        nodes: list[maintenance_pb2.NodeStatus] = []
+        asked = []
+        for m in self._m.peers():
+            if m.state in (State.ALIVE, State.SUSPECT):
+                asked.append((m, self._peers.status(m.control_endpoint, timeout)))
+            else:
+                nodes.append(
+                    maintenance_pb2.NodeStatus(
+                        node_id=m.node_id, state=state_to_proto(m.state), error=f"member is {m.state}"
+                    )
+                )
+        nodes.append(maintenance_pb2.NodeStatus(node_id=self._m.node_id, state=own.member.state, stats=own.stats))
+        for m, future in asked:
+            try:
+                reply = future.result()
+                nodes.append(
+                    maintenance_pb2.NodeStatus(node_id=m.node_id, state=state_to_proto(m.state), stats=reply.stats)
+                )
+            except grpc.RpcError as exc:
+                detail = describe_rpc_error(exc)
+                nodes.append(maintenance_pb2.NodeStatus(node_id=m.node_id, state=state_to_proto(m.state), error=detail))
+        nodes.sort(key=lambda n: n.node_id)
+        up = sum(n.state == member_pb2.MEMBER_STATE_ALIVE for n in nodes)
+        return maintenance_pb2.ClusterStatsResponse(
+            header=_header(self._m),
+            nodes=nodes,
+            total=total(n.stats for n in nodes if n.HasField("stats")),
+            members_up=up,
+            members_down=len(nodes) - up,
+        )
+
+
+class SessionService(session_pb2_grpc.SessionServicer):
+    def __init__(self, membership: Membership, key: bytes | None) -> None:
+        self._m = membership
+        self._key = key
+
+    def Hello(self, request: session_pb2.HelloRequest, context: grpc.ServicerContext) -> session_pb2.HelloResponse:
+        if request.protocol_version != VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"client speaks memkv protocol v{request.protocol_version}, this node speaks v{VERSION}",
+            )
+        if len(request.client_nonce) > _MAX_NONCE:
+            _invalid(context, f"Hello: client_nonce over {_MAX_NONCE} bytes")
+        me = self._m.local
+        offered = list(request.transports) or ["tcp"]
+        chosen = next((t for t in offered if t in me.transports), None)
+        if chosen is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no common transport: client offers {offered}, node {me.node_id} has {list(me.transports)}",
+            )
+        proof = auth.session_proof(self._key, request.client_nonce) if self._key is not None else b""
+        return session_pb2.HelloResponse(
+            header=_header(self._m),
+            protocol_version=VERSION,
+            transport=chosen,
+            data_endpoint=me.data_endpoint,
+            server_proof=proof,
+        )

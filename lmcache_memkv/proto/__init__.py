@@ -1,0 +1,1 @@
+"""The gRPC contract: modules generated from proto/memkv/v1 (see generate.py)."""
