@@ -20,6 +20,8 @@ os.environ.setdefault("LMCACHE_DISABLE_BANNER", "1")
 
 # Fuzzing budget: enough examples to find framing bugs, small enough for a 2-core CI box.
 settings.register_profile("memkv", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# HYPOTHESIS_PROFILE=fuzz: a long run of the codec fuzzers before changing the wire format.
+settings.register_profile("fuzz", max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "memkv"))
 
 @pytest.fixture

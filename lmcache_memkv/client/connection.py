@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -12,11 +13,12 @@ from lmcache_memkv.transport.tcp import Buffer, PeerClosed, drain, recv_exact, r
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
 from lmcache_memkv.wire.limits import Limits
-from lmcache_memkv.wire.messages import GetRequest, GetResponse, Message, decode
+from lmcache_memkv.wire.messages import ErrorFrame, GetRequest, GetResponse, Message, decode
 from lmcache_memkv.wire.state import ClientProtocol
 
 # The client accepts whatever a node may send; the node enforces the tighter limits.
 _CLIENT_LIMITS = Limits(max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20)
+_ERROR_GRACE_S = 0.5  # after a failed send: how long we wait for the node's error frame explaining it
 
 
 class Connection:
@@ -53,6 +55,15 @@ class Connection:
         except OSError:
             pass
 
+    def is_stale(self) -> bool:
+        """True if an idle connection has input: EOF or an unsolicited error frame (e.g. shutdown)."""
+        try:
+            p = select.poll()
+            p.register(self.sock, select.POLLIN)
+            return bool(p.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def _read_frame(self, deadline: float) -> tuple[Header, Message]:
         try:
             header = decode_header(recv_exact(self.sock, HEADER_LEN, deadline), _CLIENT_LIMITS)
@@ -61,11 +72,24 @@ class Connection:
         except PeerClosed as exc:
             raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None
 
+    def _send(self, views: Sequence[Buffer], deadline: float) -> None:
+        """Send a request; if the node hung up mid-send, raise its error frame's reason instead."""
+        try:
+            send_views(self.sock, views, deadline)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            try:
+                header, msg = self._read_frame(min(deadline, time.monotonic() + _ERROR_GRACE_S))
+            except (OSError, ProtocolError):
+                raise exc from None
+            if isinstance(msg, ErrorFrame):
+                self.proto.on_response(header, msg)  # raises ServerError naming the node and its reason
+            raise
+
     def call(self, msg: Message, deadline: float, payload: Sequence[Buffer] = ()) -> Message:
         """Send one request (plus value bytes) and read its response (without payload)."""
         _rid, head = self.proto.request(msg)
         try:
-            send_views(self.sock, [head, *payload], deadline)
+            self._send([head, *payload], deadline)
             header, reply = self._read_frame(deadline)
             if header.payload_len:
                 raise ProtocolError(f"memkv node {self.endpoint}: unexpected payload on {header.base_op.name}")
@@ -78,21 +102,22 @@ class Connection:
         """GET ``keys`` straight into ``views``; per key the value length, or None on a miss."""
         _rid, head = self.proto.request(GetRequest(keys=keys, capacities=[v.nbytes for v in views]))
         try:
-            send_views(self.sock, [head], deadline)
+            self._send([head], deadline)
             header, reply = self._read_frame(deadline)
             reply = self.proto.on_response(header, reply)
-            assert isinstance(reply, GetResponse)
-            if len(reply.statuses) != len(keys):
-                raise ProtocolError(f"memkv node {self.endpoint}: GET answered {len(reply.statuses)} of {len(keys)} keys")
+            if not isinstance(reply, GetResponse) or len(reply.statuses) != len(keys):
+                raise ProtocolError(f"memkv node {self.endpoint}: GET of {len(keys)} keys got a malformed answer")
             out: list[int | None] = []
-            for status, length, view in zip(reply.statuses, reply.lengths, views):
+            for status, length, view in zip(reply.statuses, reply.lengths, views, strict=True):
                 if status != Status.OK:
                     out.append(None)
                     continue
                 if length > view.nbytes:  # the node broke its promise; do not overrun the buffer
                     drain(self.sock, length, memoryview(bytearray(1 << 16)), deadline)
-                    raise ProtocolError(f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer")
-                recv_into_exact(self.sock, view[:length], deadline)
+                    raise ProtocolError(
+                        f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
+                    )
+                recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
                 out.append(length)
             return out
         except PeerClosed as exc:

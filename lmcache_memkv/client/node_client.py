@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from lmcache_memkv.client.connection import Connection
-from lmcache_memkv.errors import ConnectError, MemKVError, MemKVTimeout, ProtocolError
+from lmcache_memkv.endpoints import parse_endpoint
+from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.transport.tcp import Buffer
-from lmcache_memkv.wire.constants import Status
+from lmcache_memkv.wire.constants import MAX_KEY_LEN, Status
 from lmcache_memkv.wire.messages import (
     DeleteRequest,
     DeleteResponse,
@@ -32,18 +33,29 @@ from lmcache_memkv.wire.messages import (
 )
 
 M = TypeVar("M", bound=Message)
+_MAX_TTL_MS = 0xFFFFFFFF  # the wire carries the lease TTL as u32 milliseconds
+
+
+def check_keys(keys: Sequence[bytes], what: str) -> None:
+    """Reject keys the node would drop the connection for, before anything is sent."""
+    for i, key in enumerate(keys):
+        if not isinstance(key, bytes | bytearray):
+            raise TypeError(f"{what}: key #{i} must be bytes, got {type(key).__name__}")
+        if not 0 < len(key) <= MAX_KEY_LEN:
+            raise ValueError(f"{what}: key #{i} is {len(key)} bytes; keys must be 1..{MAX_KEY_LEN} bytes")
 
 
 class NodeClient:
     """Batch operations against one node. Safe to share between threads.
 
     Every call is bounded by ``timeout_s`` (connect included); on any transport error the
-    connection is dropped, never reused, and the error names the node.
+    connection is dropped, never reused, and the error names the node and the operation.
     """
 
     def __init__(self, endpoint: str, key: bytes | None = None, timeout_s: float = 5.0, max_idle: int = 16) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        parse_endpoint(endpoint, field="node endpoint")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._key = key
@@ -52,43 +64,63 @@ class NodeClient:
         self._lock = threading.Lock()
         self._closed = False
 
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ pool
 
+    def _checkout(self) -> Connection | None:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.is_stale():  # the node may have closed it while it sat idle
+                    return conn
+                conn.close()
+        return None
+
+    def _checkin(self, conn: Connection) -> None:
+        if not conn.broken and not self._closed:
+            with self._lock:
+                if len(self._idle) < self._max_idle:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
     @contextmanager
-    def _conn(self, timeout_s: float | None) -> Iterator[tuple[Connection, float]]:
+    def _conn(self, what: str, timeout_s: float | None) -> Iterator[tuple[Connection, float]]:
         if self._closed:
             raise ConnectError(f"client for memkv node {self.endpoint} is closed")
         budget = self.timeout_s if timeout_s is None else timeout_s
+        if budget <= 0:
+            raise ValueError(f"timeout_s must be positive, got {budget}")
         deadline = time.monotonic() + budget
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = self._checkout()
         try:
             if conn is None:
                 conn = Connection(self.endpoint, self._key, budget)
             yield conn, deadline
-        except MemKVError:
-            raise
+        except MemKVTimeout as exc:
+            raise MemKVTimeout(f"memkv node {self.endpoint}: {what} timed out after {budget:.1f}s ({exc})") from None
+        except (AuthError, ServerError, ConnectError) as exc:
+            raise _where(exc, self.endpoint, what) from None
+        except ProtocolError as exc:
+            raise ProtocolError(_prefix(str(exc), self.endpoint, what), exc.code) from None
         except TimeoutError:
-            raise MemKVTimeout(f"memkv node {self.endpoint}: no answer within {budget:.1f}s") from None
+            raise MemKVTimeout(f"memkv node {self.endpoint}: {what} timed out after {budget:.1f}s") from None
         except OSError as exc:
-            raise ConnectError(f"memkv node {self.endpoint}: {exc.strerror or exc}") from None
+            raise ConnectError(f"memkv node {self.endpoint}: {what} failed: {exc.strerror or exc}") from None
         finally:
             if conn is not None:
-                if conn.broken or self._closed:
-                    conn.close()
-                else:
-                    with self._lock:
-                        if len(self._idle) < self._max_idle:
-                            self._idle.append(conn)
-                            conn = None
-                    if conn is not None:
-                        conn.close()
+                self._checkin(conn)
 
-    def _call(self, msg: Message, kind: type[M], timeout_s: float | None, payload: Sequence[Buffer] = ()) -> M:
-        with self._conn(timeout_s) as (conn, deadline):
+    def _call(self, msg: Message, kind: type[M], what: str, timeout_s: float | None, payload: Sequence[Buffer] = ()) -> M:
+        with self._conn(what, timeout_s) as (conn, deadline):
             reply = conn.call(msg, deadline, payload)
         if not isinstance(reply, kind):
-            raise ProtocolError(f"memkv node {self.endpoint}: unexpected {type(reply).__name__}")
+            raise ProtocolError(f"memkv node {self.endpoint}: {what}: unexpected {type(reply).__name__}")
         return reply
 
     def close(self) -> None:
@@ -104,47 +136,64 @@ class NodeClient:
         """Store ``values`` under ``keys`` (overwrite is idempotent); a status per key."""
         if len(keys) != len(values):
             raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
-        views = [memoryview(v).cast("B") for v in values]
-        reply = self._call(PutRequest(keys=keys, sizes=[v.nbytes for v in views]), PutResponse, timeout_s, views)
+        check_keys(keys, "put")
+        views = [memoryview(v).cast("B") for v in values]  # views, not copies: sendmsg gathers them
+        what = f"PUT of {len(keys)} keys"
+        reply = self._call(PutRequest(keys=keys, sizes=[v.nbytes for v in views]), PutResponse, what, timeout_s, views)
         return list(reply.statuses)
 
-    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None) -> list[int | None]:
+    def get_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None
+    ) -> list[int | None]:
         """Read each value straight into its buffer; per key the length read, or None on a miss.
 
         A value larger than its buffer is a miss (the node checks before sending).
         """
         if len(keys) != len(buffers):
             raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
+        check_keys(keys, "get_into")
         views = [memoryview(b).cast("B") for b in buffers]
-        for v in views:
+        for i, v in enumerate(views):
             if v.readonly:
-                raise ValueError("get_into needs writable buffers")
-        with self._conn(timeout_s) as (conn, deadline):
+                raise ValueError(f"get_into: buffer #{i} is read-only; pass writable buffers")
+        with self._conn(f"GET of {len(keys)} keys", timeout_s) as (conn, deadline):
             return conn.get_into(keys, views, deadline)
 
-    def exists(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> list[int | None]:
+    def exists(
+        self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None
+    ) -> list[int | None]:
         """Per key its value length, or None; with ``lease_ttl_s`` each found key is also leased."""
-        ttl_ms = int(round(lease_ttl_s * 1000))
+        check_keys(keys, "exists")
+        ttl_ms = round(lease_ttl_s * 1000)
         if lease_ttl_s > 0 and ttl_ms == 0:
-            ttl_ms = 1
-        reply = self._call(ExistsRequest(keys=keys, lease_ttl_ms=ttl_ms), ExistsResponse, timeout_s)
-        return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths)]
+            ttl_ms = 1  # a tiny TTL still means "lease", not "no lease"
+        if not 0 <= ttl_ms <= _MAX_TTL_MS:
+            raise ValueError(f"exists: lease_ttl_s must be in 0..{_MAX_TTL_MS / 1000:.0f}, got {lease_ttl_s}")
+        what = f"EXISTS of {len(keys)} keys"
+        reply = self._call(ExistsRequest(keys=keys, lease_ttl_ms=ttl_ms), ExistsResponse, what, timeout_s)
+        return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
 
     def release(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
         """Release one lease per key; False where the key held none (or expired)."""
-        reply = self._call(ReleaseRequest(keys=keys), ReleaseResponse, timeout_s)
+        check_keys(keys, "release")
+        reply = self._call(ReleaseRequest(keys=keys), ReleaseResponse, f"RELEASE of {len(keys)} keys", timeout_s)
         return [s == Status.OK for s in reply.statuses]
 
     def delete(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
-        reply = self._call(DeleteRequest(keys=keys), DeleteResponse, timeout_s)
+        """Delete each key (leased or not); False where it was not there."""
+        check_keys(keys, "delete")
+        reply = self._call(DeleteRequest(keys=keys), DeleteResponse, f"DELETE of {len(keys)} keys", timeout_s)
         return [s == Status.OK for s in reply.statuses]
 
     def list_keys(
         self, prefix: bytes = b"", cursor: bytes = b"", limit: int = 1000, timeout_s: float | None = None
     ) -> tuple[list[tuple[bytes, int]], bytes]:
         """One page of ``(key, size)`` and the cursor for the next page (empty when done)."""
-        reply = self._call(ListRequest(prefix=prefix, cursor=cursor, limit=limit), ListResponse, timeout_s)
-        return list(zip(reply.keys, reply.sizes)), reply.next_cursor
+        if limit <= 0:
+            raise ValueError(f"list_keys: limit must be positive, got {limit}")
+        msg = ListRequest(prefix=prefix, cursor=cursor, limit=limit)
+        reply = self._call(msg, ListResponse, "LIST", timeout_s)
+        return list(zip(reply.keys, reply.sizes, strict=True)), reply.next_cursor
 
     def iter_keys(self, prefix: bytes = b"", page: int = 1000) -> Iterator[tuple[bytes, int]]:
         cursor = b""
@@ -157,11 +206,11 @@ class NodeClient:
     def ping(self, timeout_s: float | None = None) -> float:
         """Round-trip time in seconds."""
         started = time.perf_counter()
-        self._call(PingRequest(data=b"memkv"), PingResponse, timeout_s)
+        self._call(PingRequest(data=b"memkv"), PingResponse, "PING", timeout_s)
         return time.perf_counter() - started
 
     def stats(self, timeout_s: float | None = None) -> dict[str, int | str]:
-        reply = self._call(StatsRequest(), StatsResponse, timeout_s)
+        reply = self._call(StatsRequest(), StatsResponse, "STATS", timeout_s)
         try:
             body = json.loads(reply.body)
         except ValueError:
@@ -169,3 +218,21 @@ class NodeClient:
         if not isinstance(body, dict):
             raise ProtocolError(f"memkv node {self.endpoint}: STATS body is not an object")
         return body
+
+
+def _prefix(message: str, endpoint: str, what: str) -> str:
+    """Name the node and the operation, without repeating the node if the message has it."""
+    tag = f"memkv node {endpoint}"
+    if message.startswith(tag):
+        return f"{tag}: {what}: {message[len(tag) :].lstrip(': ')}"
+    return f"{tag}: {what}: {message}"
+
+
+def _where(exc: AuthError | ServerError | ConnectError, endpoint: str, what: str) -> MemKVError:
+    message = str(exc)
+    if endpoint in message and what in message:
+        return exc
+    message = f"{message} (during {what})" if endpoint in message else _prefix(message, endpoint, what)
+    if isinstance(exc, ServerError):
+        return ServerError(message, exc.code)
+    return type(exc)(message)

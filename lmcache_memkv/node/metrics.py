@@ -51,22 +51,27 @@ class _StoreCollector(Collector):
 
 class NodeMetrics:
     def __init__(self, node_id: str, snapshot: Callable[[], dict[str, int]]) -> None:
-        self.registry = CollectorRegistry()
-        labels = ["node", "op", "outcome"]
-        self.ops = Counter("memkv_node_ops", "Requests served, by opcode and outcome.", labels, registry=self.registry)
-        self.items = Counter("memkv_node_items", "Keys handled inside batches, by opcode.", ["node", "op"], registry=self.registry)
-        self.bytes_in = Counter("memkv_node_received_bytes", "Value bytes received (PUT).", ["node"], registry=self.registry)
-        self.bytes_out = Counter("memkv_node_sent_bytes", "Value bytes sent (GET).", ["node"], registry=self.registry)
+        self.registry = r = CollectorRegistry()
+        node = ["node"]
+        self.ops = Counter(
+            "memkv_node_ops", "Requests served, by opcode and outcome.", [*node, "op", "outcome"], registry=r
+        )
+        self.items = Counter("memkv_node_items", "Keys handled inside batches, by opcode.", [*node, "op"], registry=r)
+        self.bytes_in = Counter("memkv_node_received_bytes", "Value bytes received (PUT).", node, registry=r)
+        self.bytes_out = Counter("memkv_node_sent_bytes", "Value bytes sent (GET).", node, registry=r)
         self.latency = Histogram(
-            "memkv_node_request_seconds", "Time to serve a request.", ["node", "op"], buckets=_LATENCY_BUCKETS, registry=self.registry
+            "memkv_node_request_seconds", "Time to serve a request.", [*node, "op"], buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.connections = Gauge("memkv_node_connections", "Open client connections.", ["node"], registry=self.registry)
-        self.accepted = Counter("memkv_node_connections_accepted", "Connections accepted.", ["node"], registry=self.registry)
-        self.auth_failures = Counter("memkv_node_auth_failures", "Connections that failed authentication.", ["node"], registry=self.registry)
+        self.connections = Gauge("memkv_node_connections", "Open client connections.", node, registry=r)
+        self.accepted = Counter("memkv_node_connections_accepted", "Connections accepted.", node, registry=r)
+        self.auth_failures = Counter(
+            "memkv_node_auth_failures", "Connections that failed authentication.", node, registry=r
+        )
         self.protocol_errors = Counter(
-            "memkv_node_protocol_errors", "Connections closed for bad input, by reason.", ["node", "reason"], registry=self.registry
+            "memkv_node_protocol_errors", "Connections closed for bad input, by reason.", [*node, "reason"], registry=r
         )
-        self.registry.register(_StoreCollector(node_id, snapshot))
+        r.register(_StoreCollector(node_id, snapshot))
         self.node_id = node_id
 
     def serve(self, listen: str) -> tuple[str, int]:

@@ -12,10 +12,18 @@ import time
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
 from lmcache_memkv.node.arena import Arena
-from lmcache_memkv.node.config import NodeConfig
+from lmcache_memkv.node.config import NodeConfig, default_node_id
 from lmcache_memkv.node.metrics import NodeMetrics
 from lmcache_memkv.node.store import Extent, Store
-from lmcache_memkv.transport.tcp import PeerClosed, drain, recv_exact, recv_into_exact, send_views, tune
+from lmcache_memkv.transport.tcp import (
+    PeerClosed,
+    drain,
+    linger_close,
+    recv_exact,
+    recv_into_exact,
+    send_views,
+    tune,
+)
 from lmcache_memkv.wire.constants import ErrorCode, Op, Status
 from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
 from lmcache_memkv.wire.messages import (
@@ -43,7 +51,9 @@ from lmcache_memkv.wire.state import ServerProtocol
 
 log = logging.getLogger("memkv.node")
 _POLL_MS = 200  # how often an idle connection checks for shutdown
-_SCRATCH = 1 << 20
+_SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
+_LINGER_S = 1.0  # after an error frame: how long we keep reading so the peer gets to see it
+_LINGER_BYTES = 16 << 20
 
 
 class NodeServer:
@@ -56,7 +66,8 @@ class NodeServer:
         self._accept_thread: threading.Thread | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conns_lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # draining: connections finish what has arrived, then close
+        self._accept_closed = threading.Event()
         self.started_at = time.time()
         self.address: tuple[str, int] = ("", 0)
         self.metrics_address: tuple[str, int] | None = None
@@ -78,6 +89,11 @@ class NodeServer:
         sock.settimeout(_POLL_MS / 1000)
         self._listener = sock
         self.address = sock.getsockname()[:2]
+        if self.config.node_id_auto and port == 0:
+            # The id names the port; with an ephemeral port only now do we know it.
+            self.config.node_id = default_node_id(self.address[1])
+            self._m_node = self.config.node_id
+            self.metrics = NodeMetrics(self.config.node_id, self.stats)
         if self.config.metrics_listen:
             self.metrics_address = self.metrics.serve(self.config.metrics_listen)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="memkv-accept", daemon=True)
@@ -88,13 +104,28 @@ class NodeServer:
     def endpoint(self) -> str:
         return format_endpoint(*self.address)
 
+    def stop_accepting(self) -> None:
+        """Refuse new connections at once; open ones are served as usual. Idempotent.
+
+        Call this first on SIGTERM, before slower shutdown work (leaving the cluster), so
+        clients are not accepted by a node that is going away.
+        """
+        self._accept_closed.set()
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
+            except OSError:
+                pass
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join()
+        if listener is not None:
+            listener.close()
+
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop accepting, let in-flight requests finish; True if every connection drained in time."""
         self._stopping.set()
-        if self._accept_thread is not None:
-            self._accept_thread.join()
-        if self._listener is not None:
-            self._listener.close()
+        self.stop_accepting()
         deadline = time.monotonic() + (self.config.drain_timeout_s if grace_s is None else grace_s)
         with self._conns_lock:
             threads = list(self._conns.values())
@@ -116,16 +147,19 @@ class NodeServer:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
-        while not self._stopping.is_set():
+        while not self._accept_closed.is_set():
             try:
                 sock, _addr = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
-                if self._stopping.is_set():
+                if self._accept_closed.is_set():
                     return
                 time.sleep(0.05)  # e.g. EMFILE: back off rather than spin
                 continue
+            if self._accept_closed.is_set():  # raced with stop_accepting
+                sock.close()
+                return
             tune(sock)
             t = threading.Thread(target=self._serve_conn, args=(sock,), name="memkv-conn", daemon=True)
             with self._conns_lock:
@@ -139,17 +173,22 @@ class NodeServer:
         node = self._m_node
         self.metrics.connections.labels(node).inc()
         proto = ServerProtocol(self.config.node_id, self.config.auth_key)
-        scratch = memoryview(bytearray(_SCRATCH))
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         request_id = 0
+        failed = False  # an error frame went out: close with a bounded linger so the peer can read it
         try:
             send_views(sock, [proto.hello()], time.monotonic() + self.config.frame_timeout_s)
             authed = False
             idle_since = time.monotonic()
             while True:
-                if not poller.poll(_POLL_MS):
-                    if self._stopping.is_set():
+                stopping = self._stopping.is_set()
+                # Draining: serve what has already arrived (pipelined requests are in flight
+                # too), then say why we hang up.
+                if not poller.poll(0 if stopping else _POLL_MS):
+                    if stopping:
+                        if authed:
+                            self._send_error(sock, 0, ErrorCode.SHUTTING_DOWN, "node is shutting down")
                         return
                     idle = self.config.idle_timeout_s
                     if idle and time.monotonic() - idle_since > idle:
@@ -157,6 +196,7 @@ class NodeServer:
                     if not authed and time.monotonic() - idle_since > self.config.frame_timeout_s:
                         raise ProtocolError("no AUTH within the frame timeout", ErrorCode.TIMEOUT)
                     continue
+                # From a frame's first byte, the whole frame must arrive within the frame timeout.
                 deadline = time.monotonic() + self.config.frame_timeout_s
                 head = recv_exact(sock, HEADER_LEN, deadline)
                 header = decode_header(head, self.config.limits)
@@ -165,23 +205,23 @@ class NodeServer:
                     meta = recv_exact(sock, header.meta_len, deadline)
                     try:
                         reply = proto.on_auth(header, decode(header, meta, self.config.limits))
-                    except ProtocolError:
+                    except ProtocolError as exc:
                         self.metrics.auth_failures.labels(node).inc()
-                        log.warning("auth failure from %s", _peer(sock))
+                        log.warning("auth failure from %s: %s", _peer(sock), exc)
                         raise
                     send_views(sock, [reply], deadline)
                     authed = True
                 else:
                     proto.check_request(header)
-                    self._serve_request(sock, header, deadline, scratch)
-                    if self._stopping.is_set():
-                        return  # draining: this request is answered, take no new ones
+                    self._serve_request(sock, header, deadline)
                 idle_since = time.monotonic()
         except ProtocolError as exc:
-            self.metrics.protocol_errors.labels(node, ErrorCode(exc.code).name.lower()).inc()
+            failed = True
+            self.metrics.protocol_errors.labels(node, _reason(exc.code)).inc()
             log.info("closing connection from %s: %s", _peer(sock), exc)
             self._send_error(sock, request_id, exc.code, str(exc))
         except MemKVTimeout as exc:
+            failed = True
             self.metrics.protocol_errors.labels(node, "timeout").inc()
             log.info("closing connection from %s: %s", _peer(sock), exc)
             self._send_error(sock, request_id, ErrorCode.TIMEOUT, f"frame not completed in time: {exc}")
@@ -190,14 +230,19 @@ class NodeServer:
         except OSError as exc:
             log.info("connection from %s failed: %s", _peer(sock), exc)
         except Exception:  # never let one connection take the node down
+            failed = True
             log.exception("internal error serving %s", _peer(sock))
             self._send_error(sock, request_id, ErrorCode.INTERNAL, "internal error")
         finally:
             proto.close()
-            self.metrics.connections.labels(node).dec()
+            poller.unregister(sock)
+            if failed:
+                linger_close(sock, _LINGER_S, _LINGER_BYTES)
+            else:
+                sock.close()
             with self._conns_lock:
                 self._conns.pop(sock, None)
-            sock.close()
+            self.metrics.connections.labels(node).dec()
 
     def _send_error(self, sock: socket.socket, request_id: int, code: int, message: str) -> None:
         try:
@@ -205,7 +250,7 @@ class NodeServer:
         except (OSError, MemKVTimeout):
             pass
 
-    def _serve_request(self, sock: socket.socket, header: Header, deadline: float, scratch: memoryview) -> None:
+    def _serve_request(self, sock: socket.socket, header: Header, deadline: float) -> None:
         started = time.perf_counter()
         meta = recv_exact(sock, header.meta_len, deadline)
         msg = decode(header, meta, self.config.limits)
@@ -213,7 +258,7 @@ class NodeServer:
         rid = header.request_id
         outcome = "ok"
         if isinstance(msg, PutRequest):
-            outcome = self._put(sock, rid, msg, deadline, scratch)
+            outcome = self._put(sock, rid, msg, deadline)
         elif isinstance(msg, GetRequest):
             outcome = self._get(sock, rid, msg, deadline)
         else:
@@ -223,16 +268,19 @@ class NodeServer:
         self.metrics.ops.labels(*labels, outcome).inc()
         self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
-    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float, scratch: memoryview) -> str:
+    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float) -> str:
         reserved: list[Extent | Status] = []
         try:
             for size in msg.sizes:
                 reserved.append(self.store.reserve(size))
             view = self.arena.view
-            for size, slot in zip(msg.sizes, reserved):
+            scratch: memoryview | None = None  # only a refused value needs it; most requests never do
+            for size, slot in zip(msg.sizes, reserved, strict=True):
                 if isinstance(slot, Extent):
                     recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)
                 else:
+                    if scratch is None:
+                        scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
                     drain(sock, size, scratch, deadline)
         except BaseException:
             for slot in reserved:
@@ -240,7 +288,7 @@ class NodeServer:
                     self.store.abort(slot)
             raise
         statuses: list[Status] = []
-        for key, slot in zip(msg.keys, reserved):
+        for key, slot in zip(msg.keys, reserved, strict=True):
             if isinstance(slot, Extent):
                 self.store.publish(key, slot)
                 statuses.append(Status.OK)
@@ -256,7 +304,7 @@ class NodeServer:
         statuses: list[Status] = []
         lengths: list[int] = []
         try:
-            for key, cap in zip(msg.keys, msg.capacities):
+            for key, cap in zip(msg.keys, msg.capacities, strict=True):
                 status, ext = self.store.pin(key, cap)
                 statuses.append(status)
                 lengths.append(ext.length if ext else 0)
@@ -264,6 +312,7 @@ class NodeServer:
                     pinned.append(ext)
             view = self.arena.view
             head = encode(GetResponse(statuses=statuses, lengths=lengths), rid)
+            # Pinned extents stay put until unpinned, so an overwrite cannot tear what we send.
             send_views(sock, [head, *(view[e.offset : e.offset + e.length] for e in pinned)], deadline)
         finally:
             if pinned:
@@ -290,6 +339,13 @@ class NodeServer:
             body = dict(self.stats(), node_id=self.config.node_id, uptime_s=int(time.time() - self.started_at))
             return StatsResponse(body=json.dumps(body).encode())
         raise ProtocolError(f"opcode {msg.op.name} is not a request", ErrorCode.UNKNOWN_OP)
+
+
+def _reason(code: int) -> str:
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return "other"
 
 
 def _peer(sock: socket.socket) -> str:

@@ -121,6 +121,7 @@ class Store:
                     out.append((Status.MISS, 0))
                     continue
                 if lease_ttl_s > 0:
+                    self._live_leases(key, entry, now)  # prune first: the list must not grow with dead leases
                     entry.leases.append(now + lease_ttl_s)
                     self._leased.add(key)
                     self.counters.leases_granted += 1

@@ -29,11 +29,19 @@ class Header:
 
     @property
     def base_op(self) -> Op:
-        return Op(self.op & ~RESPONSE_BIT)
+        return base_opcode(self.op)
 
     @property
     def is_response(self) -> bool:
         return bool(self.op & RESPONSE_BIT)
+
+
+def base_opcode(op: int) -> Op:
+    """The opcode without the response bit; anything unknown is a ProtocolError, never a ValueError."""
+    try:
+        return Op(op & ~RESPONSE_BIT)
+    except ValueError:
+        raise ProtocolError(f"unknown opcode 0x{op:02x}", ErrorCode.UNKNOWN_OP) from None
 
 
 def encode_header(header: Header) -> bytes:
@@ -48,20 +56,20 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits) -> Heade
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a MemKV peer?)", ErrorCode.BAD_FRAME)
     if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})", ErrorCode.BAD_VERSION)
-    base = op & ~RESPONSE_BIT
-    try:
-        base_op = Op(base)
-    except ValueError:
-        raise ProtocolError(f"unknown opcode 0x{op:02x}", ErrorCode.UNKNOWN_OP) from None
-    if op & RESPONSE_BIT and base_op not in REQUEST_OPS:
+        raise ProtocolError(
+            f"unsupported protocol version {version} (this side speaks {VERSION})", ErrorCode.BAD_VERSION
+        )
+    bop = base_opcode(op)
+    if op & RESPONSE_BIT and bop not in REQUEST_OPS:
         raise ProtocolError(f"unknown opcode 0x{op:02x}", ErrorCode.UNKNOWN_OP)
     if meta_len > limits.max_meta_len:
-        raise ProtocolError(f"frame meta of {meta_len} bytes exceeds the limit of {limits.max_meta_len}", ErrorCode.LIMIT)
+        raise ProtocolError(
+            f"frame meta of {meta_len} bytes exceeds the limit of {limits.max_meta_len}", ErrorCode.LIMIT
+        )
     if payload_len > limits.max_payload_len:
         raise ProtocolError(
             f"frame payload of {payload_len} bytes exceeds the limit of {limits.max_payload_len}", ErrorCode.LIMIT
         )
-    if payload_len and base_op not in (Op.PUT, Op.GET):
-        raise ProtocolError(f"opcode {base_op.name} carries no payload, got {payload_len} bytes", ErrorCode.BAD_FRAME)
+    if payload_len and bop not in (Op.PUT, Op.GET):
+        raise ProtocolError(f"opcode {bop.name} carries no payload, got {payload_len} bytes", ErrorCode.BAD_FRAME)
     return Header(op=op, request_id=request_id, meta_len=meta_len, payload_len=payload_len)

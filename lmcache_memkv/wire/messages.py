@@ -16,6 +16,7 @@ _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
+_MAX_ERROR_MESSAGE = 4096
 
 
 class _Reader:
@@ -50,6 +51,9 @@ class _Reader:
 
     def raw(self, n: int) -> bytes:
         return bytes(self._take(n))
+
+    def rest(self) -> bytes:
+        return self.raw(len(self._data) - self._pos)
 
     def key(self, limits: Limits) -> bytes:
         n = self.u16()
@@ -94,6 +98,8 @@ class _Writer:
         self.buf += _U64.pack(v)
 
     def blob16(self, b: bytes) -> None:
+        if len(b) > 0xFFFF:  # say what is wrong instead of struct.error
+            raise ValueError(f"a key or string of {len(b)} bytes does not fit the wire's 16-bit length")
         self.u16(len(b))
         self.buf += b
 
@@ -231,7 +237,7 @@ class GetResponse(SizedResponse):
     op: ClassVar[Op] = Op.GET
 
     def payload_len(self) -> int:
-        return sum(n for s, n in zip(self.statuses, self.lengths) if s == Status.OK)
+        return sum(n for s, n in zip(self.statuses, self.lengths, strict=True) if s == Status.OK)
 
 
 @dataclass(frozen=True)
@@ -295,14 +301,14 @@ def _encode_meta(msg: Message) -> bytes:
         if len(msg.keys) != len(msg.sizes):
             raise ValueError("keys and sizes differ in length")
         w.u32(len(msg.keys))
-        for k, n in zip(msg.keys, msg.sizes):
+        for k, n in zip(msg.keys, msg.sizes, strict=True):
             w.blob16(k)
             w.u64(n)
     elif isinstance(msg, GetRequest):
         if len(msg.keys) != len(msg.capacities):
             raise ValueError("keys and capacities differ in length")
         w.u32(len(msg.keys))
-        for k, n in zip(msg.keys, msg.capacities):
+        for k, n in zip(msg.keys, msg.capacities, strict=True):
             w.blob16(k)
             w.u64(n)
     elif isinstance(msg, ExistsRequest):
@@ -324,7 +330,7 @@ def _encode_meta(msg: Message) -> bytes:
         if len(msg.statuses) != len(msg.lengths):
             raise ValueError("statuses and lengths differ in length")
         w.u32(len(msg.statuses))
-        for s, n in zip(msg.statuses, msg.lengths):
+        for s, n in zip(msg.statuses, msg.lengths, strict=True):
             w.u8(s)
             w.u64(n)
     elif isinstance(msg, ListResponse):
@@ -337,7 +343,8 @@ def _encode_meta(msg: Message) -> bytes:
         w.buf += msg.body
     elif isinstance(msg, ErrorFrame):
         w.u16(msg.code)
-        w.blob16(msg.message.encode()[:4096])
+        # Cut at a character boundary so the peer decodes what we meant, not U+FFFD.
+        w.blob16(msg.message.encode()[:_MAX_ERROR_MESSAGE].decode("utf-8", "ignore").encode())
     else:  # pragma: no cover - every message type is listed above
         raise TypeError(f"cannot encode {type(msg).__name__}")
     return bytes(w.buf)
@@ -347,9 +354,12 @@ def encode(msg: Message, request_id: int) -> bytes:
     """Header plus meta for ``msg``; the payload (value bytes) is sent separately."""
     if not 0 <= request_id <= MAX_REQUEST_ID:
         raise ValueError(f"request id {request_id} out of range")
-    meta = _encode_meta(msg)
     op = msg.op | (RESPONSE_BIT if msg.response else 0)
-    return encode_header(Header(op=op, request_id=request_id, meta_len=len(meta), payload_len=msg.payload_len())) + meta
+    try:
+        meta = _encode_meta(msg)
+        return encode_header(Header(op, request_id, meta_len=len(meta), payload_len=msg.payload_len())) + meta
+    except struct.error as exc:  # a field out of its wire range: name the message, not the struct format
+        raise ValueError(f"cannot encode {type(msg).__name__}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- decode
@@ -359,13 +369,14 @@ def _decode_keys(r: _Reader, limits: Limits) -> list[bytes]:
     return [r.key(limits) for _ in range(r.count(limits))]
 
 
-def _sized(r: _Reader, limits: Limits) -> tuple[list[bytes], list[int]]:
+def _sized(r: _Reader, limits: Limits, *, bounded: bool = True) -> tuple[list[bytes], list[int]]:
+    """Keys with a u64 each; ``bounded``: each is a value size, so the value limit applies."""
     keys: list[bytes] = []
     sizes: list[int] = []
     for _ in range(r.count(limits)):
         keys.append(r.key(limits))
         size = r.u64()
-        if size > limits.max_value_len:
+        if bounded and size > limits.max_value_len:
             raise ProtocolError(f"value of {size} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
         sizes.append(size)
     return keys, sizes
@@ -378,7 +389,9 @@ def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
         keys, sizes = _sized(r, limits)
         return PutRequest(keys=keys, sizes=sizes)
     if op is Op.GET:
-        keys, caps = _sized(r, limits)
+        # A capacity is the size of the reader's buffer, an upper bound and not a value: a big
+        # buffer is fine (values over it are misses), so the value limit does not apply.
+        keys, caps = _sized(r, limits, bounded=False)
         return GetRequest(keys=keys, capacities=caps)
     if op is Op.EXISTS:
         ttl = r.u32()
@@ -437,7 +450,7 @@ def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
     if op is Op.PING:
         return PingResponse(data=r.raw(r.u16()))
     if op is Op.STATS:
-        return StatsResponse(body=r.raw(len(r._data) - r._pos))
+        return StatsResponse(body=r.rest())
     raise ProtocolError(f"opcode {op.name} has no response form", ErrorCode.UNKNOWN_OP)  # pragma: no cover
 
 

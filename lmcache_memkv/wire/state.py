@@ -71,6 +71,7 @@ class ClientProtocol:
         self.pending: dict[int, Op] = {}
         self.state = ConnState.HANDSHAKE
         self.node_id = ""
+        self._missing_key = False
 
     def on_hello(self, header: Header, msg: Message) -> bytes:
         if isinstance(msg, ErrorFrame):
@@ -78,13 +79,18 @@ class ClientProtocol:
         if not isinstance(msg, Hello) or header.is_response:
             raise ProtocolError(f"{self._where}: expected HELLO, got opcode 0x{header.op:02x}")
         self.node_id = msg.node_id
-        if msg.auth_required and self._key is None:
-            raise AuthError(f"{self._where} requires an auth key: set MEMKV_AUTH_KEY (64 hex characters)")
+        # Without a key we still answer (with an empty proof) so the node can log and count
+        # the refused client; on_auth_reply then raises AuthError.
+        self._missing_key = msg.auth_required and self._key is None
         proof = auth.data_proof(self._key, msg.nonce) if self._key is not None and msg.auth_required else b""
         return encode(Auth(proof=proof), 0)
 
     def on_auth_reply(self, header: Header, msg: Message) -> None:
+        if self._missing_key:
+            self.state = ConnState.CLOSED
+            raise AuthError(f"{self._where} requires an auth key: set MEMKV_AUTH_KEY (64 hex characters)")
         if isinstance(msg, ErrorFrame):
+            self.state = ConnState.CLOSED
             if msg.code in (ErrorCode.AUTH_FAILED, ErrorCode.AUTH_REQUIRED):
                 raise AuthError(f"{self._where} rejected our credentials: {msg.message}")
             raise ServerError(f"{self._where}: {msg.message}", msg.code)
@@ -97,9 +103,10 @@ class ClientProtocol:
         if self.state is not ConnState.READY:
             raise ProtocolError(f"{self._where}: connection is not ready ({self.state.value})")
         rid = self._next_id
+        frame = encode(msg, rid)  # first: a request that cannot be encoded leaves no pending entry behind
         self._next_id = 1 if rid >= MAX_REQUEST_ID else rid + 1
         self.pending[rid] = msg.op
-        return rid, encode(msg, rid)
+        return rid, frame
 
     def on_response(self, header: Header, msg: Message) -> Message:
         """Match a response to its pending request; an error frame raises ServerError."""

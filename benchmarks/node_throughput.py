@@ -1,0 +1,267 @@
+"""MemKV node data-plane throughput against raw loopback TCP, measured in one run.
+
+    .venv/bin/python benchmarks/node_throughput.py            # 1 MiB values, batches of 32
+
+Starts its own ``memkv node``, then measures four paths with the same bytes per round:
+
+- raw: a plain TCP socket pair between two processes (default socket options) pushing the
+  same bytes with ``sendall``/``recv_into``, value by value, from and into as many distinct
+  buffers as the client uses (one batch), in both directions;
+- PUT: ``NodeClient.put`` of batches into the node;
+- GET: ``NodeClient.get_into`` of the same batches into caller buffers.
+
+Rounds interleave the four paths (raw in, raw out, PUT, GET, raw in, ...), so a machine whose
+loopback speed drifts over seconds (shared VMs do) affects all of them alike. After a warm-up
+it prints the median GB/s (1e9 bytes/s) of each, PUT and GET as a fraction of raw in the same
+direction, and a table. It asserts nothing about speed (the smoke test only runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmcache_memkv.client import NodeClient
+from lmcache_memkv.sizes import format_size, parse_size
+
+# ----------------------------------------------------------------------------- raw loopback
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("raw peer closed")
+        got += n
+
+
+def _buffers(value_size: int, n: int) -> list[bytearray]:
+    return [bytearray(os.urandom(value_size)) for _ in range(n)]
+
+
+def _raw_peer(port: int, value_size: int, count: int, batch: int) -> None:
+    """The other process of the raw pair: sends on b"S", receives (then acks) on b"R"."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    src = _buffers(value_size, batch)
+    dst = [memoryview(b) for b in _buffers(value_size, batch)]
+    try:
+        while True:
+            cmd = sock.recv(1)
+            if cmd == b"S":
+                for i in range(count):
+                    sock.sendall(src[i % batch])
+            elif cmd == b"R":
+                for i in range(count):
+                    _recv_exactly(sock, dst[i % batch])
+                sock.sendall(b"A")
+            else:
+                return
+    finally:
+        sock.close()
+
+
+class RawPair:
+    """A plain TCP connection to a peer process; both ends use default socket options.
+
+    Each side cycles through ``batch`` distinct buffers, as the client does with its values
+    and destination buffers: one reused buffer would stay in the CPU cache and make "raw"
+    a measure of cache residency rather than of the socket path.
+    """
+
+    def __init__(self, value_size: int, count: int, batch: int) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        self.peer = mp.get_context("spawn").Process(
+            target=_raw_peer, args=(port, value_size, count, batch), daemon=True
+        )
+        self.peer.start()
+        listener.settimeout(30)
+        self.sock, _ = listener.accept()
+        listener.close()
+        self.sock.settimeout(None)
+        self.src = _buffers(value_size, batch)
+        self.dst = [memoryview(b) for b in _buffers(value_size, batch)]
+        self.batch = batch
+        self.count = count
+        self.total = value_size * count
+
+    def inbound(self) -> float:
+        """GB/s from the peer to us (the PUT direction)."""
+        started = time.perf_counter()
+        self.sock.sendall(b"S")
+        for i in range(self.count):
+            _recv_exactly(self.sock, self.dst[i % self.batch])
+        return self.total / (time.perf_counter() - started) / 1e9
+
+    def outbound(self) -> float:
+        """GB/s from us to the peer (the GET direction), until the peer has it all."""
+        started = time.perf_counter()
+        self.sock.sendall(b"R")
+        for i in range(self.count):
+            self.sock.sendall(self.src[i % self.batch])
+        if self.sock.recv(1) != b"A":
+            raise ConnectionError("raw peer did not acknowledge")
+        return self.total / (time.perf_counter() - started) / 1e9
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"Q")
+        finally:
+            self.sock.close()
+            self.peer.join(10)
+            if self.peer.is_alive():
+                self.peer.kill()
+
+
+# ----------------------------------------------------------------------------- node
+
+
+def _memkv_command() -> list[str]:
+    script = Path(sys.executable).with_name("memkv")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lmcache_memkv.cli.main"]
+
+
+def start_node(capacity: int) -> tuple[subprocess.Popen[bytes], str]:
+    env = {k: v for k, v in os.environ.items() if k != "MEMKV_AUTH_KEY"}
+    env.update(LMCACHE_TRACK_USAGE="false", LMCACHE_DISABLE_BANNER="1")
+    cmd = [*_memkv_command(), "node", "--listen", "127.0.0.1:0", "--capacity", str(capacity), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()  # the node prints exactly one line once ready
+    fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+    if " ready " not in line or "data" not in fields:
+        proc.kill()
+        raise RuntimeError(f"memkv node did not start (exit {proc.wait()}): {line!r}")
+    return proc, fields["data"]
+
+
+def stop_node(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+class NodeLoad:
+    """PUT and GET rounds of ``batches`` batches through one ``NodeClient``."""
+
+    def __init__(self, endpoint: str, value_size: int, batch: int, batches: int) -> None:
+        self.client = NodeClient(endpoint, timeout_s=120)
+        self.keys = [[f"bench/{b}/{i}".encode() for i in range(batch)] for b in range(batches)]
+        self.values = _buffers(value_size, batch)
+        self.dsts = [bytearray(value_size) for _ in range(batch)]
+        self.expect = [value_size] * batch
+        self.total = value_size * batch * batches
+
+    def put(self) -> float:
+        started = time.perf_counter()
+        for ks in self.keys:
+            statuses = self.client.put(ks, self.values)
+            if any(statuses):  # Status.OK is 0
+                raise RuntimeError(f"PUT failed: {statuses}")
+        return self.total / (time.perf_counter() - started) / 1e9
+
+    def get(self) -> float:
+        started = time.perf_counter()
+        for ks in self.keys:
+            lengths = self.client.get_into(ks, self.dsts)
+            if lengths != self.expect:
+                raise RuntimeError(f"GET missed values: {lengths}")
+        return self.total / (time.perf_counter() - started) / 1e9
+
+    def verify(self) -> None:
+        if self.dsts != self.values:
+            raise RuntimeError("GET returned different bytes than PUT stored")
+
+
+@dataclass
+class Rates:
+    raw_in: list[float] = field(default_factory=list)
+    raw_out: list[float] = field(default_factory=list)
+    put: list[float] = field(default_factory=list)
+    get: list[float] = field(default_factory=list)
+
+
+def measure(raw: RawPair, load: NodeLoad, rounds: int, warmup: int) -> Rates:
+    """Interleaved rounds: raw and node paths see the same machine, whatever else it is doing."""
+    rates = Rates()
+    for r in range(warmup + rounds):
+        sample = (raw.inbound(), raw.outbound(), load.put(), load.get())
+        if r == 0:
+            load.verify()  # byte-exact once, outside the timed rounds
+        if r >= warmup:
+            for series, value in zip((rates.raw_in, rates.raw_out, rates.put, rates.get), sample, strict=True):
+                series.append(value)
+    return rates
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _row(name: str, rates: list[float], raw: list[float] | None) -> str:
+    med = statistics.median(rates)
+    ratio = f"{med / statistics.median(raw):7.0%}" if raw else "      -"
+    return f"{name:<30} {med:8.2f} {min(rates):8.2f} {max(rates):8.2f} {ratio}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--value-size", default="1MiB", help="bytes per value (default 1MiB)")
+    p.add_argument("--batch", type=int, default=32, help="values per PUT/GET request (default 32)")
+    p.add_argument("--batches", type=int, default=8, help="batches per round (default 8)")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds; medians are reported (default 9)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    args = p.parse_args(argv)
+    value_size = parse_size(args.value_size)
+    if value_size <= 0 or args.batch <= 0 or args.batches <= 0 or args.rounds <= 0 or args.warmup < 0:
+        p.error("sizes and counts must be positive")
+    count = args.batch * args.batches
+    total = value_size * count
+    # Every key stays resident; an overwrite needs room for one more batch before the old one is freed.
+    capacity = max(total + 2 * value_size * args.batch + (64 << 20), 64 << 20)
+
+    proc, endpoint = start_node(capacity)
+    raw: RawPair | None = None
+    try:
+        raw = RawPair(value_size, count, args.batch)
+        rates = measure(raw, NodeLoad(endpoint, value_size, args.batch, args.batches), args.rounds, args.warmup)
+    finally:
+        if raw is not None:
+            raw.close()
+        stop_node(proc)
+
+    put, get = statistics.median(rates.put), statistics.median(rates.get)
+    raw_in, raw_out = statistics.median(rates.raw_in), statistics.median(rates.raw_out)
+    print(
+        f"memkv node throughput: loopback, {format_size(value_size)} values, batches of {args.batch}, "
+        f"{format_size(total)} per round and path, {args.rounds} interleaved rounds after {args.warmup} warm-up, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"put: {put:.2f} GB/s = {put / raw_in:.0%} of raw loopback ({raw_in:.2f} GB/s)")
+    print(f"get: {get:.2f} GB/s = {get / raw_out:.0%} of raw loopback ({raw_out:.2f} GB/s)")
+    print()
+    print(f"{'path':<30} {'median':>8} {'min':>8} {'max':>8} {'vs raw':>7}   (GB/s)")
+    print(_row("raw TCP, client -> server", rates.raw_in, None))
+    print(_row("raw TCP, server -> client", rates.raw_out, None))
+    print(_row("PUT  client -> node", rates.put, rates.raw_in))
+    print(_row("GET  node -> client", rates.get, rates.raw_out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

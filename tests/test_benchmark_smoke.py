@@ -1,0 +1,28 @@
+"""Keeps benchmarks/node_throughput.py from rotting: runs it tiny and checks its report's shape.
+
+It asserts nothing about speed: CI boxes are noisy, and the numbers belong in the README.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from nodeproc import node_env
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "node_throughput.py"
+
+
+def test_benchmark_runs_with_tiny_parameters() -> None:
+    args = ["--value-size", "64KiB", "--batch", "4", "--batches", "2", "--rounds", "2", "--warmup", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=node_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"^put: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
+    assert re.search(r"^get: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
+    for row in ("raw TCP, client -> server", "raw TCP, server -> client", "PUT  client -> node", "GET  node -> client"):
+        assert row in out

@@ -1,0 +1,135 @@
+"""Socket helpers over real socket pairs: gathered partial sends, exact reads, deadlines, lingering close."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lmcache_memkv.errors import MemKVTimeout
+from lmcache_memkv.transport import tcp
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    for s in (a, b):  # small buffers force partial sends
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _reader(sock: socket.socket, n: int, out: list[bytes]) -> threading.Thread:
+    def run() -> None:
+        buf = bytearray(n)
+        tcp.recv_into_exact(sock, memoryview(buf), time.monotonic() + 10)
+        out.append(bytes(buf))
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_send_views_resumes_partial_sends_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    parts: list[bytes | bytearray | memoryview] = [os.urandom(n) for n in (1, 0, 70_000, 3, 0, 250_000, 17)]
+    parts.append(memoryview(bytearray(os.urandom(4096))).cast("B", (64, 64)))  # 2-D buffers go out flat
+    expected = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    out: list[bytes] = []
+    t = _reader(b, len(expected), out)
+    tcp.send_views(a, parts, time.monotonic() + 10)
+    t.join(10)
+    assert out == [expected]
+
+
+def test_send_views_beyond_iov_max(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    parts = [bytes([i % 256]) * 7 for i in range(3000)]
+    out: list[bytes] = []
+    t = _reader(b, 7 * 3000, out)
+    tcp.send_views(a, parts, None)
+    t.join(10)
+    assert out == [b"".join(parts)]
+
+
+def test_recv_into_exact_times_out_and_reports_progress(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(b"abc")
+    started = time.monotonic()
+    with pytest.raises(MemKVTimeout, match="after receiving 3 of 10 bytes"):
+        tcp.recv_into_exact(b, memoryview(bytearray(10)), time.monotonic() + 0.2)
+    assert time.monotonic() - started < 2
+    with pytest.raises(MemKVTimeout, match="deadline passed"):
+        tcp.recv_into_exact(b, memoryview(bytearray(1)), time.monotonic() - 1)
+
+
+def test_recv_reports_peer_close(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(b"xy")
+    a.close()
+    with pytest.raises(tcp.PeerClosed, match="after 2 of 5 bytes"):
+        tcp.recv_exact(b, 5, None)
+
+
+def test_send_times_out_against_a_stalled_reader(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _b = pair
+    with pytest.raises(MemKVTimeout, match="sending"):
+        tcp.send_views(a, [bytes(1 << 22)], time.monotonic() + 0.2)
+
+
+def test_drain_discards_exactly(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    t = threading.Thread(target=a.sendall, args=(b"x" * 10_000 + b"tail",))
+    t.start()
+    tcp.drain(b, 10_000, memoryview(bytearray(333)), time.monotonic() + 5)
+    assert tcp.recv_exact(b, 4, time.monotonic() + 5) == b"tail"
+    t.join(5)
+
+
+def test_linger_close_lets_the_peer_read_what_was_sent_last() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        client.sendall(b"u" * 100_000)  # unread input: a plain close() would answer with RST
+        server.sendall(b"error frame")
+        t = threading.Thread(target=tcp.linger_close, args=(server, 2.0, 1 << 20))
+        t.start()
+        client.shutdown(socket.SHUT_WR)
+        assert tcp.recv_exact(client, 11, time.monotonic() + 5) == b"error frame"
+        assert client.recv(1) == b""
+        t.join(5)
+        assert server.fileno() == -1
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_linger_close_is_bounded_by_time() -> None:
+    a, b = socket.socketpair()
+    try:
+        started = time.monotonic()
+        tcp.linger_close(a, 0.2, 1 << 20)  # the peer neither sends nor closes
+        assert time.monotonic() - started < 2
+        assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+def test_tune_sets_nodelay() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    s = socket.create_connection(listener.getsockname())
+    try:
+        tcp.tune(s)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        s.close()
+        listener.close()
