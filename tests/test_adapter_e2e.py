@@ -131,6 +131,7 @@ def test_dead_node_means_misses_within_the_timeout_and_a_restarted_node_is_used_
         assert sidecar.metric(L2_STORED_CHUNKS) == 32
 
         # Load-heavy phase: read the requests back one by one; the node dies after the second.
+        epoch_before = sidecar.metric("memkv_l2_view_epoch")
         verified = misses = 0
         for i, spec in enumerate(stored.requests):
             if i == 2:
@@ -147,11 +148,14 @@ def test_dead_node_means_misses_within_the_timeout_and_a_restarted_node_is_used_
         assert misses > 0  # chunks only the dead node held are misses now
         assert sidecar.status()  # the admin port still answers
 
-        # Same endpoints, empty arena: once the adapter's view has it again, it is used again.
+        # Same endpoints, empty arena, higher incarnation: once the adapter's view has the new
+        # life (the epoch moves), it is used again.
         reborn = node_factory(capacity="256MiB", args=fixed)
         deadline = time.monotonic() + 30
-        while sidecar.metric("memkv_l2_members", state="ALIVE") < 1 and time.monotonic() < deadline:
+        while sidecar.metric("memkv_l2_view_epoch") <= epoch_before and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert sidecar.metric("memkv_l2_view_epoch") > epoch_before, "the adapter never saw the restarted node"
+        assert sidecar.metric("memkv_l2_members", state="ALIVE") == 1
         fresh = wl.store(8, 1024, start_index=100)
         assert fresh.ok, fresh
         sidecar.admin.wait_events_settled()

@@ -65,13 +65,13 @@ class FakeCluster:
 
 class FakeMemKV:
     def __init__(self, cluster: FakeCluster, *, broken: bool = False) -> None:
-        self._cluster = cluster
+        self.cluster = cluster
         self._broken = broken
 
     def report_status(self) -> dict[str, Any]:
         if self._broken:
             raise ConnectionError("cluster unreachable")
-        return {"is_healthy": True, "type": "memkv", "view_epoch": self._cluster.epoch, "raw": b"\x01\x02"}
+        return {"is_healthy": True, "type": "memkv", "view_epoch": self.cluster.epoch, "raw": b"\x01\x02"}
 
 
 class Wrapper:

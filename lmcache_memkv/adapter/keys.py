@@ -48,7 +48,7 @@ def decode_key(prefix: str, wire: bytes) -> KeyFields | None:
     if not text.startswith(prefix):
         return None
     parts = text[len(prefix) :].split("@")
-    if len(parts) not in (4, 5) or parts[0].startswith(DIGEST_MARK):
+    if len(parts) not in (4, 5):  # a digested key has no "@" at all
         return None
     try:
         rank = int(parts[1], 16)

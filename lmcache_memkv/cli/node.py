@@ -47,18 +47,17 @@ def node(
 ) -> None:
     from lmcache_memkv.auth import load_key
     from lmcache_memkv.node.config import NodeConfig
-    from lmcache_memkv.sizes import parse_size
     from lmcache_memkv.wire.limits import Limits
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = NodeConfig(
             listen=listen,
-            capacity=parse_size(capacity),
+            capacity=_size("--capacity", capacity),
             node_id=node_id,
             metrics_listen=metrics_listen,
             auth_key=load_key(auth_key_file),
-            limits=Limits(max_batch=max_batch, max_value_len=parse_size(max_value), max_meta_len=parse_size(max_meta)),
+            limits=Limits(max_batch=max_batch, max_value_len=_size("--max-value", max_value), max_meta_len=_size("--max-meta", max_meta)),
             frame_timeout_s=frame_timeout,
             drain_timeout_s=drain_timeout,
             control_listen=control_listen,
@@ -74,6 +73,15 @@ def node(
         typer.echo(f"memkv node: {exc}", err=True)
         raise typer.Exit(2) from None
     sys.exit(run_node(config))
+
+
+def _size(flag: str, text: str) -> int:
+    from lmcache_memkv.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def run_node(config: object) -> int:
@@ -112,6 +120,7 @@ def run_node(config: object) -> int:
         ready += f" metrics={server.metrics_address[0]}:{server.metrics_address[1]}"
     print(ready, flush=True)
     stop.wait()
+    server.stop_accepting()  # first: no new client should land on a node that is leaving
     log.info("shutting down: no new connections, finishing in-flight requests")
     if control is not None:
         control.stop()
