@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_throughput import measure_raw
+from node_throughput import RawPair
 
 from lmcache_memkv.node.launcher import NodeProcess
 
@@ -113,17 +113,25 @@ def main() -> None:
     redis, redis_port = start_redis(str(capacity))
     memkv: list[Figures] = []
     resp: list[Figures] = []
+    raw_outbound: list[float] = []
+    raw: RawPair | None = None
     try:
         if node.control is None:
             raise SystemExit("memkv node did not report a control endpoint")
         memkv_adapter = {"type": "memkv", "servers": node.control, **json.loads(args.memkv_json or "{}")}
         resp_adapter = {"type": "resp", "host": "127.0.0.1", "port": redis_port}
+        # Raw loopback: one process to another, the direction of a load, same value size and
+        # buffer count, measured between the A/B pairs so all three see the same machine.
+        raw = RawPair(args.value_kb * 1024, args.num_keys * args.in_flight, args.num_keys)
+        raw.outbound()  # warm-up
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeat):
                 memkv.append(run_bench(memkv_adapter, args, Path(tmp), f"memkv{i}"))
                 resp.append(run_bench(resp_adapter, args, Path(tmp), f"resp{i}"))
-        raw = measure_raw(args.value_kb * 1024, args.num_keys * args.in_flight, rounds=5, warmup=1)
+                raw_outbound += [raw.outbound() for _ in range(3)]
     finally:
+        if raw is not None:
+            raw.close()
         node.stop()
         redis.terminate()
         redis.wait(10)
@@ -131,7 +139,7 @@ def main() -> None:
     def med(xs: list[Figures], attr: str) -> float:
         return statistics.median(getattr(f, attr) for f in xs)
 
-    raw_out = statistics.median(raw.to_client)  # same direction as a load: server -> client
+    raw_out = statistics.median(raw_outbound)
     print(f"lmcache bench l2: {args.value_kb} KiB values, {args.num_keys} keys/task, {args.in_flight} in flight, "
           f"{args.rounds} rounds, --no-skip-verify, {args.repeat} A/B pairs (medians)")
     print(f"raw loopback TCP (one stream, same sizes): {raw_out:.2f} GB/s")

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.node.launcher import NodeProcess
 from lmcache_memkv.sizes import format_size, parse_size
 
 # ----------------------------------------------------------------------------- raw loopback
@@ -126,37 +124,6 @@ class RawPair:
 # ----------------------------------------------------------------------------- node
 
 
-def _memkv_command() -> list[str]:
-    script = Path(sys.executable).with_name("memkv")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lmcache_memkv.cli.main"]
-
-
-def start_node(capacity: int) -> tuple[subprocess.Popen[bytes], str]:
-    env = {k: v for k, v in os.environ.items() if k != "MEMKV_AUTH_KEY"}
-    env.update(LMCACHE_TRACK_USAGE="false", LMCACHE_DISABLE_BANNER="1")
-    cmd = [*_memkv_command(), "node", "--listen", "127.0.0.1:0", "--capacity", str(capacity), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()  # the node prints exactly one line once ready
-    fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-    if " ready " not in line or "data" not in fields:
-        proc.kill()
-        raise RuntimeError(f"memkv node did not start (exit {proc.wait()}): {line!r}")
-    return proc, fields["data"]
-
-
-def stop_node(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 class NodeLoad:
     """PUT and GET rounds of ``batches`` batches through one ``NodeClient``."""
 
@@ -235,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     # Every key stays resident; an overwrite needs room for one more batch before the old one is freed.
     capacity = max(total + 2 * value_size * args.batch + (64 << 20), 64 << 20)
 
-    proc, endpoint = start_node(capacity)
+    node = NodeProcess.start(capacity=str(capacity), metrics=False, args=["--log-level", "warning"])
     raw: RawPair | None = None
     try:
         raw = RawPair(value_size, count, args.batch)
-        rates = measure(raw, NodeLoad(endpoint, value_size, args.batch, args.batches), args.rounds, args.warmup)
+        rates = measure(raw, NodeLoad(node.data, value_size, args.batch, args.batches), args.rounds, args.warmup)
     finally:
         if raw is not None:
             raw.close()
-        stop_node(proc)
+        node.stop()
 
     put, get = statistics.median(rates.put), statistics.median(rates.get)
     raw_in, raw_out = statistics.median(rates.raw_in), statistics.median(rates.raw_out)

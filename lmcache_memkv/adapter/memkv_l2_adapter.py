@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lmcache.lmcache_native import Bitmap
 from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage, ObjectKey
@@ -27,6 +27,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase, regis
 from lmcache.v1.distributed.l2_adapters.factory import register_l2_adapter_factory
 from lmcache.v1.platform import create_event_notifier
 
+from lmcache_memkv.adapter.coalesce import Coalescer
 from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, model_prefix
 from lmcache_memkv.adapter.metrics import get_metrics
 from lmcache_memkv.adapter.settings import FIELDS, AdapterSettings, resolve
@@ -77,6 +78,12 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
         )
 
 
+class _Lookup(NamedTuple):
+    tid: L2TaskId
+    keys: list[ObjectKey]
+    started: float
+
+
 def _fields(key: ObjectKey) -> KeyFields:
     return KeyFields(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash, key.cache_salt)
 
@@ -112,6 +119,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._done_lookup: dict[L2TaskId, Bitmap] = {}
         self._done_load: dict[L2TaskId, Bitmap] = {}
         self._locked: Counter[ObjectKey] = Counter()
+        self._held = 0  # sum of _locked's counts, kept as we go
         self._inflight = 0
         self._closed = False
         n = s.num_workers
@@ -119,6 +127,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._store_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-store")
         self._fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-fetch")
         self._misc_pool = ThreadPoolExecutor(1, thread_name_prefix="memkv-misc")
+        self._lookups: Coalescer[_Lookup] = Coalescer(self._run_lookups, "memkv-lookup", max_items=64)
         self._usage = AdapterUsage(0, 0)
         self._keys = 0
         self._usage_stop = threading.Event()
@@ -208,34 +217,45 @@ class MemKVL2Adapter(L2AdapterInterface):
 
     def submit_lookup_and_lock_task(self, keys: list[ObjectKey], group_layout_descs: dict[int, MemoryLayoutDesc]) -> L2TaskId:
         tid = self._next_id()
-        self._submit(self._fetch_pool, self._run_lookup, tid, keys, time.perf_counter())
+        task = _Lookup(tid, keys, time.perf_counter())
+        if not self._lookups.submit(task):
+            self._run_lookups([task])  # closing: answer (misses) right here
         return tid
 
-    def _run_lookup(self, tid: L2TaskId, keys: list[ObjectKey], started: float) -> None:
-        bitmap = Bitmap(len(keys))
-        found: list[ObjectKey] = []
+    def _run_lookups(self, tasks: list[_Lookup]) -> None:
+        """Every lookup queued while the previous one was in flight, in one cluster call."""
+        wire = [w for t in tasks for w in self._wire(t.keys)]
+        lengths: list[int | None] = [None] * len(wire)
         outcome = "ok"
         try:
-            lengths = self._cluster.exists(self._wire(keys), self._settings.lease_ttl_s) if keys else []
-            for i, (key, n) in enumerate(zip(keys, lengths)):
-                if n is not None:
-                    bitmap.set(i)
-                    found.append(key)
+            if wire and not self._closed:
+                lengths = self._cluster.exists(wire, self._settings.lease_ttl_s)
         except MemKVError as exc:
-            log.warning("memkv lookup of %d keys failed (answering misses): %s", len(keys), exc)
+            log.warning("memkv lookup of %d keys failed (answering misses): %s", len(wire), exc)
             outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
         except Exception:
-            log.exception("memkv lookup task failed")
+            log.exception("memkv lookup failed")
             outcome = "error"
-        with self._lock:
-            self._locked.update(found)
-            self._done_lookup[tid] = bitmap
-            held = sum(self._locked.values())
-        self._m.leases_held.set(held)
-        self._m.ops.labels("lookup", outcome).inc()
-        self._m.keys.labels("lookup", "hit").inc(len(found))
-        self._m.keys.labels("lookup", "miss").inc(len(keys) - len(found))
-        self._finish("lookup", started)
+        at = 0
+        hits = 0
+        for task in tasks:
+            bitmap = Bitmap(len(task.keys))
+            found = []
+            for i, key in enumerate(task.keys):
+                if lengths[at + i] is not None:
+                    bitmap.set(i)
+                    found.append(key)
+            at += len(task.keys)
+            hits += len(found)
+            with self._lock:
+                self._locked.update(found)
+                self._held += len(found)
+                self._done_lookup[task.tid] = bitmap
+            self._finish("lookup", task.started)
+        self._m.leases_held.set(self._held)
+        self._m.ops.labels("lookup", outcome).inc(len(tasks))
+        self._m.keys.labels("lookup", "hit").inc(hits)
+        self._m.keys.labels("lookup", "miss").inc(len(wire) - hits)
         self._lookup_efd.notify()
 
     def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
@@ -249,7 +269,8 @@ class MemKVL2Adapter(L2AdapterInterface):
                 self._locked[k] -= 1
                 if not self._locked[k]:
                     del self._locked[k]
-            total = sum(self._locked.values())
+            self._held -= len(held)
+            total = self._held
         self._m.leases_held.set(total)
         if held:
             self._submit(self._misc_pool, self._run_unlock, held)
@@ -387,7 +408,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         epoch = self._cluster.epoch
         with self._lock:
             inflight = self._inflight
-            held = sum(self._locked.values())
+            held = self._held
         usage = self._usage
         servers = ",".join(self._settings.servers)
         return {
@@ -420,6 +441,7 @@ class MemKVL2Adapter(L2AdapterInterface):
             return
         self._closed = True
         self._usage_stop.set()
+        self._lookups.close(self._settings.timeout_s * 2)
         for pool in (self._store_pool, self._fetch_pool, self._misc_pool):
             pool.shutdown(wait=True, cancel_futures=False)
         self._usage_thread.join(timeout=self._settings.timeout_s)

@@ -208,19 +208,17 @@ class ClusterClient:
             entry[2].close()
         return client
 
-    def _healthy(self, view: ClusterView, node_id: str) -> bool:
-        m = view.members.get(node_id)
-        return m is not None and m.state is State.ALIVE and self._suspicion.healthy(node_id, m.incarnation)
+    def _healthy_set(self, view: ClusterView) -> frozenset[str]:
+        """The ALIVE nodes not in local back-off: computed once per call, not once per key."""
+        return frozenset(n for n in view.alive if self._suspicion.healthy(n, view.members[n].incarnation))
 
-    def _replica_set(self, view: ClusterView, key: bytes) -> list[str]:
-        """The top ``replicas`` of the healthy ALIVE nodes for ``key``."""
-        out = []
-        for node_id in view.placement(key):
-            if self._suspicion.healthy(node_id, view.members[node_id].incarnation):
-                out.append(node_id)
-                if len(out) == self.replicas:
-                    break
-        return out
+    def _replica_sets(self, view: ClusterView, keys: Sequence[bytes]) -> list[list[str]]:
+        """Per key, the top ``replicas`` of the healthy ALIVE nodes."""
+        healthy = self._healthy_set(view)
+        r = self.replicas
+        if len(healthy) == len(view.alive):  # the common case: rank only, no filtering
+            return [view.placement(key)[:r] for key in keys]
+        return [[n for n in view.placement(key) if n in healthy][:r] for key in keys]
 
     def _call(self, view: ClusterView, node_id: str, op: Callable[[NodeClient], R]) -> R | Exception:
         """Run ``op`` on one node; on failure mark the node and return the error instead of raising."""
@@ -264,8 +262,8 @@ class ClusterClient:
         view = self._view
         deadline = time.monotonic() + self.timeout_s
         by_node: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            for node_id in self._replica_set(view, key):
+        for i, replicas in enumerate(self._replica_sets(view, keys)):
+            for node_id in replicas:
                 by_node.setdefault(node_id, []).append(i)
 
         def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status] | Exception]:
@@ -305,9 +303,10 @@ class ClusterClient:
         pending = [i for i in range(len(keys)) if candidates[i]]
         while pending and time.monotonic() < deadline:
             by_node: dict[str, list[int]] = {}
+            healthy = self._healthy_set(view)
             for i in pending:
                 cands = candidates[i]
-                while cursor[i] < len(cands) and not self._healthy(view, cands[cursor[i]]):
+                while cursor[i] < len(cands) and cands[cursor[i]] not in healthy:
                     cursor[i] += 1
                 if cursor[i] < len(cands):
                     by_node.setdefault(cands[cursor[i]], []).append(i)
@@ -338,9 +337,12 @@ class ClusterClient:
         self._check_keys(keys)
         view = self._view
         candidates = []
-        for key in keys:
-            held = [n for n in self._leases.holders(key) if n in view.alive]
-            candidates.append(held + [n for n in self._replica_set(view, key) if n not in held])
+        for holders, replicas in zip(self._leases.holders_many(keys), self._replica_sets(view, keys)):
+            if not holders:
+                candidates.append(replicas)
+                continue
+            held = [n for n in holders if n in view.members and view.members[n].state is State.ALIVE]
+            candidates.append(held + [n for n in replicas if n not in held])
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
             def op(client: NodeClient) -> list[int | None]:
@@ -358,7 +360,7 @@ class ClusterClient:
         """Per key its length if any replica has it; with ``lease_ttl_s`` the answering node leases it."""
         self._check_keys(keys)
         view = self._view
-        candidates = [self._replica_set(view, key) for key in keys]
+        candidates = self._replica_sets(view, keys)
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
             def op(client: NodeClient) -> list[int | None]:
@@ -371,17 +373,14 @@ class ClusterClient:
 
         found = self._rounds(keys, candidates, run)
         if lease_ttl_s > 0:
-            for key, f in zip(keys, found):
-                if f is not None:
-                    self._leases.add(key, f[1])
+            self._leases.add_many((key, f[1]) for key, f in zip(keys, found) if f is not None)
         return [None if f is None else f[0] for f in found]
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Return one lease per key to the node that granted it; failures are retried in the background."""
         view = self._view
         owed: dict[str, list[OwedRelease]] = {}
-        for key in keys:
-            node_id = self._leases.take(key)
+        for key, node_id in zip(keys, self._leases.take_many(keys)):
             m = view.members.get(node_id) if node_id is not None else None
             if m is not None and m.state not in (State.DEAD, State.LEFT):  # else its leases died with it
                 owed.setdefault(m.node_id, []).append(OwedRelease(key, m.node_id, m.incarnation))
@@ -416,7 +415,7 @@ class ClusterClient:
         """Delete from every healthy ALIVE node (stale copies included); True where any node had it."""
         self._check_keys(keys)
         view = self._view
-        nodes = [n for n in view.alive if self._healthy(view, n)]
+        nodes = sorted(self._healthy_set(view))
         deadline = time.monotonic() + self.timeout_s
 
         def op(client: NodeClient) -> list[bool]:
@@ -444,7 +443,7 @@ class ClusterClient:
             raise ValueError(f"list_keys: limit must be positive, got {limit}")
         after = _decode_cursor(cursor) if cursor else b""
         view = self._view
-        nodes = [n for n in view.alive if self._healthy(view, n)]
+        nodes = sorted(self._healthy_set(view))
         deadline = time.monotonic() + self.timeout_s
 
         def op(client: NodeClient) -> tuple[list[tuple[bytes, int]], bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_ATTEMPTS = 8
@@ -23,8 +24,33 @@ class LeaseBook:
         self._lock = threading.Lock()
 
     def add(self, key: bytes, node_id: str) -> None:
+        self.add_many([(key, node_id)])
+
+    def add_many(self, grants: Iterable[tuple[bytes, str]]) -> None:
+        """Record one lease per ``(key, node_id)``, under one lock acquisition."""
         with self._lock:
-            self._held.setdefault(key, Counter())[node_id] += 1
+            held = self._held
+            for key, node_id in grants:
+                counts = held.get(key)
+                if counts is None:
+                    held[key] = Counter({node_id: 1})
+                else:
+                    counts[node_id] += 1
+
+    def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
+        """``holders`` for each key, under one lock acquisition."""
+        with self._lock:
+            held = self._held
+            out: list[list[str]] = []
+            for key in keys:
+                counts = held.get(key)
+                if not counts:
+                    out.append([])
+                elif len(counts) == 1:
+                    out.append(list(counts))
+                else:
+                    out.append([n for n, _ in counts.most_common()])
+            return out
 
     def holders(self, key: bytes) -> list[str]:
         """Nodes holding a lease of ``key`` for this client, most leases first."""
@@ -34,17 +60,25 @@ class LeaseBook:
 
     def take(self, key: bytes) -> str | None:
         """Forget one lease of ``key``; the node that granted it (None: none held)."""
+        return self.take_many([key])[0]
+
+    def take_many(self, keys: Iterable[bytes]) -> list[str | None]:
+        """``take`` for each key, under one lock acquisition."""
+        out: list[str | None] = []
         with self._lock:
-            held = self._held.get(key)
-            if not held:
-                return None
-            node_id = held.most_common(1)[0][0]
-            held[node_id] -= 1
-            if held[node_id] <= 0:
-                del held[node_id]
-            if not held:
-                del self._held[key]
-            return node_id
+            for key in keys:
+                held = self._held.get(key)
+                if not held:
+                    out.append(None)
+                    continue
+                node_id = next(iter(held)) if len(held) == 1 else held.most_common(1)[0][0]
+                held[node_id] -= 1
+                if held[node_id] <= 0:
+                    del held[node_id]
+                if not held:
+                    del self._held[key]
+                out.append(node_id)
+        return out
 
     def count(self) -> int:
         with self._lock:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
@@ -29,8 +29,16 @@ class Extent:
 
 @dataclass
 class Entry:
+    """A published value and its leases: a refcount that lives until the latest grant's TTL.
+
+    One count and one deadline (not a deadline per lease) keep every lease operation O(1)
+    however often a key is leased without release; a lease may so outlive its own TTL by as
+    much as a later lease of the same key, never expire early.
+    """
+
     extent: Extent
-    leases: list[float] = field(default_factory=list)  # expiry deadlines, monotonic seconds
+    leases: int = 0
+    lease_until: float = 0.0  # monotonic seconds
 
 
 @dataclass
@@ -77,7 +85,8 @@ class Store:
             old = self._index.get(key)
             entry = Entry(extent=extent)
             if old is not None:
-                entry.leases = old.leases  # a lease protects the key, whichever value it holds
+                # A lease protects the key, whichever value it holds.
+                entry.leases, entry.lease_until = old.leases, old.lease_until
                 self.value_bytes -= old.extent.length
                 self._retire(old.extent)
             self._index[key] = entry
@@ -121,8 +130,9 @@ class Store:
                     out.append((Status.MISS, 0))
                     continue
                 if lease_ttl_s > 0:
-                    self._live_leases(key, entry, now)  # prune first: the list must not grow with dead leases
-                    entry.leases.append(now + lease_ttl_s)
+                    self._live_leases(key, entry, now)  # expired leases do not count towards the new one
+                    entry.leases += 1
+                    entry.lease_until = max(entry.lease_until, now + lease_ttl_s)
                     self._leased.add(key)
                     self.counters.leases_granted += 1
                 self._lru.move_to_end(key)
@@ -138,7 +148,7 @@ class Store:
                 if entry is None or not self._live_leases(key, entry, now):
                     out.append(Status.NOT_LEASED)
                     continue
-                entry.leases.remove(min(entry.leases))
+                entry.leases -= 1
                 self.counters.leases_released += 1
                 if not entry.leases:
                     self._leased.discard(key)
@@ -196,14 +206,12 @@ class Store:
     # ------------------------------------------------------------------ internals (lock held)
 
     def _live_leases(self, key: bytes, entry: Entry, now: float) -> int:
-        if entry.leases:
-            live = [d for d in entry.leases if d > now]
-            if len(live) != len(entry.leases):
-                self.counters.leases_expired += len(entry.leases) - len(live)
-                entry.leases = live
+        if entry.leases and entry.lease_until <= now:
+            self.counters.leases_expired += entry.leases
+            entry.leases = 0
         if not entry.leases:
             self._leased.discard(key)
-        return len(entry.leases)
+        return entry.leases
 
     def _evict_one(self) -> bool:
         """Drop the least recently used entry that is neither leased nor being read."""

@@ -16,6 +16,8 @@ _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
+_BQ = struct.Struct("!BQ")  # status + length, per key of GET and EXISTS responses
+_STATUS = {s.value: s for s in Status}
 _MAX_ERROR_MESSAGE = 4096
 
 
@@ -24,6 +26,7 @@ class _Reader:
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._data = memoryview(data)
+        self._bytes = bytes(data)  # meta only (keys, sizes): small, and bytes slice fastest
         self._pos = 0
 
     def _take(self, n: int) -> memoryview:
@@ -75,6 +78,89 @@ class _Reader:
             return Status(value)
         except ValueError:
             raise ProtocolError(f"unknown status code {value}", ErrorCode.BAD_FRAME) from None
+
+    # Bulk readers for the per-key lists: the hot path of every batch, so one tight loop each
+    # instead of a method call per field. Same checks and errors as the single-field readers.
+
+    def keys(self, limits: Limits) -> list[bytes]:
+        n = self.count(limits)
+        data, pos, end, cap = self._bytes, self._pos, len(self._bytes), limits.max_key_len
+        out = []
+        for _ in range(n):
+            if pos + 2 > end:
+                self._pos = pos
+                self._take(2)  # raises the truncation error
+            klen = (data[pos] << 8) | data[pos + 1]
+            if klen == 0 or klen > cap:
+                self._pos = pos + 2
+                self._check_key_len(klen, limits)
+            pos += 2
+            if pos + klen > end:
+                self._pos = pos
+                self._take(klen)
+            out.append(data[pos : pos + klen])
+            pos += klen
+        self._pos = pos
+        return out
+
+    def sized_keys(self, limits: Limits, max_size: int | None) -> tuple[list[bytes], list[int]]:
+        """Keys each followed by a u64; ``max_size`` bounds the u64 when it is a value size."""
+        n = self.count(limits)
+        data, pos, end, cap = self._bytes, self._pos, len(self._bytes), limits.max_key_len
+        keys: list[bytes] = []
+        sizes: list[int] = []
+        unpack = _U64.unpack_from
+        for _ in range(n):
+            if pos + 2 > end:
+                self._pos = pos
+                self._take(2)
+            klen = (data[pos] << 8) | data[pos + 1]
+            if klen == 0 or klen > cap:
+                self._pos = pos + 2
+                self._check_key_len(klen, limits)
+            pos += 2
+            if pos + klen + 8 > end:
+                self._pos = pos
+                self._take(klen + 8)
+            keys.append(data[pos : pos + klen])
+            pos += klen
+            size = unpack(data, pos)[0]
+            pos += 8
+            if max_size is not None and size > max_size:
+                raise ProtocolError(f"value of {size} bytes exceeds the limit of {max_size}", ErrorCode.LIMIT)
+            sizes.append(size)
+        self._pos = pos
+        return keys, sizes
+
+    def statuses(self, limits: Limits) -> list[Status]:
+        n = self.count(limits)
+        raw = self._take(n)
+        try:
+            return [_STATUS[b] for b in raw]
+        except KeyError as exc:
+            raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
+
+    def status_lengths(self, limits: Limits) -> tuple[list[Status], list[int]]:
+        n = self.count(limits)
+        raw = self._take(9 * n)
+        statuses: list[Status] = []
+        lengths: list[int] = []
+        cap = limits.max_value_len
+        try:
+            for code, length in _BQ.iter_unpack(raw):
+                statuses.append(_STATUS[code])
+                if length > cap:
+                    raise ProtocolError(f"value of {length} bytes exceeds the limit of {cap}", ErrorCode.LIMIT)
+                lengths.append(length)
+        except KeyError as exc:
+            raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
+        return statuses, lengths
+
+    @staticmethod
+    def _check_key_len(n: int, limits: Limits) -> None:
+        if n == 0:
+            raise ProtocolError("empty key", ErrorCode.BAD_FRAME)
+        raise ProtocolError(f"key of {n} bytes exceeds the limit of {limits.max_key_len}", ErrorCode.LIMIT)
 
     def finish(self) -> None:
         if self._pos != len(self._data):
@@ -278,10 +364,21 @@ class ErrorFrame(Message):
 # --------------------------------------------------------------------------- encode
 
 
+def _blob16(b: bytes) -> bytes:
+    if len(b) > 0xFFFF:  # say what is wrong instead of struct.error
+        raise ValueError(f"a key or string of {len(b)} bytes does not fit the wire's 16-bit length")
+    return _U16.pack(len(b)) + b
+
+
 def _encode_keys(w: _Writer, keys: Sequence[bytes]) -> None:
     w.u32(len(keys))
-    for k in keys:
-        w.blob16(k)
+    w.buf += b"".join([_blob16(k) for k in keys])
+
+
+def _encode_sized(w: _Writer, keys: Sequence[bytes], sizes: Sequence[int]) -> None:
+    w.u32(len(keys))
+    pack = _U64.pack
+    w.buf += b"".join([_blob16(k) + pack(n) for k, n in zip(keys, sizes, strict=True)])
 
 
 def _encode_meta(msg: Message) -> bytes:
@@ -300,17 +397,11 @@ def _encode_meta(msg: Message) -> bytes:
     elif isinstance(msg, PutRequest):
         if len(msg.keys) != len(msg.sizes):
             raise ValueError("keys and sizes differ in length")
-        w.u32(len(msg.keys))
-        for k, n in zip(msg.keys, msg.sizes, strict=True):
-            w.blob16(k)
-            w.u64(n)
+        _encode_sized(w, msg.keys, msg.sizes)
     elif isinstance(msg, GetRequest):
         if len(msg.keys) != len(msg.capacities):
             raise ValueError("keys and capacities differ in length")
-        w.u32(len(msg.keys))
-        for k, n in zip(msg.keys, msg.capacities, strict=True):
-            w.blob16(k)
-            w.u64(n)
+        _encode_sized(w, msg.keys, msg.capacities)
     elif isinstance(msg, ExistsRequest):
         w.u32(msg.lease_ttl_ms)
         _encode_keys(w, msg.keys)
@@ -324,20 +415,15 @@ def _encode_meta(msg: Message) -> bytes:
         w.blob16(msg.data)
     elif isinstance(msg, StatusResponse):
         w.u32(len(msg.statuses))
-        for s in msg.statuses:
-            w.u8(s)
+        w.buf += bytes(msg.statuses)
     elif isinstance(msg, SizedResponse):
         if len(msg.statuses) != len(msg.lengths):
             raise ValueError("statuses and lengths differ in length")
         w.u32(len(msg.statuses))
-        for s, n in zip(msg.statuses, msg.lengths, strict=True):
-            w.u8(s)
-            w.u64(n)
+        pack = _BQ.pack
+        w.buf += b"".join([pack(s, n) for s, n in zip(msg.statuses, msg.lengths, strict=True)])
     elif isinstance(msg, ListResponse):
-        w.u32(len(msg.keys))
-        for k, n in zip(msg.keys, msg.sizes, strict=True):
-            w.blob16(k)
-            w.u64(n)
+        _encode_sized(w, msg.keys, msg.sizes)
         w.blob16(msg.next_cursor)
     elif isinstance(msg, StatsResponse):
         w.buf += msg.body
@@ -366,20 +452,12 @@ def encode(msg: Message, request_id: int) -> bytes:
 
 
 def _decode_keys(r: _Reader, limits: Limits) -> list[bytes]:
-    return [r.key(limits) for _ in range(r.count(limits))]
+    return r.keys(limits)
 
 
 def _sized(r: _Reader, limits: Limits, *, bounded: bool = True) -> tuple[list[bytes], list[int]]:
     """Keys with a u64 each; ``bounded``: each is a value size, so the value limit applies."""
-    keys: list[bytes] = []
-    sizes: list[int] = []
-    for _ in range(r.count(limits)):
-        keys.append(r.key(limits))
-        size = r.u64()
-        if bounded and size > limits.max_value_len:
-            raise ProtocolError(f"value of {size} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
-        sizes.append(size)
-    return keys, sizes
+    return r.sized_keys(limits, limits.max_value_len if bounded else None)
 
 
 def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
@@ -427,7 +505,7 @@ def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
 
 
 def _statuses(r: _Reader, limits: Limits) -> list[Status]:
-    return [r.status() for _ in range(r.count(limits))]
+    return r.statuses(limits)
 
 
 def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
@@ -435,14 +513,7 @@ def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
         cls = {Op.PUT: PutResponse, Op.RELEASE: ReleaseResponse, Op.DELETE: DeleteResponse}[op]
         return cls(statuses=_statuses(r, limits))
     if op in (Op.GET, Op.EXISTS):
-        statuses: list[Status] = []
-        lengths: list[int] = []
-        for _ in range(r.count(limits)):
-            statuses.append(r.status())
-            n = r.u64()
-            if n > limits.max_value_len:
-                raise ProtocolError(f"value of {n} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
-            lengths.append(n)
+        statuses, lengths = r.status_lengths(limits)
         return (GetResponse if op is Op.GET else ExistsResponse)(statuses=statuses, lengths=lengths)
     if op is Op.LIST:
         keys, sizes = _sized(r, limits)
