@@ -299,13 +299,16 @@ def test_local_suspicion_back_off_and_incarnation() -> None:
     assert s.healthy("a", 1) and s.suspected() == {}
 
 
-def test_lease_book_is_a_multiset_per_key() -> None:
+def test_lease_book_is_a_multiset_per_key_and_grantor() -> None:
     book = LeaseBook()
-    book.add(b"k", "a")
-    book.add(b"k", "a")
-    book.add(b"k", "b")
-    assert book.count() == 3 and book.holders(b"k") == ["a", "b"]
-    assert sorted(filter(None, (book.take(b"k") for _ in range(4)))) == ["a", "a", "b"]
+    book.add(b"k", ("a", 1))
+    book.add(b"k", ("a", 1))
+    book.add(b"k", ("b", 7))
+    book.add(b"k", ("a", 2))  # the same node after a restart: a different grantor
+    assert book.count() == 4 and book.holders(b"k") == ["a", "b"]
+    assert book.holders_many([b"k", b"none"]) == [["a", "b"], []]
+    taken = sorted(filter(None, (book.take(b"k") for _ in range(5))))
+    assert taken == [("a", 1), ("a", 1), ("a", 2), ("b", 7)]
     assert book.count() == 0 and book.take(b"k") is None
 
 

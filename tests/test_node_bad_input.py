@@ -229,3 +229,43 @@ def test_ok_after_exists_request_encoding(node: NodeProcess) -> None:
         assert header.request_id == 9 and header.op == Op.EXISTS | RESPONSE_BIT
     finally:
         sock.close()
+
+
+def test_big_frame_before_auth_is_refused_unread(node: NodeProcess, bystander: NodeClient) -> None:
+    # Before AUTH the node reads no more than an AUTH frame needs, whatever the header claims.
+    sock = socket.create_connection(node.address, timeout=5)
+    try:
+        rawwire.read_frame(sock)  # HELLO
+        sock.sendall(rawwire.raw_header(Op.AUTH, meta_len=512 << 10))
+        err = rawwire.expect_error(sock)
+        assert err.code == ErrorCode.AUTH_REQUIRED and "before authentication" in err.message
+    finally:
+        sock.close()
+    assert bystander.exists([b"keep"]) == [10]
+
+
+def test_connections_over_the_cap_are_refused_with_a_reason(node_factory: Callable[..., NodeProcess]) -> None:
+    capped = node_factory(args=["--max-connections", "2"])
+    first, second = capped.client(), capped.client()
+    held = [rawwire.connect(capped.address), rawwire.connect(capped.address)]
+    try:
+        sock = socket.create_connection(capped.address, timeout=5)
+        err = rawwire.expect_error(sock)
+        assert err.code == ErrorCode.LIMIT and "2 connections open" in err.message
+        sock.close()
+        assert capped.metric("memkv_node_protocol_errors_total", reason="too_many_connections") >= 1
+    finally:
+        for s in held:
+            s.close()
+    # Room again once those close: the node carries on.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert first.ping() >= 0 and second.ping() >= 0
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    first.close()
+    second.close()

@@ -18,13 +18,12 @@ from lmcache_memkv.wire.messages import ErrorFrame, PingRequest, PingResponse, P
 
 
 def wait_refused(node: NodeProcess, timeout_s: float = 10.0) -> None:
-    # Generous: run_node leaves the cluster (control plane) before it stops the data plane, which
-    # takes a while on a loaded box; NodeServer.stop_accepting() itself is immediate (tested below).
+    # run_node stops accepting first thing on SIGTERM; the bound is for a loaded box.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             socket.create_connection(node.address, timeout=1).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: caught between shutdown and close
             return
         time.sleep(0.05)
     pytest.fail("node still accepts connections after SIGTERM")

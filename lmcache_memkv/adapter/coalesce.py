@@ -1,5 +1,5 @@
-"""A single worker that takes every queued item at once, so concurrent small requests
-(lookups) share one network round trip instead of queueing one behind another."""
+"""A single worker that takes the queued items together (up to ``max_items``), so concurrent
+small requests (lookups) share one network round trip instead of queueing one behind another."""
 
 from __future__ import annotations
 

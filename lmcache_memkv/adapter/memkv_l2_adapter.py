@@ -122,6 +122,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._held = 0  # sum of _locked's counts, kept as we go
         self._inflight = 0
         self._closed = False
+        self._efds_closed = False
         n = s.num_workers
         # Separate pools so a burst of stores never queues ahead of a prefetch.
         self._store_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-store")
@@ -167,6 +168,23 @@ class MemKVL2Adapter(L2AdapterInterface):
         except RuntimeError:  # pool shut down: close() is under way; answer right here
             fn(*args)
 
+    def _tell_listeners(self, notify: Callable[..., None], *args: Any) -> None:
+        """LMCache's listeners and event bus (base-class helpers); a failing listener must not
+        keep the task from completing."""
+        try:
+            notify(*args)
+        except Exception:
+            log.exception("an LMCache listener failed")
+
+    def _signal(self, efd: Any) -> None:
+        with self._lock:
+            if self._efds_closed:
+                return  # close() is done; nobody waits on this fd any more
+            try:
+                efd.notify()
+            except OSError as exc:
+                log.warning("memkv: cannot signal LMCache: %s", exc)
+
     def _finish(self, op: str, started: float) -> None:
         with self._lock:
             self._inflight -= 1
@@ -186,8 +204,11 @@ class MemKVL2Adapter(L2AdapterInterface):
         try:
             views = [_view(o) for o in objects]
             sizes = [v.nbytes for v in views]
-            oks = self._cluster.put(self._wire(keys), views) if keys else []
-            outcome = "ok" if all(oks) else "partial"
+            if self._closed:
+                outcome = "closed"  # close() is under way: fail fast, no network call
+            else:
+                oks = self._cluster.put(self._wire(keys), views) if keys else []
+                outcome = "ok" if all(oks) else "partial"
         except MemKVError as exc:
             log.warning("memkv store of %d keys failed: %s", len(keys), exc)
             outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
@@ -204,9 +225,9 @@ class MemKVL2Adapter(L2AdapterInterface):
             self._m.keys.labels("store", "failed").inc(len(keys) - len(stored))
         self._m.bytes.labels("store").inc(moved)
         if stored:
-            self._notify_keys_stored(stored, stored_sizes)
+            self._tell_listeners(self._notify_keys_stored, stored, stored_sizes)
         self._finish("store", started)
-        self._store_efd.notify()
+        self._signal(self._store_efd)
 
     def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
         with self._lock:
@@ -224,14 +245,15 @@ class MemKVL2Adapter(L2AdapterInterface):
 
     def _run_lookups(self, tasks: list[_Lookup]) -> None:
         """Every lookup queued while the previous one was in flight, in one cluster call."""
-        wire = [w for t in tasks for w in self._wire(t.keys)]
-        lengths: list[int | None] = [None] * len(wire)
+        total = sum(len(t.keys) for t in tasks)
+        lengths: list[int | None] = [None] * total
         outcome = "ok"
         try:
+            wire = [w for t in tasks for w in self._wire(t.keys)]
             if wire and not self._closed:
                 lengths = self._cluster.exists(wire, self._settings.lease_ttl_s)
         except MemKVError as exc:
-            log.warning("memkv lookup of %d keys failed (answering misses): %s", len(wire), exc)
+            log.warning("memkv lookup of %d keys failed (answering misses): %s", total, exc)
             outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
         except Exception:
             log.exception("memkv lookup failed")
@@ -255,20 +277,22 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._m.leases_held.set(self._held)
         self._m.ops.labels("lookup", outcome).inc(len(tasks))
         self._m.keys.labels("lookup", "hit").inc(hits)
-        self._m.keys.labels("lookup", "miss").inc(len(wire) - hits)
-        self._lookup_efd.notify()
+        self._m.keys.labels("lookup", "miss").inc(total - hits)
+        self._signal(self._lookup_efd)
 
     def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
         with self._lock:
             return self._done_lookup.pop(task_id, None)
 
     def submit_unlock(self, keys: list[ObjectKey]) -> None:
+        held: list[ObjectKey] = []
         with self._lock:
-            held = [k for k in keys if self._locked[k] > 0]
-            for k in held:
-                self._locked[k] -= 1
-                if not self._locked[k]:
-                    del self._locked[k]
+            for k in keys:  # one key at a time: a key may appear twice in one unlock
+                if self._locked.get(k, 0) > 0:
+                    held.append(k)
+                    self._locked[k] -= 1
+                    if not self._locked[k]:
+                        del self._locked[k]
             self._held -= len(held)
             total = self._held
         self._m.leases_held.set(total)
@@ -277,6 +301,8 @@ class MemKVL2Adapter(L2AdapterInterface):
 
     def _run_unlock(self, keys: list[ObjectKey]) -> None:
         # The cluster client retries until the release lands (bounded); the TTL is the backstop.
+        if self._closed:
+            return
         try:
             self._cluster.release(self._wire(keys))
             self._m.ops.labels("unlock", "ok").inc()
@@ -299,7 +325,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         try:
             views = [_view(o) for o in objects]
             wire = self._wire(keys)
-            lengths = self._cluster.get_into(wire, views) if keys else []
+            lengths = self._cluster.get_into(wire, views) if keys and not self._closed else [None] * len(keys)
             unreadable: list[bytes] = []
             for i, (n, view) in enumerate(zip(lengths, views)):
                 if n is None:
@@ -328,11 +354,13 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._m.keys.labels("load", "miss").inc(len(keys) - len(loaded))
         self._m.bytes.labels("load").inc(moved)
         if loaded:
-            self._notify_keys_accessed(loaded)
+            self._tell_listeners(self._notify_keys_accessed, loaded)
         self._finish("load", started)
-        self._load_efd.notify()
+        self._signal(self._load_efd)
 
     def _purge(self, wire: list[bytes]) -> None:
+        if self._closed:
+            return
         try:
             self._cluster.delete(wire)
         except Exception as exc:
@@ -357,7 +385,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._m.ops.labels("delete", "ok").inc()
         if gone:
             # Sizes are not tracked client-side (usage comes from the nodes, see get_usage).
-            self._notify_keys_deleted(gone, [0] * len(gone))
+            self._tell_listeners(self._notify_keys_deleted, gone, [0] * len(gone))
 
     def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> KeyListPage:
         if page_size <= 0:
@@ -446,8 +474,10 @@ class MemKVL2Adapter(L2AdapterInterface):
             pool.shutdown(wait=True, cancel_futures=False)
         self._usage_thread.join(timeout=self._settings.timeout_s)
         self._cluster.close()
-        for efd in (self._store_efd, self._lookup_efd, self._load_efd):
-            efd.close()
+        with self._lock:
+            self._efds_closed = True
+            for efd in (self._store_efd, self._lookup_efd, self._load_efd):
+                efd.close()
 
 
 def _choose_transport(s: AdapterSettings) -> str:
@@ -476,7 +506,15 @@ def _choose_transport(s: AdapterSettings) -> str:
 def _connect(s: AdapterSettings) -> ClusterClient:
     from lmcache_memkv.cluster import ClusterClient
 
-    client = ClusterClient(list(s.servers), key=s.auth_key, replicas=s.replicas, timeout_s=s.timeout_s, tls_ca=s.tls_ca)
+    errors = get_metrics().node_errors
+    client = ClusterClient(
+        list(s.servers),
+        key=s.auth_key,
+        replicas=s.replicas,
+        timeout_s=s.timeout_s,
+        tls_ca=s.tls_ca,
+        on_node_error=lambda node_id, kind: errors.labels(node_id, kind).inc(),
+    )
     try:
         client.start()
     except ConnectError as exc:

@@ -42,6 +42,7 @@ def node(
     max_value: Annotated[str, typer.Option(help="Largest value accepted.")] = "1GiB",
     max_meta: Annotated[str, typer.Option(help="Largest frame meta (keys and sizes) accepted.")] = "1MiB",
     frame_timeout: Annotated[float, typer.Option(help="Seconds a client may take to finish a frame it started.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Most client connections open at once (one thread each).")] = 4096,
     drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -60,6 +61,7 @@ def node(
             limits=Limits(max_batch=max_batch, max_value_len=_size("--max-value", max_value), max_meta_len=_size("--max-meta", max_meta)),
             frame_timeout_s=frame_timeout,
             drain_timeout_s=drain_timeout,
+            max_connections=max_connections,
             control_listen=control_listen,
             advertise_host=advertise_host,
             seeds=list(seed or []),
@@ -100,30 +102,23 @@ def run_node(config: object) -> int:
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    control = None
+    from lmcache_memkv.control.node_service import start_control_plane
+
     try:
-        from lmcache_memkv.control.node_service import start_control_plane
-    except ImportError:  # control plane not built yet
-        start_control_plane = None  # type: ignore[assignment]
-    if start_control_plane is not None:
-        try:
-            control = start_control_plane(server, config)
-        except (OSError, RuntimeError, ValueError) as exc:
-            log.error("control plane: %s", exc)
-            server.stop(0)
-            return 1
+        control = start_control_plane(server, config)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("control plane: %s", exc)
+        server.stop(0)
+        return 1
     # One parseable line for scripts and tests waiting for readiness.
-    ready = f"memkv node {config.node_id} ready data={server.endpoint} pid={os.getpid()}"
-    if control is not None:
-        ready += f" control={control.endpoint}"
+    ready = f"memkv node {config.node_id} ready data={server.endpoint} pid={os.getpid()} control={control.endpoint}"
     if server.metrics_address:
         ready += f" metrics={server.metrics_address[0]}:{server.metrics_address[1]}"
     print(ready, flush=True)
     stop.wait()
     server.stop_accepting()  # first: no new client should land on a node that is leaving
     log.info("shutting down: no new connections, finishing in-flight requests")
-    if control is not None:
-        control.stop()
+    control.stop()
     drained = server.stop()
     log.info("stopped (%s)", "drained" if drained else "drain timed out")
     return 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, drain, recv_exact, recv_into_exact, send_views, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, recv_exact, recv_into_exact, send_views, tune
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
 from lmcache_memkv.wire.limits import Limits
@@ -112,9 +112,8 @@ class Connection:
                 if status != Status.OK:
                     out.append(None)
                     continue
-                if length > view.nbytes:  # the node broke its promise; do not overrun the buffer
-                    drain(self.sock, length, memoryview(bytearray(1 << 16)), deadline)
-                    raise ProtocolError(
+                if length > view.nbytes:  # the node broke its promise: never overrun the buffer; the
+                    raise ProtocolError(  # connection is dropped with the error, unread bytes and all
                         f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
                     )
                 recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer

@@ -34,7 +34,7 @@ from lmcache_memkv.control.peers import wait_all
 from lmcache_memkv.control.stats import stats_dict
 from lmcache_memkv.control.tls import ca_from_env
 from lmcache_memkv.endpoints import parse_endpoint
-from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError, MemKVTimeout, ServerError
+from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
 from lmcache_memkv.transport.tcp import Buffer
 from lmcache_memkv.wire.constants import MAX_KEY_LEN, ErrorCode, Status
@@ -44,6 +44,7 @@ R = TypeVar("R")
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
 _HOUSEKEEPING_S = 0.2
 _CURSOR_PREFIX = "v1."
+_MAX_LIST_PAGE = 10_000  # a node's default --max-list-limit (wire.limits.Limits.max_list_limit)
 
 
 class _OutOfTime(MemKVTimeout):
@@ -83,7 +84,11 @@ class ClusterClient:
         replicas: int = 1,
         timeout_s: float = 5.0,
         tls_ca: str | None = None,
+        on_node_error: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_node_error(node_id, kind)`` hears of every failed node call (kind: timeout,
+        connect, protocol or server) — the adapter counts them in its metrics."""
+        self._on_node_error = on_node_error
         self.servers = [s.strip() for s in servers if s and s.strip()]
         if not self.servers:
             raise ConfigError('servers: no control endpoint given; set MEMKV_SERVERS or the adapter\'s "servers" field')
@@ -230,6 +235,14 @@ class ClusterClient:
         except (MemKVError, OSError) as exc:
             if isinstance(exc, ServerError) and exc.code == ErrorCode.LIMIT:
                 return exc  # the request was too big for the node: not the node's fault
+            if self._on_node_error is not None:
+                kind = (
+                    "timeout" if isinstance(exc, TimeoutError)
+                    else "server" if isinstance(exc, ServerError)
+                    else "protocol" if isinstance(exc, ProtocolError)
+                    else "connect"
+                )
+                self._on_node_error(node_id, kind)
             if self._suspicion.mark(node_id, m.incarnation):
                 log.warning("memkv node %s failed (%s); skipping it for %.1fs", node_id, exc, self._suspicion.backoff_s)
             return exc
@@ -373,16 +386,22 @@ class ClusterClient:
 
         found = self._rounds(keys, candidates, run)
         if lease_ttl_s > 0:
-            self._leases.add_many((key, f[1]) for key, f in zip(keys, found) if f is not None)
+            members = view.members
+            self._leases.add_many(
+                (key, (f[1], members[f[1]].incarnation)) for key, f in zip(keys, found) if f is not None
+            )
         return [None if f is None else f[0] for f in found]
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Return one lease per key to the node that granted it; failures are retried in the background."""
         view = self._view
         owed: dict[str, list[OwedRelease]] = {}
-        for key, node_id in zip(keys, self._leases.take_many(keys)):
-            m = view.members.get(node_id) if node_id is not None else None
-            if m is not None and m.state not in (State.DEAD, State.LEFT):  # else its leases died with it
+        for key, grantor in zip(keys, self._leases.take_many(keys)):
+            if grantor is None:
+                continue
+            m = view.members.get(grantor[0])
+            # A dead, departed or restarted node holds none of the leases it granted.
+            if m is not None and m.state not in (State.DEAD, State.LEFT) and m.incarnation == grantor[1]:
                 owed.setdefault(m.node_id, []).append(OwedRelease(key, m.node_id, m.incarnation))
         self._release(view, owed)
 
@@ -406,7 +425,10 @@ class ClusterClient:
             else:
                 retry += items
         for node_id, result in self._fanout(tasks).items():
-            if isinstance(result, Exception):
+            # Retry only what surely did not land: a node lease is a shared refcount, so a
+            # release applied but answered late, then retried, would drop another client's
+            # lease. A timeout is left to the TTL.
+            if isinstance(result, ConnectError):
                 retry += owed[node_id]
         if retry and self._owed.owe(retry, time.monotonic()):
             log.warning("gave up releasing some leases after %d attempts (their TTL expires them)", MAX_ATTEMPTS)
@@ -441,6 +463,7 @@ class ClusterClient:
         """
         if limit <= 0:
             raise ValueError(f"list_keys: limit must be positive, got {limit}")
+        limit = min(limit, _MAX_LIST_PAGE)  # nodes refuse larger pages (their LIST limit)
         after = _decode_cursor(cursor) if cursor else b""
         view = self._view
         nodes = sorted(self._healthy_set(view))
@@ -452,6 +475,10 @@ class ClusterClient:
         merged: dict[bytes, int] = {}
         more = False
         results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
+        failed = [r for r in results.values() if isinstance(r, Exception)]
+        if nodes and len(failed) == len(nodes):
+            # An empty page would read as "no keys": say that nobody answered instead.
+            raise ConnectError(f"list_keys: no node answered ({failed[0]})")
         for result in results.values():
             if isinstance(result, Exception):
                 continue

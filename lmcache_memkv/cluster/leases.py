@@ -18,24 +18,27 @@ _FIRST_BACKOFF_S = 0.2
 _MAX_BACKOFF_S = 2.0
 
 
+Grantor = tuple[str, int]  # (node_id, incarnation): a restarted node holds none of the old leases
+
+
 class LeaseBook:
     def __init__(self) -> None:
-        self._held: dict[bytes, Counter[str]] = {}
+        self._held: dict[bytes, Counter[Grantor]] = {}
         self._lock = threading.Lock()
 
-    def add(self, key: bytes, node_id: str) -> None:
-        self.add_many([(key, node_id)])
+    def add(self, key: bytes, grantor: Grantor) -> None:
+        self.add_many([(key, grantor)])
 
-    def add_many(self, grants: Iterable[tuple[bytes, str]]) -> None:
-        """Record one lease per ``(key, node_id)``, under one lock acquisition."""
+    def add_many(self, grants: Iterable[tuple[bytes, Grantor]]) -> None:
+        """Record one lease per ``(key, (node_id, incarnation))``, under one lock acquisition."""
         with self._lock:
             held = self._held
-            for key, node_id in grants:
+            for key, grantor in grants:
                 counts = held.get(key)
                 if counts is None:
-                    held[key] = Counter({node_id: 1})
+                    held[key] = Counter({grantor: 1})
                 else:
-                    counts[node_id] += 1
+                    counts[grantor] += 1
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
         """``holders`` for each key, under one lock acquisition."""
@@ -47,37 +50,37 @@ class LeaseBook:
                 if not counts:
                     out.append([])
                 elif len(counts) == 1:
-                    out.append(list(counts))
+                    out.append([next(iter(counts))[0]])
                 else:
-                    out.append([n for n, _ in counts.most_common()])
+                    out.append(list(dict.fromkeys(g[0] for g, _ in counts.most_common())))
             return out
 
     def holders(self, key: bytes) -> list[str]:
         """Nodes holding a lease of ``key`` for this client, most leases first."""
         with self._lock:
             held = self._held.get(key)
-            return [n for n, _ in held.most_common()] if held else []
+            return list(dict.fromkeys(g[0] for g, _ in held.most_common())) if held else []
 
-    def take(self, key: bytes) -> str | None:
-        """Forget one lease of ``key``; the node that granted it (None: none held)."""
+    def take(self, key: bytes) -> Grantor | None:
+        """Forget one lease of ``key``; who granted it (None: none held)."""
         return self.take_many([key])[0]
 
-    def take_many(self, keys: Iterable[bytes]) -> list[str | None]:
+    def take_many(self, keys: Iterable[bytes]) -> list[Grantor | None]:
         """``take`` for each key, under one lock acquisition."""
-        out: list[str | None] = []
+        out: list[Grantor | None] = []
         with self._lock:
             for key in keys:
                 held = self._held.get(key)
                 if not held:
                     out.append(None)
                     continue
-                node_id = next(iter(held)) if len(held) == 1 else held.most_common(1)[0][0]
-                held[node_id] -= 1
-                if held[node_id] <= 0:
-                    del held[node_id]
+                grantor = next(iter(held)) if len(held) == 1 else held.most_common(1)[0][0]
+                held[grantor] -= 1
+                if held[grantor] <= 0:
+                    del held[grantor]
                 if not held:
                     del self._held[key]
-                out.append(node_id)
+                out.append(grantor)
         return out
 
     def count(self) -> int:

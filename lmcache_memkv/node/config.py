@@ -23,6 +23,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     frame_timeout_s: float = 10.0  # a peer that stalls mid-frame longer than this is dropped
     idle_timeout_s: float = 0.0  # 0: idle connections stay open
+    max_connections: int = 4096  # one thread each
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Control plane (gRPC): see lmcache_memkv.control.
     control_listen: str | None = None  # default: data port + 1
@@ -61,6 +62,8 @@ class NodeConfig:
         for name in ("frame_timeout_s", "drain_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
         if self.idle_timeout_s < 0:
             raise ValueError(f"idle_timeout_s must not be negative, got {self.idle_timeout_s}")
         if not self.heartbeat_interval_s < self.suspect_after_s < self.dead_after_s:

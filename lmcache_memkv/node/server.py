@@ -50,6 +50,7 @@ from lmcache_memkv.wire.messages import (
 from lmcache_memkv.wire.state import ServerProtocol
 
 log = logging.getLogger("memkv.node")
+_MAX_AUTH_META = 256  # u8 proof length + a 32-byte proof, with room to spare
 _POLL_MS = 200  # how often an idle connection checks for shutdown
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
 _LINGER_S = 1.0  # after an error frame: how long we keep reading so the peer gets to see it
@@ -160,6 +161,14 @@ class NodeServer:
             if self._accept_closed.is_set():  # raced with stop_accepting
                 sock.close()
                 return
+            with self._conns_lock:
+                full = len(self._conns) >= self.config.max_connections
+            if full:  # one thread per connection: refuse rather than let a flood exhaust the host
+                self.metrics.protocol_errors.labels(self._m_node, "too_many_connections").inc()
+                log.warning("refusing a connection from %s: %d open (--max-connections)", _peer(sock), self.config.max_connections)
+                self._send_error(sock, 0, ErrorCode.LIMIT, f"node has {self.config.max_connections} connections open; try later")
+                sock.close()
+                continue
             tune(sock)
             t = threading.Thread(target=self._serve_conn, args=(sock,), name="memkv-conn", daemon=True)
             with self._conns_lock:
@@ -202,6 +211,10 @@ class NodeServer:
                 header = decode_header(head, self.config.limits)
                 request_id = header.request_id
                 if not authed:
+                    if header.meta_len > _MAX_AUTH_META:  # an AUTH frame is tiny: read no more before it
+                        raise ProtocolError(
+                            f"frame of {header.meta_len} meta bytes before authentication", ErrorCode.AUTH_REQUIRED
+                        )
                     meta = recv_exact(sock, header.meta_len, deadline)
                     try:
                         reply = proto.on_auth(header, decode(header, meta, self.config.limits))
