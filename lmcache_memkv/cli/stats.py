@@ -7,7 +7,6 @@ every live member for its Status and sums them, so the table is one consistent r
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,50 +90,19 @@ def fetch_cluster_stats(pool: ChannelPool, endpoints: Sequence[str], timeout_s: 
     """Ask every endpoint at once and take the first answer; ConnectError naming each one tried."""
     import grpc
 
-    from lmcache_memkv.cluster.bootstrap import SERVERS_HINT
-    from lmcache_memkv.control.channel import describe_rpc_error
+    from lmcache_memkv.cluster.bootstrap import first_answer
     from lmcache_memkv.errors import ConnectError
     from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
 
-    endpoints = list(dict.fromkeys(endpoints))
-    lock = threading.Lock()
-    done = threading.Event()
-    errors: dict[str, str] = {}
-    answers: list[tuple[str, maintenance_pb2.ClusterStatsResponse]] = []
+    def call(channel: grpc.Channel, timeout: float) -> grpc.Future:
+        stub = maintenance_pb2_grpc.MaintenanceStub(channel)
+        return stub.ClusterStats.future(maintenance_pb2.ClusterStatsRequest(), timeout=timeout)
 
-    def finished(endpoint: str, future: grpc.Future) -> None:
-        with lock:
-            if future.cancelled():
-                errors[endpoint] = "cancelled"
-            elif future.exception() is not None:
-                errors[endpoint] = describe_rpc_error(future.exception())
-            else:
-                answers.append((endpoint, future.result()))
-            if answers or len(errors) == len(endpoints):
-                done.set()
-
-    calls: list[grpc.Future] = []
-    for endpoint in endpoints:
-        try:
-            stub = maintenance_pb2_grpc.MaintenanceStub(pool.get(endpoint))
-            future = stub.ClusterStats.future(maintenance_pb2.ClusterStatsRequest(), timeout=timeout_s)
-        except (ValueError, RuntimeError) as exc:
-            with lock:
-                errors[endpoint] = str(exc)
-                if len(errors) == len(endpoints):
-                    done.set()
-            continue
-        calls.append(future)
-        future.add_done_callback(lambda f, ep=endpoint: finished(ep, f))
-    done.wait(timeout_s + 0.5)
-    for future in calls:
-        future.cancel()
-    with lock:
-        if answers:
-            source, reply = answers[0]
-            return _from_proto(source, reply)
-        tried = "; ".join(f"{ep} ({errors.get(ep, f'no answer within {timeout_s:g}s')})" for ep in endpoints)
-    raise ConnectError(one_line(f"no MemKV control endpoint answered: tried {tried}; {SERVERS_HINT}"))
+    try:
+        reply, source = first_answer(pool, endpoints, call, lambda r: r, timeout_s)
+    except ConnectError as exc:
+        raise ConnectError(one_line(str(exc))) from None
+    return _from_proto(source, reply)
 
 
 def _from_proto(source: str, reply: maintenance_pb2.ClusterStatsResponse) -> ClusterStats:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -13,43 +14,47 @@ from lmcache_memkv.control.member import Member
 from lmcache_memkv.errors import ConnectError
 from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc
 
+R = TypeVar("R")
 SERVERS_HINT = (
     'check MEMKV_SERVERS / the adapter\'s "servers" field: it lists control endpoints HOST:PORT '
     "of `memkv node` (by default the data port + 1)"
 )
 
 
-def fetch_view(pool: ChannelPool, servers: Sequence[str], timeout_s: float) -> tuple[int, list[Member], str]:
-    """Epoch, members and the endpoint that answered first; ConnectError naming every server if none did."""
+def first_answer(
+    pool: ChannelPool,
+    servers: Sequence[str],
+    call: Callable[[grpc.Channel, float], grpc.Future],
+    accept: Callable[[Any], R],
+    timeout_s: float,
+) -> tuple[R, str]:
+    """Ask every control endpoint at once (``call``) and return the first reply ``accept`` takes
+    (it raises ValueError to refuse one), with the endpoint that gave it. If none does within
+    ``timeout_s``: ConnectError naming every endpoint tried and why."""
     servers = list(dict.fromkeys(servers))  # a repeated endpoint is asked once
     done = threading.Event()
     lock = threading.Lock()
     errors: dict[str, str] = {}
-    answer: list[tuple[int, list[Member], str]] = []
+    answer: list[tuple[R, str]] = []
 
     def finished(endpoint: str, future: grpc.Future) -> None:
-        exc = future.exception() if not future.cancelled() else None
         with lock:
             if future.cancelled():
                 errors[endpoint] = "cancelled"
-            elif exc is not None:
-                errors[endpoint] = describe_rpc_error(exc)
-            else:
-                reply: cluster_pb2.MemberListResponse = future.result()
+            elif future.exception() is not None:
+                errors[endpoint] = describe_rpc_error(future.exception())
+            elif not answer:
                 try:
-                    epoch, members = view_from_proto(reply.view)
-                    if not answer:
-                        answer.append((epoch, members, endpoint))
+                    answer.append((accept(future.result()), endpoint))
                 except ValueError as bad:
-                    errors[endpoint] = f"malformed view: {bad}"
+                    errors[endpoint] = f"malformed reply: {bad}"
             if answer or len(errors) == len(servers):
                 done.set()
 
     calls = []
     for endpoint in servers:
         try:
-            stub = cluster_pb2_grpc.ClusterStub(pool.get(endpoint))
-            future = stub.MemberList.future(cluster_pb2.MemberListRequest(), timeout=timeout_s)
+            future = call(pool.get(endpoint), timeout_s)
         except (ValueError, RuntimeError) as exc:  # e.g. an endpoint gRPC cannot parse
             with lock:
                 errors[endpoint] = str(exc)
@@ -66,3 +71,13 @@ def fetch_view(pool: ChannelPool, servers: Sequence[str], timeout_s: float) -> t
             return answer[0]
         tried = "; ".join(f"{ep} ({errors.get(ep, f'no answer within {timeout_s:g}s')})" for ep in servers)
     raise ConnectError(f"no MemKV control endpoint answered: tried {tried}; {SERVERS_HINT}")
+
+
+def fetch_view(pool: ChannelPool, servers: Sequence[str], timeout_s: float) -> tuple[int, list[Member], str]:
+    """Epoch, members and the endpoint that answered first; ConnectError naming every server if none did."""
+
+    def call(channel: grpc.Channel, timeout: float) -> grpc.Future:
+        return cluster_pb2_grpc.ClusterStub(channel).MemberList.future(cluster_pb2.MemberListRequest(), timeout=timeout)
+
+    (epoch, members), endpoint = first_answer(pool, servers, call, lambda reply: view_from_proto(reply.view), timeout_s)
+    return epoch, members, endpoint
