@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +105,20 @@ def test_leases_are_taken_where_found_and_released_there(client: ClusterClient, 
     client.release([key])  # one more than held: nothing to return, no error
     assert _node(cluster, holder).server.stats()["leases"] == 0
     assert client.health()["leases_held"] == 0
+
+
+def test_a_lease_is_never_released_to_a_later_life_of_its_node(client: ClusterClient, cluster: InProcCluster) -> None:
+    key = b"reborn"
+    assert client.put([key], [b"v"]) == [True]
+    assert client.exists([key], lease_ttl_s=30) == [1]
+    holder = client.placement(key)[0]
+    # The view now says the holder restarted: the lease died with its old life, and a release
+    # sent to the new one would drop a lease some other client holds there.
+    members = [dataclasses.replace(m, incarnation=m.incarnation + 1) if m.node_id == holder else m for m in client.members()]
+    client._apply(client.epoch + 1, members)
+    client.release([key])
+    assert _node(cluster, holder).server.stats()["leases"] == 1  # nothing was sent
+    assert client.health()["leases_held"] == 0 and client.health()["releases_owed"] == 0
 
 
 def test_delete_removes_every_copy(client: ClusterClient, cluster: InProcCluster) -> None:
