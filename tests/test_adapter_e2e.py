@@ -184,3 +184,26 @@ def test_lmcache_bench_l2_verifies_every_key_and_lookups_hit(node_factory: NodeF
         assert op["total_success"] == op["total_keys"] == 192, op
         assert op["rounds_timed_out"] == 0
     assert ops["Lookup"]["actual_hit_rate"] == 1.0
+
+
+def test_with_two_replicas_a_dead_memory_host_loses_nothing(node_factory: NodeFactory, sidecar_factory: SidecarFactory) -> None:
+    first = node_factory(capacity="128MiB")
+    assert first.control
+    others = [node_factory(capacity="128MiB", args=["--seed", first.control]) for _ in range(2)]
+    nodes = [first, *others]
+    sidecar = sidecar_factory(small_l1(memkv_adapter(first, replicas=2, timeout_s=1.0)))
+    deadline = time.monotonic() + 30
+    while sidecar.metric("memkv_l2_members", state="ALIVE") < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sidecar.metric("memkv_l2_members", state="ALIVE") == 3
+    with Workload(sidecar, WorkloadConfig(seed=71, l1_headroom=0.75)) as wl:
+        stored = wl.store(8, 1024)
+        assert stored.ok, stored
+        sidecar.admin.wait_events_settled()
+        assert sum(n.client().stats()["keys"] for n in nodes) == 64  # 32 chunks, two copies each
+        victim = max(nodes[1:], key=lambda n: n.client().stats()["keys"])
+        victim.kill()
+        got = wl.retrieve(stored.requests)
+        assert got.ok, got  # every chunk still came back, byte for byte
+        assert (got.chunks_verified, got.mismatches, got.misses) == (32, 0, 0)
+    assert sidecar.alive()

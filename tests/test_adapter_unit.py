@@ -112,14 +112,14 @@ def test_event_fds_are_distinct(adapter: MemKVL2Adapter) -> None:
     assert len(fds) == 3
 
 
-def test_unlock_with_a_key_twice_releases_only_what_is_held(adapter: MemKVL2Adapter, cluster: RecordingCluster) -> None:
+def test_unlocks_reach_the_cluster_client_off_lmcache_s_thread(adapter: MemKVL2Adapter, cluster: RecordingCluster) -> None:
+    # Which of these hold a lease (and where) is the cluster client's book (tested with it).
     cluster.values[adapter._wire([key(1)])[0]] = b"x"
-    assert lookup(adapter, [key(1)]) == [True]  # one lock held
+    assert lookup(adapter, [key(1)]) == [True]
     adapter.submit_unlock([key(1), key(1)])
-    adapter.submit_unlock([key(1)])
-    assert adapter.report_status()["leases_held"] == 0
+    adapter.submit_unlock([])
     adapter._misc_pool.submit(lambda: None).result(5)  # unlocks run in order on that pool
-    assert cluster.released == adapter._wire([key(1)])  # released once, not three times
+    assert cluster.released == adapter._wire([key(1), key(1)])
 
 
 def test_a_lookup_that_cannot_even_be_encoded_is_still_answered(adapter: MemKVL2Adapter) -> None:

@@ -327,6 +327,18 @@ def test_lease_book_is_a_multiset_per_key_and_grantor() -> None:
     assert book.count() == 0 and book.take(b"k") is None
 
 
+def test_lease_records_expire_with_their_ttl() -> None:
+    book = LeaseBook()
+    book.add_many([(b"a", ("n", 1)), (b"b", ("n", 1))], until=10.0)
+    book.add(b"a", ("n", 1), until=20.0)  # renewed: lives to the latest grant, as on the node
+    assert book.expire(9.9) == 0
+    assert book.expire(10.0) == 1 and book.holders(b"b") == [] and book.count() == 2
+    assert book.expire(20.0) == 2 and book.count() == 0
+    book.add(b"c", ("n", 1), until=5.0)
+    assert book.take(b"c") == ("n", 1)
+    assert book.expire(100.0) == 0  # released before it ran out: nothing left to drop
+
+
 def test_release_queue_backs_off_and_gives_up() -> None:
     q = ReleaseQueue()
     item = OwedRelease(b"k", "a", 1)

@@ -118,8 +118,6 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._done_store: dict[L2TaskId, L2StoreResult] = {}
         self._done_lookup: dict[L2TaskId, Bitmap] = {}
         self._done_load: dict[L2TaskId, Bitmap] = {}
-        self._locked: Counter[ObjectKey] = Counter()
-        self._held = 0  # sum of _locked's counts, kept as we go
         self._inflight = 0
         self._closed = False
         self._efds_closed = False
@@ -270,11 +268,8 @@ class MemKVL2Adapter(L2AdapterInterface):
             at += len(task.keys)
             hits += len(found)
             with self._lock:
-                self._locked.update(found)
-                self._held += len(found)
                 self._done_lookup[task.tid] = bitmap
             self._finish("lookup", task.started)
-        self._m.leases_held.set(self._held)
         self._m.ops.labels("lookup", outcome).inc(len(tasks))
         self._m.keys.labels("lookup", "hit").inc(hits)
         self._m.keys.labels("lookup", "miss").inc(total - hits)
@@ -285,19 +280,10 @@ class MemKVL2Adapter(L2AdapterInterface):
             return self._done_lookup.pop(task_id, None)
 
     def submit_unlock(self, keys: list[ObjectKey]) -> None:
-        held: list[ObjectKey] = []
-        with self._lock:
-            for k in keys:  # one key at a time: a key may appear twice in one unlock
-                if self._locked.get(k, 0) > 0:
-                    held.append(k)
-                    self._locked[k] -= 1
-                    if not self._locked[k]:
-                        del self._locked[k]
-            self._held -= len(held)
-            total = self._held
-        self._m.leases_held.set(total)
-        if held:
-            self._submit(self._misc_pool, self._run_unlock, held)
+        # The cluster client knows which leases this process holds and where: keys it holds
+        # none for (or holds fewer times than asked) cost nothing.
+        if keys:
+            self._submit(self._misc_pool, self._run_unlock, keys)
 
     def _run_unlock(self, keys: list[ObjectKey]) -> None:
         # The cluster client retries until the release lands (bounded); the TTL is the backstop.
@@ -414,6 +400,7 @@ class MemKVL2Adapter(L2AdapterInterface):
             try:
                 self._usage = self._read_usage()
                 self._m.view_epoch.set(self._cluster.epoch)
+                self._m.leases_held.set(self._cluster.health().get("leases_held", 0))
                 states: Counter[str] = Counter(m.state for m in self._cluster.members())
                 for state in ("ALIVE", "SUSPECT", "DEAD", "LEFT"):
                     self._m.members.labels(state).set(states.get(state, 0))
@@ -436,7 +423,6 @@ class MemKVL2Adapter(L2AdapterInterface):
         epoch = self._cluster.epoch
         with self._lock:
             inflight = self._inflight
-            held = self._held
         usage = self._usage
         servers = ",".join(self._settings.servers)
         return {
@@ -456,7 +442,7 @@ class MemKVL2Adapter(L2AdapterInterface):
             "members_up": up,
             "members_down": len(members) - up,
             "members": {m.node_id: str(m.state) for m in members},
-            "leases_held": held,
+            "leases_held": health.get("leases_held", 0),
             "tasks_in_flight": inflight,
             "used_bytes": usage.total_bytes_used,
             "capacity_bytes": usage.total_capacity_bytes,

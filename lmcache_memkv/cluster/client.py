@@ -387,8 +387,9 @@ class ClusterClient:
         found = self._rounds(keys, candidates, run)
         if lease_ttl_s > 0:
             members = view.members
+            until = time.monotonic() + lease_ttl_s
             self._leases.add_many(
-                (key, (f[1], members[f[1]].incarnation)) for key, f in zip(keys, found) if f is not None
+                ((key, (f[1], members[f[1]].incarnation)) for key, f in zip(keys, found) if f is not None), until
             )
         return [None if f is None else f[0] for f in found]
 
@@ -547,6 +548,7 @@ class ClusterClient:
             try:
                 if self._watcher is not None:
                     self._watcher.check_stale()
+                self._leases.expire(time.monotonic())
                 due = self._owed.due(time.monotonic())
                 if due:
                     view = self._view

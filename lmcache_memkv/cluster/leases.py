@@ -8,6 +8,8 @@ attempts run out; the lease TTL on the node is the backstop.
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -22,15 +24,22 @@ Grantor = tuple[str, int]  # (node_id, incarnation): a restarted node holds none
 
 
 class LeaseBook:
+    """Per key, who granted this client's leases, until the leases' TTL: past it the node has
+    let them go, so a record that was never released (an unlock that never came) is dropped
+    too, by ``expire``, rather than kept for ever."""
+
     def __init__(self) -> None:
         self._held: dict[bytes, Counter[Grantor]] = {}
+        self._until: dict[bytes, float] = {}  # key -> latest grant's expiry (the node's rule too)
+        self._deadlines: list[tuple[float, bytes]] = []  # heap; stale entries are skipped
         self._lock = threading.Lock()
 
-    def add(self, key: bytes, grantor: Grantor) -> None:
-        self.add_many([(key, grantor)])
+    def add(self, key: bytes, grantor: Grantor, until: float = math.inf) -> None:
+        self.add_many([(key, grantor)], until)
 
-    def add_many(self, grants: Iterable[tuple[bytes, Grantor]]) -> None:
-        """Record one lease per ``(key, (node_id, incarnation))``, under one lock acquisition."""
+    def add_many(self, grants: Iterable[tuple[bytes, Grantor]], until: float = math.inf) -> None:
+        """Record one lease per ``(key, (node_id, incarnation))`` expiring at ``until``
+        (monotonic seconds), under one lock acquisition."""
         with self._lock:
             held = self._held
             for key, grantor in grants:
@@ -39,6 +48,21 @@ class LeaseBook:
                     held[key] = Counter({grantor: 1})
                 else:
                     counts[grantor] += 1
+                if until > self._until.get(key, -math.inf):
+                    self._until[key] = until
+                    if until != math.inf:
+                        heapq.heappush(self._deadlines, (until, key))
+
+    def expire(self, now: float) -> int:
+        """Forget the keys whose every lease has run out its TTL; how many were dropped."""
+        dropped = 0
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                until, key = heapq.heappop(self._deadlines)
+                if self._until.get(key) == until:  # not renewed since
+                    del self._until[key]
+                    dropped += sum(self._held.pop(key, Counter()).values())
+        return dropped
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
         """``holders`` for each key, under one lock acquisition."""
@@ -80,6 +104,7 @@ class LeaseBook:
                     del held[grantor]
                 if not held:
                     del self._held[key]
+                    self._until.pop(key, None)
                 out.append(grantor)
         return out
 
