@@ -106,7 +106,8 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._settings = s
         self._prefix = s.prefix
         self._transport = _choose_transport(s)
-        self._l1 = l1_memory_desc
+        # l1_memory_desc (the L1 pool's address range) is what a verbs data path registers once;
+        # the TCP data plane reads and writes L1 pages through MemoryObj views and needs nothing from it.
         self._cluster = cluster if cluster is not None else _connect(s)
         self._m = get_metrics()
 
