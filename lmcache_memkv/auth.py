@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 KEY_BYTES = 32
-_DATA_CONTEXT = b"memkv-data-auth-v1"
+_CLIENT_CONTEXT = b"memkv-data-client-v2"
+_NODE_CONTEXT = b"memkv-data-node-v2"
 
 
 def parse_key(text: str, *, source: str = "MEMKV_AUTH_KEY") -> bytes:
@@ -45,9 +46,21 @@ def new_key_hex() -> str:
     return os.urandom(KEY_BYTES).hex()
 
 
-def data_proof(key: bytes, nonce: bytes) -> bytes:
-    """The client's answer to a node's data-plane challenge."""
-    return hmac.new(key, _DATA_CONTEXT + nonce, hashlib.sha256).digest()
+def _transcript(context: bytes, node_nonce: bytes, client_nonce: bytes, node_id: str) -> bytes:
+    return b"\0".join((context, node_nonce, client_nonce, node_id.encode()))
+
+
+def data_client_proof(key: bytes, node_nonce: bytes, client_nonce: bytes, node_id: str) -> bytes:
+    """The client's answer to a node's data-plane challenge (bound to both nonces and the node)."""
+    return hmac.new(key, _transcript(_CLIENT_CONTEXT, node_nonce, client_nonce, node_id), hashlib.sha256).digest()
+
+
+def data_node_proof(key: bytes, node_nonce: bytes, client_nonce: bytes, node_id: str) -> bytes:
+    """The node's answer to the client's challenge: the client learns the node holds the key too.
+
+    A different context from the client's proof, so neither side can reflect the other's.
+    """
+    return hmac.new(key, _transcript(_NODE_CONTEXT, node_nonce, client_nonce, node_id), hashlib.sha256).digest()
 
 
 def verify(expected: bytes, got: bytes) -> bool:

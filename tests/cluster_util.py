@@ -13,6 +13,7 @@ from lmcache_memkv.control.channel import open_channel
 from lmcache_memkv.control.convert import view_from_proto
 from lmcache_memkv.control.member import Member
 from lmcache_memkv.control.node_service import ControlPlane, start_control_plane
+from lmcache_memkv.control.response_auth import MEMBER_LIST, check_reply, fresh_nonce
 from lmcache_memkv.node.config import NodeConfig
 from lmcache_memkv.node.server import NodeServer
 from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc
@@ -43,9 +44,12 @@ def wait_until(what: str, predicate: Callable[[], T], timeout_s: float, interval
 
 
 def member_list(endpoint: str, key: bytes | None = None, timeout_s: float = 2.0) -> tuple[int, list[Member]]:
+    """The node's view; with a key, only if its answer proves that key (else ReplyRefused)."""
     channel = open_channel(endpoint, key)
     try:
-        reply = cluster_pb2_grpc.ClusterStub(channel).MemberList(cluster_pb2.MemberListRequest(), timeout=timeout_s)
+        request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
+        reply = cluster_pb2_grpc.ClusterStub(channel).MemberList(request, timeout=timeout_s)
+        check_reply(key, MEMBER_LIST, request, reply)
         return view_from_proto(reply.view)
     finally:
         channel.close()
@@ -67,8 +71,9 @@ def raw_call(
     raise AssertionError(f"{method} accepted {payload!r}")
 
 
-def signed(key: bytes, method: str) -> list[tuple[str, str]]:
-    return proof_metadata(key, method)
+def signed(key: bytes, method: str, target: str, body: bytes = b"") -> list[tuple[str, str]]:
+    """Metadata proving ``key`` for one call of ``method`` with ``body`` to the node dialed as ``target``."""
+    return proof_metadata(key, method, target, body)
 
 
 class InProcNode:

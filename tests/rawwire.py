@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -11,7 +12,9 @@ from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
 from lmcache_memkv.wire.limits import Limits
 from lmcache_memkv.wire.messages import Auth, AuthOk, ErrorFrame, Hello, Message, decode, encode
 
-LOOSE = Limits(max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20)
+LOOSE = Limits(
+    max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20, max_payload_len=1 << 42
+)
 _HEADER = struct.Struct("!2sBBIIQ")
 
 
@@ -44,19 +47,32 @@ def read_frame_head(sock: socket.socket) -> tuple[Header, Message, int]:
     return header, decode(header, recv_all(sock, header.meta_len), LOOSE), header.payload_len
 
 
+def auth_frame(hello: Hello, key: bytes | None, client_id: bytes | None = None) -> bytes:
+    """The AUTH a well-behaved client sends in answer to ``hello``."""
+    client_nonce = os.urandom(32)
+    proof = auth.data_client_proof(key, hello.nonce, client_nonce, hello.node_id) if key is not None else b""
+    return encode(Auth(client_nonce=client_nonce, client_id=client_id or os.urandom(16), proof=proof), 0)
+
+
 def connect(
-    address: tuple[str, int], key: bytes | None = None, timeout_s: float = 5.0, rcvbuf: int | None = None
+    address: tuple[str, int],
+    key: bytes | None = None,
+    timeout_s: float = 5.0,
+    rcvbuf: int | None = None,
+    client_id: bytes | None = None,
+    source: str | None = None,
 ) -> socket.socket:
-    """A raw connection past the handshake (HELLO, AUTH, AUTH_OK)."""
+    """A raw connection past the handshake (HELLO, AUTH, AUTH_OK); ``source`` binds a local address."""
     sock = socket.socket()
     if rcvbuf is not None:  # before connect, so the advertised window is small from the start
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source is not None:
+        sock.bind((source, 0))
     sock.settimeout(timeout_s)
     sock.connect(address)
     _, hello, _ = read_frame(sock)
     assert isinstance(hello, Hello)
-    proof = auth.data_proof(key, hello.nonce) if key is not None else b""
-    sock.sendall(encode(Auth(proof=proof), 0))
+    sock.sendall(auth_frame(hello, key, client_id))
     _, ok, _ = read_frame(sock)
     assert isinstance(ok, AuthOk), ok
     return sock

@@ -124,7 +124,7 @@ def test_a_lease_is_never_released_to_a_later_life_of_its_node(client: ClusterCl
 def test_delete_removes_every_copy(client: ClusterClient, cluster: InProcCluster) -> None:
     keys = [b"del-1", b"del-2"]
     assert client.put(keys, [b"a", b"b"]) == [True, True]
-    assert client.delete([*keys, b"del-absent"]) == [True, True, False]
+    assert client.delete([*keys, b"del-absent"]) == [True, True, True]  # durable: every member confirmed
     for n in cluster.nodes:
         with NodeClient(n.data, KEY) as nc:
             assert nc.exists(keys) == [None, None]
@@ -314,34 +314,34 @@ def test_local_suspicion_back_off_and_incarnation() -> None:
     assert s.healthy("a", 1) and s.suspected() == {}
 
 
-def test_lease_book_is_a_multiset_per_key_and_grantor() -> None:
+def test_lease_book_keeps_every_lease_id_per_key_and_grantor() -> None:
     book = LeaseBook()
-    book.add(b"k", ("a", 1))
-    book.add(b"k", ("a", 1))
-    book.add(b"k", ("b", 7))
-    book.add(b"k", ("a", 2))  # the same node after a restart: a different grantor
+    book.add(b"k", ("a", 1), 11)
+    book.add(b"k", ("a", 1), 12)
+    book.add(b"k", ("b", 7), 13)
+    book.add(b"k", ("a", 2), 14)  # the same node after a restart: a different grantor
     assert book.count() == 4 and book.holders(b"k") == ["a", "b"]
     assert book.holders_many([b"k", b"none"]) == [["a", "b"], []]
     taken = sorted(filter(None, (book.take(b"k") for _ in range(5))))
-    assert taken == [("a", 1), ("a", 1), ("a", 2), ("b", 7)]
+    assert taken == [(("a", 1), 11), (("a", 1), 12), (("a", 2), 14), (("b", 7), 13)]
     assert book.count() == 0 and book.take(b"k") is None
 
 
 def test_lease_records_expire_with_their_ttl() -> None:
     book = LeaseBook()
-    book.add_many([(b"a", ("n", 1)), (b"b", ("n", 1))], until=10.0)
-    book.add(b"a", ("n", 1), until=20.0)  # renewed: lives to the latest grant, as on the node
+    book.add_many([(b"a", ("n", 1), 1), (b"b", ("n", 1), 2)], until=10.0)
+    book.add(b"a", ("n", 1), 3, until=20.0)  # renewed: the key's records live to the latest grant
     assert book.expire(9.9) == 0
     assert book.expire(10.0) == 1 and book.holders(b"b") == [] and book.count() == 2
     assert book.expire(20.0) == 2 and book.count() == 0
-    book.add(b"c", ("n", 1), until=5.0)
-    assert book.take(b"c") == ("n", 1)
+    book.add(b"c", ("n", 1), 4, until=5.0)
+    assert book.take(b"c") == (("n", 1), 4)
     assert book.expire(100.0) == 0  # released before it ran out: nothing left to drop
 
 
 def test_release_queue_backs_off_and_gives_up() -> None:
     q = ReleaseQueue()
-    item = OwedRelease(b"k", "a", 1)
+    item = OwedRelease(77, "a", 1)
     now = 0.0
     dropped = 0
     tries = 0

@@ -183,13 +183,20 @@ def _fail_and_read(
     in_view: list[float] = []
     after: list[float] = []
     puts: list[float] = []
+    unacked = 0
     while True:
         state = {m.node_id: str(m.state) for m in client.members()}[victim.node_id]
         times = _read_all(client, keys, values, batch=24)
         (in_view if state in ("ALIVE", "SUSPECT") else after).extend(times)
+        key = f"during-{len(puts)}".encode()
+        on_victim = victim.node_id in client.placement(key)[:2]
         started = time.monotonic()
-        assert client.put([f"during-{len(puts)}".encode()], [b"v"]) == [True]
+        ok = client.put([key], [b"v"]) == [True]
         puts.append(time.monotonic() - started)
+        # Until the cluster declares it DEAD, a write placed on the failed node cannot be
+        # acknowledged (that replica neither stored it nor dropped the old value); others are.
+        assert ok or on_victim, f"{key!r} does not involve the failed node, yet was not acknowledged"
+        unacked += 0 if ok else 1
         if state == "DEAD" and after:
             break
         assert time.monotonic() - failed_at < 15, "the client never saw the victim DEAD"
@@ -197,6 +204,7 @@ def _fail_and_read(
         f"\n{how} of the watched node: {len(in_view)} get_into calls (24 keys) while it was still ALIVE/SUSPECT "
         f"in the view: max {max(in_view) * 1000:.0f}ms, median {sorted(in_view)[len(in_view) // 2] * 1000:.1f}ms; "
         f"{len(after)} after DEAD: max {max(after) * 1000:.0f}ms; puts max {max(puts) * 1000:.0f}ms "
+        f"({unacked} of {len(puts)} unacknowledged while it was in placement) "
         f"(timeout {CLIENT_TIMEOUT_S}s); the client's view showed DEAD after {time.monotonic() - failed_at:.2f}s"
     )
     assert in_view, "no call was made while the failed node was still in the view"

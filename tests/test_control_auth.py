@@ -25,6 +25,7 @@ from lmcache_memkv.control.auth import HEADER, ProofChecker, session_proof, sign
 from lmcache_memkv.control.channel import open_channel
 from lmcache_memkv.control.convert import member_to_proto
 from lmcache_memkv.control.member import Member, State
+from lmcache_memkv.control.response_auth import check_reply, fresh_nonce
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc, session_pb2, session_pb2_grpc
 from lmcache_memkv.wire.constants import VERSION
@@ -41,19 +42,25 @@ HEARTBEAT = "/memkv.v1.Cluster/Heartbeat"
 
 def test_proof_round_trip_and_refusals() -> None:
     now = 1_800_000_000.0
-    checker = ProofChecker(KEY, window_s=30, clock=lambda: now)
-    good = sign(KEY, JOIN, now=now)
-    assert checker.check(JOIN, good) is None
-    assert checker.check(JOIN, good) == "auth proof replayed"
-    assert "wrong auth key" in (checker.check(JOIN, sign(OTHER_KEY, JOIN, now=now)) or "")
-    assert "wrong auth key" in (checker.check(MEMBER_LIST, sign(KEY, JOIN, now=now)) or "")  # bound to the method
-    assert "stale" in (checker.check(JOIN, sign(KEY, JOIN, now=now - 31)) or "")
-    assert "stale" in (checker.check(JOIN, sign(KEY, JOIN, now=now + 31)) or "")
-    assert checker.check(JOIN, sign(KEY, JOIN, now=now - 29)) is None
-    assert "requires an auth key" in (checker.check(JOIN, None) or "")
-    for junk in ("", "v1", "v2.1.2.3", "v1.x.y.z", "v1.1.2", "v1.1.ab.cd.ef"):
-        assert checker.check(JOIN, junk) is not None, junk
-    assert ProofChecker(None).check(JOIN, None) is None  # no key configured: open
+    me, other = "127.0.0.1:9901", "127.0.0.1:9903"
+    checker = ProofChecker(KEY, {me}, window_s=30, clock=lambda: now)
+    body = b"join body"
+    good = sign(KEY, JOIN, me, body, now=now)
+    assert good.startswith("v2.")
+    assert checker.check(JOIN, good, body) is None
+    assert checker.check(JOIN, good, body) == "auth proof replayed"
+    assert "wrong auth key" in (checker.check(JOIN, sign(OTHER_KEY, JOIN, me, body, now=now), body) or "")
+    # Bound to the method, the body and the target.
+    assert "wrong auth key" in (checker.check(MEMBER_LIST, sign(KEY, JOIN, me, body, now=now), body) or "")
+    assert "wrong auth key" in (checker.check(JOIN, sign(KEY, JOIN, me, body, now=now), b"forged body") or "")
+    assert "not for this node" in (checker.check(JOIN, sign(KEY, JOIN, other, body, now=now), body) or "")
+    assert "stale" in (checker.check(JOIN, sign(KEY, JOIN, me, body, now=now - 31), body) or "")
+    assert "stale" in (checker.check(JOIN, sign(KEY, JOIN, me, body, now=now + 31), body) or "")
+    assert checker.check(JOIN, sign(KEY, JOIN, me, body, now=now - 29), body) is None
+    assert "requires an auth key" in (checker.check(JOIN, None, body) or "")
+    for junk in ("", "v1", "v2.1.2.3", "v1.x.y.z", "v1.1.2", "v1.1.ab.cd.ef", good.replace("v2.", "v1.", 1)):
+        assert checker.check(JOIN, junk, body) is not None, junk
+    assert ProofChecker(None, set()).check(JOIN, None, body) is None  # no key configured: open
 
 
 # ---------------------------------------------------------------------- against a node
@@ -92,18 +99,21 @@ def test_unauthenticated_calls_are_refused_and_change_nothing(
 ) -> None:
     epoch_before, members_before = member_list(keyed_node.control, KEY)
     join = _intruder().SerializeToString()
+    me = keyed_node.control
     cases = {
         "no proof": [],
-        "wrong key": signed(OTHER_KEY, JOIN),
-        "proof for another method": signed(KEY, MEMBER_LIST),
-        "stale proof": [(HEADER, sign(KEY, JOIN, now=time.time() - 120))],
+        "wrong key": signed(OTHER_KEY, JOIN, me, join),
+        "proof for another method": signed(KEY, MEMBER_LIST, me, join),
+        "proof for another body": signed(KEY, JOIN, me, b""),
+        "proof for another node": signed(KEY, JOIN, "127.0.0.1:1", join),
+        "stale proof": [(HEADER, sign(KEY, JOIN, me, join, now=time.time() - 120))],
         "malformed proof": [(HEADER, "v1.garbage")],
     }
     for what, metadata in cases.items():
         exc = raw_call(bare_channel, JOIN, join, metadata)
         assert _code(exc) is grpc.StatusCode.UNAUTHENTICATED, what
     # A replayed proof: the first use works, the second is refused.
-    replay = signed(KEY, MEMBER_LIST)
+    replay = signed(KEY, MEMBER_LIST, me)
     stub = cluster_pb2_grpc.ClusterStub(bare_channel)
     stub.MemberList(cluster_pb2.MemberListRequest(), metadata=replay, timeout=2)
     with pytest.raises(grpc.RpcError) as info:
@@ -115,6 +125,9 @@ def test_unauthenticated_calls_are_refused_and_change_nothing(
         next(iter(stub.Watch(cluster_pb2.WatchRequest(), timeout=2)))
     assert _code(info.value) is grpc.StatusCode.UNAUTHENTICATED
     assert _code(raw_call(bare_channel, "/memkv.v1.Cluster/Nope", b"")) is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(stub.Watch(cluster_pb2.WatchRequest(), metadata=signed(KEY, MEMBER_LIST, me), timeout=2)))
+    assert _code(info.value) is grpc.StatusCode.UNAUTHENTICATED  # a proof for another method
     epoch_after, members_after = member_list(keyed_node.control, KEY)
     assert "intruder" not in {m.node_id for m in members_after}
     assert {m.identity for m in members_after} == {m.identity for m in members_before}
@@ -123,25 +136,27 @@ def test_unauthenticated_calls_are_refused_and_change_nothing(
 
 def test_garbage_requests_are_rejected_cleanly(keyed_node: InProcNode, bare_channel: grpc.Channel) -> None:
     # Bytes that are no protobuf at all (field 0 / wire type 7).
+    me = keyed_node.control
+    garbage = b"\xff\xff\xff\xff\x0f"
     for method in (JOIN, HEARTBEAT, MEMBER_LIST, "/memkv.v1.Maintenance/Status", "/memkv.v1.Session/Hello"):
-        exc = raw_call(bare_channel, method, b"\xff\xff\xff\xff\x0f", signed(KEY, method))
+        exc = raw_call(bare_channel, method, garbage, signed(KEY, method, me, garbage))
         assert _code(exc) is grpc.StatusCode.INVALID_ARGUMENT, method
         assert "does not parse" in (exc.details() or "")  # type: ignore[attr-defined]
     # Well-formed protobuf with the wrong meaning: a heartbeat without a sender, a bad endpoint.
-    exc = raw_call(bare_channel, HEARTBEAT, cluster_pb2.HeartbeatRequest().SerializeToString(), signed(KEY, HEARTBEAT))
+    exc = raw_call(bare_channel, HEARTBEAT, b"", signed(KEY, HEARTBEAT, me))
     assert _code(exc) is grpc.StatusCode.INVALID_ARGUMENT
     bad = _intruder()
     bad.member.control_endpoint = "no-port"
-    exc = raw_call(bare_channel, JOIN, bad.SerializeToString(), signed(KEY, JOIN))
+    exc = raw_call(bare_channel, JOIN, bad.SerializeToString(), signed(KEY, JOIN, me, bad.SerializeToString()))
     assert _code(exc) is grpc.StatusCode.INVALID_ARGUMENT
     # A request another node's id: refused, not merged.
     clash = _intruder()
     clash.member.node_id = keyed_node.node_id
-    exc = raw_call(bare_channel, JOIN, clash.SerializeToString(), signed(KEY, JOIN))
+    exc = raw_call(bare_channel, JOIN, clash.SerializeToString(), signed(KEY, JOIN, me, clash.SerializeToString()))
     assert _code(exc) is grpc.StatusCode.FAILED_PRECONDITION
     # Unknown methods, authenticated: UNIMPLEMENTED.
     for method in ("/memkv.v1.Cluster/Nope", "/etcdserverpb.KV/Range"):
-        assert _code(raw_call(bare_channel, method, b"", signed(KEY, method))) is grpc.StatusCode.UNIMPLEMENTED
+        assert _code(raw_call(bare_channel, method, b"", signed(KEY, method, me))) is grpc.StatusCode.UNIMPLEMENTED
     # Not gRPC at all on the control port.
     host, port = parse_endpoint(keyed_node.control)
     for junk in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(64)):
@@ -282,7 +297,9 @@ def member_list_tls(endpoint: str, ca: str) -> list[Member]:
 
     channel = open_channel(endpoint, KEY, tls_ca=ca)
     try:
-        reply = cluster_pb2_grpc.ClusterStub(channel).MemberList(cluster_pb2.MemberListRequest(), timeout=2)
+        request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
+        reply = cluster_pb2_grpc.ClusterStub(channel).MemberList(request, timeout=2)
+        check_reply(KEY, MEMBER_LIST, request, reply)
         return view_from_proto(reply.view)[1]
     finally:
         channel.close()

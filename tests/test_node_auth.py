@@ -1,19 +1,22 @@
-"""HMAC challenge-response on the data plane: good key, missing key, wrong key, key file, pre-auth requests."""
+"""Mutual HMAC challenge-response on the data plane: good, missing and wrong keys, key file, pre-auth
+requests, and a client that refuses keyless and impostor nodes."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import rawwire
 from nodeproc import NodeFactory, memkv_command, node_env
 
-from lmcache_memkv import auth
+from lmcache_memkv.client import NodeClient
 from lmcache_memkv.errors import AuthError
 from lmcache_memkv.wire.constants import ErrorCode
-from lmcache_memkv.wire.messages import Auth, Hello, PutRequest, encode
+from lmcache_memkv.wire.messages import AuthOk, Hello, PutRequest, encode
 
 KEY_HEX = "ab" * 32
 KEY = bytes.fromhex(KEY_HEX)
@@ -55,7 +58,7 @@ def test_requests_before_auth_are_refused_and_do_nothing(node_factory: NodeFacto
     try:
         _, hello, _ = rawwire.read_frame(sock)
         assert isinstance(hello, Hello) and hello.auth_required
-        sock.sendall(encode(PutRequest(keys=[b"sneaky"], sizes=[3]), 1) + b"abc")  # skip AUTH
+        sock.sendall(encode(PutRequest(keys=[b"sneaky"], sizes=[3], versions=[1]), 1) + b"abc")  # skip AUTH
         assert rawwire.expect_error(sock).code == ErrorCode.AUTH_REQUIRED
     finally:
         sock.close()
@@ -63,7 +66,7 @@ def test_requests_before_auth_are_refused_and_do_nothing(node_factory: NodeFacto
     sock = socket.create_connection(node.address, timeout=5)
     try:
         rawwire.read_frame(sock)
-        sock.sendall(encode(Auth(proof=auth.data_proof(KEY, hello.nonce)), 0))
+        sock.sendall(rawwire.auth_frame(hello, KEY))  # made for the first connection's challenge
         assert rawwire.expect_error(sock).code == ErrorCode.AUTH_FAILED
     finally:
         sock.close()
@@ -72,12 +75,51 @@ def test_requests_before_auth_are_refused_and_do_nothing(node_factory: NodeFacto
     assert node.metric("memkv_node_auth_failures_total") == 2
 
 
-def test_no_key_node_accepts_clients_with_or_without_a_key(node_factory: NodeFactory) -> None:
+def test_keyed_client_refuses_a_keyless_node(node_factory: NodeFactory) -> None:
+    """No downgrade: a node that needs no key cannot prove one, so a client holding the key
+    refuses it before sending anything (a keyless node may be an impostor)."""
     node = node_factory()
-    for key in (None, KEY):
-        with node.client(key=key) as c:
-            assert c.ping() > 0
+    with node.client() as c:
+        assert c.ping() > 0
+    with node.client(key=KEY) as c, pytest.raises(AuthError, match="needs no auth key, but this client has one"):
+        c.put([b"secret"], [b"kv bytes"])
+    with node.client() as c:
+        assert c.exists([b"secret"]) == [None]  # nothing reached it
     assert node.metric("memkv_node_auth_failures_total") == 0
+
+
+def test_keyed_client_refuses_an_impostor_node() -> None:
+    """An impostor that claims to need the key and waves any proof through cannot answer the
+    client's challenge: the client refuses it and sends it no request, no value byte.
+
+    The impostor is a test-side socket server: no real node behaves like this on demand.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = bytearray()
+
+    def impostor() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(encode(Hello(node_id="n1", auth_required=True, nonce=os.urandom(32)), 0))
+            conn.settimeout(5)
+            received.extend(conn.recv(4096))  # the AUTH
+            conn.sendall(encode(AuthOk(proof=os.urandom(32)), 0))
+            try:
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=impostor, daemon=True)
+    t.start()
+    host, port = listener.getsockname()
+    try:
+        with NodeClient(f"{host}:{port}", key=KEY, timeout_s=5) as c, pytest.raises(AuthError, match="could not prove"):
+            c.put([b"secret"], [b"kv bytes" * 1000])
+        t.join(5)
+    finally:
+        listener.close()
+    assert b"kv bytes" not in received and b"secret" not in received
 
 
 @pytest.mark.parametrize(

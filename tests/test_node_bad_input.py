@@ -15,7 +15,7 @@ from nodeproc import NodeProcess
 
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.wire.constants import RESPONSE_BIT, VERSION, ErrorCode, Op
-from lmcache_memkv.wire.messages import Auth, ExistsRequest, PutRequest, encode
+from lmcache_memkv.wire.messages import Auth, ExistsRequest, Hello, PutRequest, encode
 
 FRAME_TIMEOUT = 0.5
 U16, U32, U64 = struct.Struct("!H"), struct.Struct("!I"), struct.Struct("!Q")
@@ -119,7 +119,7 @@ def test_truncated_frame_then_close(node: NodeProcess, bystander: NodeClient) ->
     for data in (
         rawwire.raw_header(Op.PING)[:7],  # half a header
         frame(Op.DELETE, keys_meta(b"abc"))[:-2],  # meta cut short
-        encode(PutRequest(keys=[b"t"], sizes=[1 << 20]), 1) + b"x" * 1000,  # payload cut short
+        encode(PutRequest(keys=[b"t"], sizes=[1 << 20], versions=[1]), 1) + b"x" * 1000,  # payload cut short
     ):
         sock = rawwire.connect(node.address)
         sock.sendall(data)
@@ -135,7 +135,7 @@ def test_truncated_frame_then_close(node: NodeProcess, bystander: NodeClient) ->
     [
         rawwire.raw_header(Op.PING)[:5],  # mid-header
         frame(Op.EXISTS, U32.pack(0) + keys_meta(b"abc"))[:-1],  # mid-meta
-        encode(PutRequest(keys=[b"stall"], sizes=[4 << 20]), 1) + b"x" * 100_000,  # mid-payload
+        encode(PutRequest(keys=[b"stall"], sizes=[4 << 20], versions=[1]), 1) + b"x" * 100_000,  # mid-payload
     ],
     ids=["header", "meta", "payload"],
 )
@@ -199,7 +199,7 @@ def _one_bad(node: NodeProcess, data: bytes) -> None:
 
 def _cut_off(node: NodeProcess) -> None:
     sock = rawwire.connect(node.address)
-    sock.sendall(encode(PutRequest(keys=[b"cut"], sizes=[1 << 20]), 1) + b"x" * 5000)
+    sock.sendall(encode(PutRequest(keys=[b"cut"], sizes=[1 << 20], versions=[1]), 1) + b"x" * 5000)
     sock.close()
 
 
@@ -250,10 +250,13 @@ def test_connections_over_the_cap_are_refused_with_a_reason(node_factory: Callab
     held = [rawwire.connect(capped.address), rawwire.connect(capped.address)]
     try:
         sock = socket.create_connection(capped.address, timeout=5)
+        _, hello, _ = rawwire.read_frame(sock)  # the budget applies once a connection authenticates
+        assert isinstance(hello, Hello)
+        sock.sendall(rawwire.auth_frame(hello, None))
         err = rawwire.expect_error(sock)
-        assert err.code == ErrorCode.LIMIT and "2 connections open" in err.message
+        assert err.code == ErrorCode.BUSY and "2 connections open" in err.message
         sock.close()
-        assert capped.metric("memkv_node_protocol_errors_total", reason="too_many_connections") >= 1
+        assert capped.metric("memkv_node_protocol_errors_total", reason="busy") >= 1
     finally:
         for s in held:
             s.close()

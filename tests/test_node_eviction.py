@@ -18,12 +18,13 @@ def present(c: NodeClient) -> list[bytes]:
 
 
 def test_lru_eviction_spares_leased_entries(node_factory: NodeFactory) -> None:
-    node = node_factory(capacity="8MiB")  # exactly eight 1 MiB values
+    node = node_factory(capacity="8MiB", args=["--lease-budget", "8MiB"])  # eight 1 MiB values, all leasable
     value = b"v" * MiB
     with node.client() as c:
         keys = [f"k{i}".encode() for i in range(10)]
         assert c.put(keys[:6], [value] * 6) == [Status.OK] * 6
-        assert c.exists(keys[:2], lease_ttl_s=60) == [MiB, MiB]  # k0, k1 leased
+        leased = c.lookup(keys[:2], lease_ttl_s=60)  # k0, k1 leased
+        assert list(leased.lengths) == [MiB, MiB] and all(leased.lease_ids)
         assert c.get_into([keys[2]], [bytearray(MiB)]) == [MiB]  # k2 recently used
         # LRU order now k3 k4 k5 k0 k1 k2; the first two puts fit, the next two evict k3, k4.
         assert c.put(keys[6:10], [value] * 4) == [Status.OK] * 4
@@ -43,7 +44,7 @@ def test_lru_eviction_spares_leased_entries(node_factory: NodeFactory) -> None:
         assert node.metric("memkv_node_no_space_total") == 1
 
         # Releasing a lease makes that key evictable again (oldest first).
-        assert c.release([keys[0]]) == [True]
+        assert c.release([leased.lease_ids[0]]) == [True]
         assert c.put([b"room"], [value]) == [Status.OK]
         assert present(c) == [keys[1], *more, b"room"]  # only k0 was evictable
         assert node.metric("memkv_node_arena_used_bytes") == 8 * MiB
@@ -56,15 +57,16 @@ def test_lease_ttl_expiry(node_factory: NodeFactory) -> None:
     with node.client() as c:
         keys = [f"t{i}".encode() for i in range(4)]
         c.put(keys, [value] * 4)
-        assert c.exists([keys[0]], lease_ttl_s=1.0) == [MiB]
+        lease_id = c.lookup([keys[0]], lease_ttl_s=1.0).lease_ids[0]
+        assert lease_id
         c.get_into(keys[1:], [bytearray(MiB)] * 3)  # t0 is the least recently used
         assert c.put([b"x1"], [value]) == [Status.OK]
         assert present(c) == [b"t0", b"t2", b"t3", b"x1"]  # t0 survived (leased), t1 went
         time.sleep(1.2)
         assert node.metric("memkv_node_leases") == 0
-        assert c.release([keys[0]]) == [False]  # nothing left to release
+        assert c.release([lease_id]) == [False]  # nothing left to release
         c.get_into(keys[2:], [bytearray(MiB)] * 2)
-        assert c.put([b"x2"], [value]) == [Status.OK]
-        assert present(c) == [b"t2", b"t3", b"x1", b"x2"]  # the expired lease no longer protects t0
+        assert c.put([b"x2", b"x3"], [value] * 2) == [Status.OK] * 2
+        assert present(c) == [b"t2", b"t3", b"x2", b"x3"]  # the expired lease no longer protects t0
         assert node.metric("memkv_node_leases_expired_total") == 1
         assert node.metric("memkv_node_leases_granted_total") == 1

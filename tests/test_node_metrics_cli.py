@@ -75,9 +75,9 @@ def test_metrics_cover_ops_bytes_hits_leases_connections_and_arena(node_factory:
     with node.client() as c:
         c.put([b"a", b"b"], [b"x" * MiB, b"y" * 1000])
         c.get_into([b"a", b"zz"], [bytearray(MiB), bytearray(1)])
-        c.exists([b"b"], lease_ttl_s=60)
+        lease_id = c.lookup([b"b"], lease_ttl_s=60).lease_ids[0]
         assert c.put([b"c"], [b"z" * MiB]) == [Status.OK]  # evicts "a" ("b" is leased)
-        c.release([b"b"])
+        c.release([lease_id])
         m = node.metric
         assert m("memkv_node_ops_total", op="put", outcome="ok") == 2
         assert m("memkv_node_ops_total", op="get", outcome="partial") == 1

@@ -100,8 +100,11 @@ def test_overwrite_is_idempotent(client: NodeClient) -> None:
 
 def test_exists_lease_release(client: NodeClient) -> None:
     client.put([b"lease/a"], [b"v"])
-    assert client.exists([b"lease/a", b"lease/none"], lease_ttl_s=30) == [1, None]
-    assert client.release([b"lease/a", b"lease/a", b"lease/none"]) == [True, False, False]
+    reply = client.lookup([b"lease/a", b"lease/none"], lease_ttl_s=30)
+    assert list(reply.statuses) == [Status.OK, Status.MISS] and list(reply.lengths) == [1, 0]
+    lease_id = reply.lease_ids[0]
+    assert lease_id and reply.lease_ids[1] == 0
+    assert client.release([lease_id, lease_id, 999]) == [True, False, False]
     assert client.exists([b"lease/a"], lease_ttl_s=0.0001) == [1]  # tiny TTLs still lease
     with pytest.raises(ValueError, match="lease_ttl_s"):
         client.exists([b"lease/a"], lease_ttl_s=5_000_000)
@@ -110,6 +113,7 @@ def test_exists_lease_release(client: NodeClient) -> None:
 def test_delete(client: NodeClient) -> None:
     client.put([b"del/a", b"del/b"], [b"1", b"2"])
     assert client.delete([b"del/a", b"del/a", b"del/zz"]) == [True, False, False]
+    assert client.put([b"del/a"], [b"x"], versions=[1]) == [Status.STALE]  # the delete outranks an older write
     assert client.exists([b"del/a", b"del/b"]) == [None, 1]
 
 
@@ -180,10 +184,11 @@ def test_node_limits_are_reported_with_node_and_op(node_factory: NodeFactory) ->
     node = node_factory(args=["--max-batch", "4"])
     with node.client() as c:
         with pytest.raises(ServerError, match=rf"memkv node {node.data}.*batch of 5 items exceeds the limit of 4") as i:
-            c.put([b"k%d" % i for i in range(5)], [b"v"] * 5)
+            c.exists([b"k%d" % i for i in range(5)])
         assert i.value.code == ErrorCode.LIMIT
-        assert "PUT of 5 keys" in str(i.value)
-        assert c.put([b"k"], [b"v"]) == [Status.OK]  # a fresh connection works
+        assert "EXISTS of 5 keys" in str(i.value)
+        # PUTs are split to the limits the node announced in its HELLO.
+        assert c.put([b"k%d" % i for i in range(9)], [b"v"] * 9) == [Status.OK] * 9
 
 
 def test_client_validates_before_sending(client: NodeClient) -> None:

@@ -31,13 +31,13 @@ def test_pipelined_requests_are_answered_with_matching_ids(shared_node: NodeProc
     v1, v2 = b"first value", b"second" * 1000
     batch = b"".join(
         [
-            encode(PutRequest(keys=[b"pipe/1", b"pipe/2"], sizes=[len(v1), len(v2)]), 101) + v1 + v2,
+            encode(PutRequest(keys=[b"pipe/1", b"pipe/2"], sizes=[len(v1), len(v2)], versions=[1, 2]), 101) + v1 + v2,
             encode(ExistsRequest(keys=[b"pipe/1", b"pipe/none"], lease_ttl_ms=60_000), 102),
             encode(GetRequest(keys=[b"pipe/2", b"pipe/none", b"pipe/1"], capacities=[1 << 20] * 3), 103),
-            encode(ReleaseRequest(keys=[b"pipe/1"]), 104),
+            encode(ReleaseRequest(lease_ids=[1]), 104),  # not a lease of ours: harmless
             encode(PingRequest(data=b"hi"), 0xFFFFFFFF),
             encode(ListRequest(prefix=b"pipe/", limit=10), 105),
-            encode(DeleteRequest(keys=[b"pipe/1"]), 7),
+            encode(DeleteRequest(keys=[b"pipe/1"], versions=[1 << 60]), 7),
             encode(StatsRequest(), 106),
         ]
     )
@@ -52,10 +52,15 @@ def test_pipelined_requests_are_answered_with_matching_ids(shared_node: NodeProc
     (_, put, _), (_, exists, _), (_, get, payload), (_, release, _) = answers[:4]
     (_, ping, _), (_, listing, _), (_, delete, _), (stats_h, stats, _) = answers[4:]
     assert put == PutResponse(statuses=[Status.OK, Status.OK])
-    assert exists == ExistsResponse(statuses=[Status.OK, Status.MISS], lengths=[len(v1), 0])
-    assert get == GetResponse(statuses=[Status.OK, Status.MISS, Status.OK], lengths=[len(v2), 0, len(v1)])
+    assert isinstance(exists, ExistsResponse) and exists.lease_ids[0] != 0
+    assert exists == ExistsResponse(
+        statuses=[Status.OK, Status.MISS], lengths=[len(v1), 0], versions=[1, 0], lease_ids=[exists.lease_ids[0], 0]
+    )
+    assert get == GetResponse(
+        statuses=[Status.OK, Status.MISS, Status.OK], lengths=[len(v2), 0, len(v1)], versions=[2, 0, 1]
+    )
     assert payload == v2 + v1  # hits only, in request order
-    assert release == ReleaseResponse(statuses=[Status.OK])
+    assert release == ReleaseResponse(statuses=[Status.NOT_LEASED])
     assert ping == PingResponse(data=b"hi")
     assert isinstance(listing, ListResponse) and listing.keys == [b"pipe/1", b"pipe/2"]
     assert delete == DeleteResponse(statuses=[Status.OK])

@@ -1,13 +1,15 @@
-"""Store: LRU eviction order, leases (refcount + TTL, injected clock), read pins, overwrite, LIST paging."""
+"""Store: LRU eviction order, leases (ids, owners, TTL, budgets; injected clock), versions, read pins, LIST paging."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from lmcache_memkv.node.arena import ALIGN, Arena
-from lmcache_memkv.node.store import Extent, Store
+from lmcache_memkv.node.store import Extent, Fenced, Store
 from lmcache_memkv.wire.constants import Status
 
 SLOT = ALIGN  # one value = one arena slot keeps the arithmetic obvious
@@ -30,24 +32,32 @@ def clock() -> Clock:
 def store(clock: Clock) -> Iterator[Store]:
     arena = Arena(4 * SLOT)
     try:
-        yield Store(arena, clock=clock)
+        yield Store(arena, clock=clock, lease_budget_bytes=4 * SLOT)
     finally:
         arena.close()
 
 
-def put(store: Store, key: bytes, data: bytes = b"", size: int = SLOT) -> Status:
-    slot = store.reserve(size)
+_VERSIONS = itertools.count(1)
+
+
+def put(store: Store, key: bytes, data: bytes = b"", size: int = SLOT, version: int | None = None) -> Status:
+    version = next(_VERSIONS) if version is None else version
+    slot = store.reserve(key, size, version, store.generation)
     if not isinstance(slot, Extent):
         return slot
     payload = (data or key).ljust(size, b".")[:size]
     store.arena.view[slot.offset : slot.offset + size] = payload
-    store.publish(key, slot)
-    return Status.OK
+    return store.publish(key, slot, version, store.generation)
+
+
+def lease(store: Store, key: bytes, ttl: float = 30, owner: bytes = b"me") -> int:
+    """Lease ``key``; its lease id (0: not leased)."""
+    return store.exists([key], ttl, owner)[0][3]
 
 
 def read(store: Store, key: bytes) -> bytes | None:
-    _status, ext = store.pin(key, 1 << 30)
-    if ext is None:
+    status, ext, _version = store.pin(key, 1 << 30)
+    if status is not Status.OK or ext is None:
         return None
     try:
         return bytes(store.arena.view[ext.offset : ext.offset + ext.length])
@@ -75,32 +85,46 @@ def test_evicts_least_recently_used_first(store: Store) -> None:
 def test_leased_entries_are_spared_until_released(store: Store) -> None:
     for k in (b"a", b"b", b"c", b"d"):
         put(store, k)
-    assert store.exists([b"a", b"b", b"zz"], lease_ttl_s=30) == [(Status.OK, SLOT), (Status.OK, SLOT), (Status.MISS, 0)]
+    found = store.exists([b"a", b"b", b"zz"], 30, b"me")
+    assert [f[:2] for f in found] == [(Status.OK, SLOT), (Status.OK, SLOT), (Status.MISS, 0)]
+    id_a, id_b = found[0][3], found[1][3]
+    assert id_a and id_b and id_a != id_b and found[2][3] == 0
     put(store, b"e")
     put(store, b"f")
     assert keys(store) == [b"a", b"b", b"e", b"f"]
     assert store.snapshot()["leases"] == 2
-    assert store.release([b"a", b"a", b"nope"]) == [Status.OK, Status.NOT_LEASED, Status.NOT_LEASED]
-    put(store, b"g")  # "a" is the least recently used and no longer leased
-    assert keys(store) == [b"b", b"e", b"f", b"g"]
+    assert store.release([id_a, id_a, 12345], b"me") == [Status.OK, Status.NOT_LEASED, Status.NOT_LEASED]
+    put(store, b"g")  # a released key re-enters the LRU list as just used: "e" is the oldest now
+    assert keys(store) == [b"a", b"b", b"f", b"g"]
 
 
-def test_leases_are_refcounted(store: Store) -> None:
+def test_leases_count_per_grant(store: Store) -> None:
     put(store, b"a")
-    store.exists([b"a"], 30)
-    store.exists([b"a"], 30)
-    assert store.release([b"a"]) == [Status.OK]
+    first, second = lease(store, b"a"), lease(store, b"a")
+    assert store.release([first], b"me") == [Status.OK]
     for k in (b"b", b"c", b"d", b"e"):
         put(store, k)
     assert b"a" in keys(store)  # still one lease
-    assert store.release([b"a"]) == [Status.OK]
+    assert store.release([second], b"me") == [Status.OK]
     assert store.snapshot()["leases"] == 0
+
+
+def test_only_the_holder_releases_and_a_retry_is_harmless(store: Store) -> None:
+    put(store, b"a")
+    mine = lease(store, b"a", owner=b"me")
+    assert store.release([mine], b"someone else") == [Status.NOT_LEASED]  # not theirs to release
+    assert store.snapshot()["leases"] == 1
+    assert store.release([mine], b"me") == [Status.OK]
+    assert store.release([mine], b"me") == [Status.NOT_LEASED]  # a retried release changes nothing
+    other = lease(store, b"a", owner=b"other")
+    assert store.release([mine], b"me") == [Status.NOT_LEASED]  # ... and cannot drop another's lease
+    assert store.snapshot()["leases"] == 1 and other
 
 
 def test_lease_ttl_expiry(store: Store, clock: Clock) -> None:
     for k in (b"a", b"b", b"c", b"d"):
         put(store, k)
-    store.exists([b"a"], lease_ttl_s=5)
+    lid = lease(store, b"a", ttl=5)
     for k in (b"b", b"c", b"d"):
         read(store, k)  # "a" is the least recently used again
     clock.now += 4.9
@@ -108,30 +132,90 @@ def test_lease_ttl_expiry(store: Store, clock: Clock) -> None:
     assert keys(store) == [b"a", b"c", b"d", b"e"]  # "a" skipped while leased
     clock.now += 0.2  # past the TTL: the lease no longer protects "a"
     assert store.snapshot()["leases"] == 0
-    assert store.release([b"a"]) == [Status.NOT_LEASED]
-    put(store, b"f")
-    assert keys(store) == [b"c", b"d", b"e", b"f"]
+    assert store.release([lid], b"me") == [Status.NOT_LEASED]
+    put(store, b"f")  # "a" is back on the LRU list (as just used), so the oldest other goes
+    assert keys(store) == [b"a", b"d", b"e", b"f"]
     assert store.snapshot()["leases_expired"] == 1
 
 
 def test_expired_leases_do_not_pile_up(store: Store, clock: Clock) -> None:
     put(store, b"a")
     for _ in range(1000):
-        store.exists([b"a"], lease_ttl_s=1)
+        lease(store, b"a", ttl=1)
         clock.now += 2
-    assert store._index[b"a"].leases == 1  # only the last grant: the others were expired at once
+    assert len(store._leases) == 1 and len(store._lease_heap) <= 2  # the others were expired at once
     snap = store.snapshot()
     assert (snap["leases"], snap["leases_expired"]) == (0, 1000)
+
+
+def test_node_caps_the_lease_ttl(clock: Clock) -> None:
+    """A client asking for 49 days gets the node's cap (here 60 s), not 49 days."""
+    arena = Arena(4 * SLOT)
+    try:
+        store = Store(arena, clock=clock, max_lease_ttl_s=60)
+        put(store, b"a")
+        lid = lease(store, b"a", ttl=49 * 86400, owner=b"hog")
+        assert lid
+        clock.now += 60.1
+        assert store.snapshot()["leases"] == 0
+        assert store.release([lid], b"hog") == [Status.NOT_LEASED]
+    finally:
+        arena.close()
+
+
+def test_a_lease_hog_cannot_pin_the_arena(clock: Clock) -> None:
+    """One client may hold at most its budget leased (default a quarter of the arena), so writers
+    always find room; past it a found key answers LEASE_LIMIT and is not leased."""
+    arena = Arena(16 * SLOT)
+    try:
+        store = Store(arena, clock=clock)
+        assert store.lease_budget_bytes == 4 * SLOT
+        for i in range(16):
+            put(store, b"k%02d" % i)
+        got = store.exists([b"k%02d" % i for i in range(16)], 3600, b"hog")
+        assert [g[0] for g in got].count(Status.OK) == 4
+        assert {g[0] for g in got[4:]} == {Status.LEASE_LIMIT} and all(g[3] == 0 for g in got[4:])
+        for i in range(16, 28):  # writers still get room: the other 12 slots stay evictable
+            assert put(store, b"k%02d" % i) is Status.OK
+        assert store.snapshot()["leases_denied"] == 12
+        # Another client has a budget of its own.
+        assert lease(store, b"k27", owner=b"reader")
+    finally:
+        arena.close()
+
+
+def test_eviction_skips_leased_entries_in_constant_time(clock: Clock) -> None:
+    """100k leased entries are off the LRU list: a write that must evict still answers at once
+    (the old store scanned every leased entry under its lock for every victim)."""
+    n = 100_000
+    arena = Arena((n + 64) * SLOT)
+    try:
+        store = Store(arena, clock=clock, lease_budget_bytes=arena.capacity)
+        for i in range(n):
+            put(store, b"leased/%06d" % i)
+        keys_ = [b"leased/%06d" % i for i in range(n)]
+        got = store.exists(keys_, 3600, b"reader")
+        assert all(g[0] is Status.OK for g in got)
+        for i in range(64):
+            put(store, b"free/%02d" % i)
+        started = time.perf_counter()
+        for i in range(64):  # each of these evicts one unleased entry
+            assert put(store, b"new/%02d" % i) is Status.OK
+        took = time.perf_counter() - started
+        assert store.snapshot()["evictions"] == 64
+        assert took < 0.5, f"64 evicting writes took {took:.3f}s with {n} leased entries"
+    finally:
+        arena.close()
 
 
 def test_no_space_when_everything_is_leased_or_pinned(store: Store) -> None:
     for k in (b"a", b"b", b"c"):
         put(store, k)
-    store.exists([b"a", b"b"], 30)
-    status, ext = store.pin(b"c", SLOT)  # a reader in flight
+    store.exists([b"a", b"b"], 30, b"me")
+    status, ext, _v = store.pin(b"c", SLOT)  # a reader in flight
     assert status is Status.OK and ext is not None
     put(store, b"d")
-    store.exists([b"d"], 30)
+    lease(store, b"d")
     assert put(store, b"e") is Status.NO_SPACE
     assert b"c" in keys(store)
     store.unpin([ext])
@@ -140,14 +224,26 @@ def test_no_space_when_everything_is_leased_or_pinned(store: Store) -> None:
     assert store.snapshot()["no_space"] == 1
 
 
+def test_a_value_that_cannot_fit_fails_at_once_and_evicts_nothing(store: Store) -> None:
+    for k in (b"a", b"b", b"c", b"d"):
+        put(store, k)
+    lease(store, b"a")
+    lease(store, b"b")
+    # Two slots are evictable: a three-slot value cannot fit, so nothing is evicted for it.
+    assert put(store, b"big", size=3 * SLOT) is Status.NO_SPACE
+    assert keys(store) == [b"a", b"b", b"c", b"d"]
+    assert store.snapshot()["evictions"] == 0
+    assert put(store, b"fits", size=2 * SLOT) is Status.OK  # two slots can be made
+
+
 def test_too_large(store: Store) -> None:
-    assert store.reserve(4 * SLOT + 1) is Status.TOO_LARGE
-    assert isinstance(store.reserve(4 * SLOT), Extent)
+    assert store.reserve(b"k", 4 * SLOT + 1, 1, 0) is Status.TOO_LARGE
+    assert isinstance(store.reserve(b"k", 4 * SLOT, 2, 0), Extent)
 
 
 def test_overwrite_keeps_a_pinned_reader_intact(store: Store) -> None:
     put(store, b"k", b"old")
-    _status, old = store.pin(b"k", SLOT)
+    _status, old, _v = store.pin(b"k", SLOT)
     assert old is not None
     put(store, b"k", b"new")  # lands in a fresh extent; the old one is retired, not freed
     assert old.retired and store.arena.allocated == 2 * SLOT
@@ -160,30 +256,101 @@ def test_overwrite_keeps_a_pinned_reader_intact(store: Store) -> None:
 
 def test_overwrite_is_idempotent_and_keeps_leases(store: Store) -> None:
     put(store, b"k", b"v")
-    store.exists([b"k"], 30)
+    lid = lease(store, b"k")
     put(store, b"k", b"v")
     put(store, b"k", b"v")
     assert keys(store) == [b"k"] and store.arena.allocated == SLOT
-    assert store.release([b"k"]) == [Status.OK]
+    for k in (b"a", b"b", b"c", b"d"):  # the lease protects the key's new value too
+        put(store, k)
+    assert b"k" in keys(store)
+    assert store.release([lid], b"me") == [Status.OK]
+
+
+def test_older_writes_and_deletes_are_stale(store: Store) -> None:
+    """Whatever order they arrive in, a replica keeps the newest version of a key."""
+    assert put(store, b"k", b"new", version=20) is Status.OK
+    assert put(store, b"k", b"old", version=10) is Status.STALE  # e.g. a delayed or retried write
+    assert read(store, b"k") == b"new".ljust(SLOT, b".")
+    assert put(store, b"k", b"same", version=20) is Status.OK  # the same write again: idempotent
+    assert store.delete([b"k"], [15]) == [Status.STALE]  # an older delete loses to a newer write
+    assert read(store, b"k") == b"same".ljust(SLOT, b".")
+    assert store.delete([b"k"], [30]) == [Status.OK]
+    assert put(store, b"k", b"late", version=25) is Status.STALE  # the tombstone keeps it deleted
+    assert read(store, b"k") is None
+    assert put(store, b"k", b"newer", version=31) is Status.OK
+    assert store.snapshot()["stale"] == 2 and store.snapshot()["tombstones"] == 0
+
+
+def test_a_refused_write_drops_the_older_value(store: Store) -> None:
+    """NO_SPACE and TOO_LARGE leave no stale value behind: the replica holds nothing older."""
+    put(store, b"k", b"v1", version=5)
+    assert store.reserve(b"k", 5 * SLOT, 6, 0) is Status.TOO_LARGE
+    assert read(store, b"k") is None
+    assert put(store, b"k", b"v0", version=4) is Status.STALE  # nor can the old version come back
+    put(store, b"k", b"v2", version=7)
+    for k in (b"a", b"b", b"c"):
+        put(store, k)
+        lease(store, k)
+    lease(store, b"k")
+    assert put(store, b"k", b"v3", size=2 * SLOT, version=8) is Status.NO_SPACE
+    assert read(store, b"k") is None
+    assert store.snapshot()["invalidations"] == 2
+
+
+def test_tombstones_are_bounded_by_a_version_floor(clock: Clock) -> None:
+    arena = Arena(4 * SLOT)
+    try:
+        store = Store(arena, clock=clock, max_tombstones=3)
+        assert store.delete([b"a", b"b", b"c", b"d"], [10, 11, 12, 13]) == [Status.MISS] * 4
+        assert store.snapshot()["tombstones"] == 3
+        # "a"'s tombstone was dropped; the floor (its version) still refuses what it refused.
+        assert put(store, b"a", version=10) is Status.STALE
+        assert put(store, b"zz", version=9) is Status.STALE
+        assert put(store, b"a", version=14) is Status.OK
+    finally:
+        arena.close()
+
+
+def test_wipe_forgets_everything_and_fences_writes_in_flight(store: Store) -> None:
+    put(store, b"a", version=5)
+    lid = lease(store, b"a")
+    store.delete([b"gone"], [9])
+    generation = store.generation
+    slot = store.reserve(b"b", SLOT, 10, generation)
+    assert isinstance(slot, Extent)
+    status, ext, _v = store.pin(b"a", SLOT)
+    assert status is Status.OK and ext is not None
+    assert store.wipe() == generation + 1
+    with pytest.raises(Fenced):
+        store.publish(b"b", slot, 10, generation)  # begun before the wipe: refused
+    with pytest.raises(Fenced):
+        store.reserve(b"c", SLOT, 11, generation)
+    assert keys(store) == [] and read(store, b"a") is None
+    assert store.release([lid], b"me") == [Status.NOT_LEASED]
+    assert store.arena.allocated == SLOT  # the pinned extent waits for its reader
+    store.unpin([ext])
+    assert store.arena.allocated == 0
+    assert put(store, b"gone", version=1) is Status.OK  # a new life: old tombstones are gone too
+    assert store.snapshot()["wipes"] == 1
 
 
 def test_delete(store: Store) -> None:
     put(store, b"a")
     put(store, b"b")
-    store.exists([b"b"], 30)
-    _status, ext = store.pin(b"a", SLOT)
-    assert store.delete([b"a", b"b", b"c"]) == [Status.OK, Status.OK, Status.MISS]
+    lease(store, b"b")
+    _status, ext, _v = store.pin(b"a", SLOT)
+    assert store.delete([b"a", b"b", b"c"], [1 << 40] * 3) == [Status.OK, Status.OK, Status.MISS]
     assert keys(store) == []
     assert store.arena.allocated == SLOT  # "a" waits for its reader
     assert ext is not None
     store.unpin([ext])
     assert store.arena.allocated == 0
     snap = store.snapshot()
-    assert (snap["value_bytes"], snap["leases"]) == (0, 0)
+    assert snap["value_bytes"] == 0
 
 
 def test_abort_returns_the_reservation(store: Store) -> None:
-    slot = store.reserve(3 * SLOT)
+    slot = store.reserve(b"k", 3 * SLOT, 1, 0)
     assert isinstance(slot, Extent)
     store.abort(slot)
     assert store.arena.allocated == 0 and keys(store) == []
@@ -191,13 +358,15 @@ def test_abort_returns_the_reservation(store: Store) -> None:
 
 def test_pin_capacity_and_hit_counters(store: Store) -> None:
     put(store, b"a", size=100)
-    assert store.pin(b"a", 99) == (Status.MISS, None)  # too big for the reader's buffer
-    status, ext = store.pin(b"a", 100)
-    assert status is Status.OK and ext is not None and ext.length == 100
+    assert store.pin(b"a", 99) == (Status.MISS, None, 0)  # too big for the reader's buffer
+    status, ext, version = store.pin(b"a", 100)
+    assert status is Status.OK and ext is not None and ext.length == 100 and version
     store.unpin([ext])
-    assert store.pin(b"zz", 100) == (Status.MISS, None)
+    assert store.pin(b"zz", 100) == (Status.MISS, None, 0)
+    status, ext, _v = store.pin(b"a", 101, exact=True)  # exact: another size is WRONG_SIZE, not pinned
+    assert status is Status.WRONG_SIZE and ext is not None and ext.length == 100 and ext.pins == 0
     snap = store.snapshot()
-    assert (snap["hits"], snap["misses"]) == (1, 2)
+    assert (snap["hits"], snap["misses"]) == (1, 3)
 
 
 def test_list_pages_by_prefix_and_cursor() -> None:

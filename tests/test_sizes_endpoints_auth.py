@@ -49,9 +49,12 @@ def test_keys_and_proofs(tmp_path: Path) -> None:
     assert auth.load_key(env={"MEMKV_AUTH_KEY": hex_key}) == key
     assert auth.load_key(env={}) is None and auth.load_key(env={"MEMKV_AUTH_KEY": "  "}) is None
     nonce = b"n" * 32
-    proof = auth.data_proof(key, nonce)
-    assert auth.verify(proof, auth.data_proof(key, nonce))
-    assert not auth.verify(proof, auth.data_proof(key, b"m" * 32))
+    proof = auth.data_client_proof(key, nonce, b"c" * 32, "n1")
+    assert auth.verify(proof, auth.data_client_proof(key, nonce, b"c" * 32, "n1"))
+    assert not auth.verify(proof, auth.data_client_proof(key, b"m" * 32, b"c" * 32, "n1"))
+    assert not auth.verify(proof, auth.data_client_proof(key, nonce, b"d" * 32, "n1"))
+    assert not auth.verify(proof, auth.data_client_proof(key, nonce, b"c" * 32, "n2"))
+    assert not auth.verify(proof, auth.data_node_proof(key, nonce, b"c" * 32, "n1"))  # no reflection
     assert not auth.verify(proof, b"")
     with pytest.raises(ValueError, match="64 hex"):
         auth.parse_key("abcd")

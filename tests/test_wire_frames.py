@@ -74,7 +74,7 @@ def test_rejects_unknown_opcodes(op: int) -> None:
 
 
 def test_limits_checked_before_anything_is_read() -> None:
-    limits = Limits(max_meta_len=100, max_batch=2, max_value_len=1000)
+    limits = Limits(max_meta_len=100, max_batch=2, max_value_len=1000, max_payload_len=2000)
     _bad(_RAW.pack(MAGIC, VERSION, Op.PUT, 1, 101, 0), ErrorCode.LIMIT, limits)
     _bad(_RAW.pack(MAGIC, VERSION, Op.PUT, 1, 10, 2001), ErrorCode.LIMIT, limits)
     assert decode_header(_RAW.pack(MAGIC, VERSION, Op.PUT, 1, 100, 2000), limits).payload_len == 2000

@@ -9,6 +9,7 @@ from lmcache_memkv.wire.constants import ErrorCode, Op, Status
 from lmcache_memkv.wire.frames import HEADER_LEN, MAX_REQUEST_ID, Header, decode_header
 from lmcache_memkv.wire.limits import DEFAULT_LIMITS
 from lmcache_memkv.wire.messages import (
+    AuthOk,
     ErrorFrame,
     ExistsResponse,
     Message,
@@ -34,13 +35,49 @@ def handshake(server: ServerProtocol, client: ClientProtocol) -> None:
     client.on_auth_reply(*parse(server.on_auth(*parse(auth))))
 
 
-@pytest.mark.parametrize(("server_key", "client_key"), [(None, None), (KEY, KEY), (None, KEY)])
+@pytest.mark.parametrize(("server_key", "client_key"), [(None, None), (KEY, KEY)])
 def test_handshake_succeeds(server_key: bytes | None, client_key: bytes | None) -> None:
     server = ServerProtocol("n1", server_key)
     client = ClientProtocol(client_key)
     handshake(server, client)
     assert server.state is ConnState.READY and client.state is ConnState.READY
     assert client.node_id == "n1"
+
+
+def test_client_with_a_key_refuses_a_node_that_needs_none() -> None:
+    """No downgrade: a node that says "no auth" cannot prove the key, so a keyed client refuses it."""
+    client = ClientProtocol(KEY, where="memkv node X")
+    with pytest.raises(AuthError, match="needs no auth key, but this client has one"):
+        client.on_hello(*parse(ServerProtocol("n1", None).hello()))
+    assert client.state is ConnState.CLOSED
+
+
+@pytest.mark.parametrize("node_key", [b"\x07" * 32, None])
+def test_client_refuses_an_impostor_that_cannot_prove_the_key(node_key: bytes | None) -> None:
+    """An impostor node that says it needs a key (but holds another, or none) and waves the client's
+    proof through: its AUTH_OK proof does not check out, so the client refuses it."""
+    impostor = ServerProtocol("n1", node_key or b"\x09" * 32)
+    client = ClientProtocol(KEY, where="memkv node X")
+    client.on_hello(*parse(impostor.hello()))
+    forged = encode(AuthOk(proof=b"\x00" * 32 if node_key is None else b"x" * 32), 0)
+    with pytest.raises(AuthError, match="could not prove the auth key"):
+        client.on_auth_reply(*parse(forged))
+    assert client.state is ConnState.CLOSED
+
+
+def test_proofs_are_bound_to_both_nonces_and_the_node() -> None:
+    """A client proof captured on one connection (or for another node) is useless on another."""
+    server1, server2 = ServerProtocol("n1", KEY), ServerProtocol("n1", KEY)
+    captured = ClientProtocol(KEY).on_hello(*parse(server1.hello()))
+    with pytest.raises(ProtocolError) as info:
+        server2.on_auth(*parse(captured))  # replayed against another connection's nonce
+    assert info.value.code == ErrorCode.AUTH_FAILED
+    # Same nonce, other node id: a proof made for node n2 does not open node n1.
+    fixed = lambda n: b"\x05" * n  # noqa: E731
+    for_n2 = ClientProtocol(KEY).on_hello(*parse(ServerProtocol("n2", KEY, random=fixed).hello()))
+    with pytest.raises(ProtocolError) as info:
+        ServerProtocol("n1", KEY, random=fixed).on_auth(*parse(for_n2))
+    assert info.value.code == ErrorCode.AUTH_FAILED
 
 
 def test_nonce_is_fresh_per_connection() -> None:
@@ -56,7 +93,7 @@ def test_wrong_key_is_refused_by_the_node_and_reported_by_the_client() -> None:
         server.on_auth(*parse(auth))
     assert info.value.code == ErrorCode.AUTH_FAILED
     refusal = encode(ErrorFrame(code=info.value.code, message=str(info.value)), 0)
-    with pytest.raises(AuthError, match="memkv node X rejected our credentials: authentication failed"):
+    with pytest.raises(AuthError, match=r"memkv node X rejected our credentials .*authentication failed"):
         client.on_auth_reply(*parse(refusal))
     assert server.state is ConnState.HANDSHAKE  # nothing was unlocked
 
@@ -110,7 +147,7 @@ def test_request_ids_are_unique_and_matched() -> None:
     with pytest.raises(ProtocolError, match="not ready"):
         ClientProtocol(None).request(PingRequest())
     r1, f1 = client.request(PingRequest())
-    r2, _ = client.request(PutRequest(keys=[b"k"], sizes=[3]))
+    r2, _ = client.request(PutRequest(keys=[b"k"], sizes=[3], versions=[1]))
     assert r1 != r2 and parse(f1)[0].request_id == r1
     assert client.pending == {r1: Op.PING, r2: Op.PUT}
     # Answers may come for either pending id; each is matched once.
@@ -118,7 +155,7 @@ def test_request_ids_are_unique_and_matched() -> None:
     with pytest.raises(ProtocolError, match="unknown request id"):
         client.on_response(*parse(encode(PutResponse(statuses=[Status.OK]), r2)))
     with pytest.raises(ProtocolError, match="does not answer PING"):
-        client.on_response(*parse(encode(ExistsResponse(statuses=[], lengths=[]), r1)))
+        client.on_response(*parse(encode(ExistsResponse(statuses=[], lengths=[], versions=[], lease_ids=[]), r1)))
 
 
 def test_request_ids_wrap_and_skip_zero() -> None:

@@ -312,20 +312,15 @@ class MemKVL2Adapter(L2AdapterInterface):
         try:
             views = [_view(o) for o in objects]
             wire = self._wire(keys)
-            lengths = self._cluster.get_into(wire, views) if keys and not self._closed else [None] * len(keys)
-            unreadable: list[bytes] = []
+            # Exact: a stored value of another size is skipped for the next replica and that copy
+            # purged by the cluster client (full-length-or-miss, and good replicas stay).
+            lengths = self._cluster.get_into(wire, views, exact=True) if keys and not self._closed else [None] * len(keys)
             for i, (n, view) in enumerate(zip(lengths, views)):
-                if n is None:
-                    continue
-                if n != view.nbytes:  # full-length-or-miss: a short value is no value
-                    unreadable.append(wire[i])
+                if n is None or n != view.nbytes:
                     continue
                 bitmap.set(i)
                 loaded.append(keys[i])
                 moved += n
-            if unreadable:
-                log.warning("memkv: purging %d keys whose stored size does not match the L1 page", len(unreadable))
-                self._submit(self._misc_pool, self._purge, unreadable)
             if len(loaded) < len(keys):
                 outcome = "partial"
         except MemKVError as exc:
@@ -344,14 +339,6 @@ class MemKVL2Adapter(L2AdapterInterface):
             self._tell_listeners(self._notify_keys_accessed, loaded)
         self._finish("load", started)
         self._signal(self._load_efd)
-
-    def _purge(self, wire: list[bytes]) -> None:
-        if self._closed:
-            return
-        try:
-            self._cluster.delete(wire)
-        except Exception as exc:
-            log.warning("memkv purge failed: %s", exc)
 
     def query_load_result(self, task_id: L2TaskId) -> Bitmap | None:
         with self._lock:

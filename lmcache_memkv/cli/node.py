@@ -42,7 +42,21 @@ def node(
     max_value: Annotated[str, typer.Option(help="Largest value accepted.")] = "1GiB",
     max_meta: Annotated[str, typer.Option(help="Largest frame meta (keys and sizes) accepted.")] = "1MiB",
     frame_timeout: Annotated[float, typer.Option(help="Seconds a client may take to finish a frame it started.")] = 10.0,
-    max_connections: Annotated[int, typer.Option(help="Most client connections open at once (one thread each).")] = 4096,
+    max_frame_payload: Annotated[str, typer.Option(help="Most value bytes one request may carry.")] = "1GiB",
+    max_connections: Annotated[int, typer.Option(help="Most authenticated client connections open at once (one thread each).")] = 4096,
+    max_unauth_connections: Annotated[
+        int, typer.Option(help="Most connections still authenticating, all peers together; the oldest gives way to a new one.")
+    ] = 64,
+    max_unauth_per_host: Annotated[int, typer.Option(help="Most connections still authenticating from one peer address.")] = 8,
+    auth_timeout: Annotated[float, typer.Option(help="Seconds a new connection has to authenticate.")] = 2.0,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds an idle authenticated connection stays open (0: no limit).")] = 0.0,
+    max_lease_ttl: Annotated[float, typer.Option(help="Longest lease a client may take, in seconds; longer requests are cut.")] = 300.0,
+    lease_budget: Annotated[
+        str | None, typer.Option(help="Arena bytes one client may hold leased (default: a quarter of --capacity).")
+    ] = None,
+    max_tombstones: Annotated[
+        int, typer.Option(help="Deleted keys remembered so older writes cannot revive them; past it, older writes are refused.")
+    ] = 100_000,
     drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -58,10 +72,22 @@ def node(
             node_id=node_id,
             metrics_listen=metrics_listen,
             auth_key=load_key(auth_key_file),
-            limits=Limits(max_batch=max_batch, max_value_len=_size("--max-value", max_value), max_meta_len=_size("--max-meta", max_meta)),
+            limits=Limits(
+                max_batch=max_batch,
+                max_value_len=_size("--max-value", max_value),
+                max_meta_len=_size("--max-meta", max_meta),
+                max_payload_len=_size("--max-frame-payload", max_frame_payload),
+            ),
             frame_timeout_s=frame_timeout,
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,
+            max_unauth_connections=max_unauth_connections,
+            max_unauth_per_host=max_unauth_per_host,
+            auth_timeout_s=auth_timeout,
+            idle_timeout_s=idle_timeout,
+            max_lease_ttl_s=max_lease_ttl,
+            lease_budget=_size("--lease-budget", lease_budget) if lease_budget is not None else None,
+            max_tombstones=max_tombstones,
             control_listen=control_listen,
             advertise_host=advertise_host,
             seeds=list(seed or []),

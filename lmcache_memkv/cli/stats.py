@@ -91,15 +91,22 @@ def fetch_cluster_stats(pool: ChannelPool, endpoints: Sequence[str], timeout_s: 
     import grpc
 
     from lmcache_memkv.cluster.bootstrap import first_answer
+    from lmcache_memkv.control.response_auth import CLUSTER_STATS, fresh_nonce
     from lmcache_memkv.errors import ConnectError
     from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
 
+    request = maintenance_pb2.ClusterStatsRequest(nonce=fresh_nonce())
+
     def call(channel: grpc.Channel, timeout: float) -> grpc.Future:
         stub = maintenance_pb2_grpc.MaintenanceStub(channel)
-        return stub.ClusterStats.future(maintenance_pb2.ClusterStatsRequest(), timeout=timeout)
+        return stub.ClusterStats.future(request, timeout=timeout)
+
+    def accept(reply: maintenance_pb2.ClusterStatsResponse) -> maintenance_pb2.ClusterStatsResponse:
+        pool.check_reply(CLUSTER_STATS, request, reply)  # a node without our key reports nothing
+        return reply
 
     try:
-        reply, source = first_answer(pool, endpoints, call, lambda r: r, timeout_s)
+        reply, source = first_answer(pool, endpoints, call, accept, timeout_s)
     except ConnectError as exc:
         raise ConnectError(one_line(str(exc))) from None
     return _from_proto(source, reply)

@@ -9,20 +9,23 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, recv_exact, recv_into_exact, send_views, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, recv_into_exact, send_views, tune
 from lmcache_memkv.wire.constants import Status
-from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
+from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.limits import Limits
-from lmcache_memkv.wire.messages import ErrorFrame, GetRequest, GetResponse, Message, decode
+from lmcache_memkv.wire.messages import ErrorFrame, GetRequest, GetResponse, Hello, Message
+from lmcache_memkv.wire.reader import FrameReader
 from lmcache_memkv.wire.state import ClientProtocol
 
 # The client accepts whatever a node may send; the node enforces the tighter limits.
-_CLIENT_LIMITS = Limits(max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20)
+_CLIENT_LIMITS = Limits(
+    max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20, max_payload_len=1 << 42
+)
 _ERROR_GRACE_S = 0.5  # after a failed send: how long we wait for the node's error frame explaining it
 
 
 class Connection:
-    def __init__(self, endpoint: str, key: bytes | None, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, key: bytes | None, timeout_s: float, client_id: bytes | None = None) -> None:
         self.endpoint = endpoint
         host, port = parse_endpoint(endpoint, field="node endpoint")
         deadline = time.monotonic() + timeout_s
@@ -33,7 +36,8 @@ class Connection:
         except OSError as exc:
             raise ConnectError(f"cannot connect to memkv node {endpoint}: {exc.strerror or exc}") from None
         tune(self.sock)
-        self.proto = ClientProtocol(key, where=f"memkv node {endpoint}")
+        self.proto = ClientProtocol(key, where=f"memkv node {endpoint}", client_id=client_id)
+        self._reader = FrameReader(_CLIENT_LIMITS)
         self.broken = False
         try:
             header, msg = self._read_frame(deadline)
@@ -47,6 +51,12 @@ class Connection:
     @property
     def node_id(self) -> str:
         return self.proto.node_id
+
+    @property
+    def hello(self) -> Hello:
+        """The node's HELLO: its id and the limits a request must fit."""
+        assert self.proto.hello is not None  # set by the handshake in __init__
+        return self.proto.hello
 
     def close(self) -> None:
         self.broken = True
@@ -66,9 +76,7 @@ class Connection:
 
     def _read_frame(self, deadline: float) -> tuple[Header, Message]:
         try:
-            header = decode_header(recv_exact(self.sock, HEADER_LEN, deadline), _CLIENT_LIMITS)
-            meta = recv_exact(self.sock, header.meta_len, deadline)
-            return header, decode(header, meta, _CLIENT_LIMITS)
+            return read_frame(self.sock, self._reader, deadline)
         except PeerClosed as exc:
             raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None
 
@@ -98,27 +106,31 @@ class Connection:
             self.close()
             raise
 
-    def get_into(self, keys: Sequence[bytes], views: Sequence[memoryview], deadline: float) -> list[int | None]:
-        """GET ``keys`` straight into ``views``; per key the value length, or None on a miss."""
-        _rid, head = self.proto.request(GetRequest(keys=keys, capacities=[v.nbytes for v in views]))
+    def get_into(
+        self, keys: Sequence[bytes], views: Sequence[memoryview], deadline: float, exact: bool = False
+    ) -> GetResponse:
+        """GET ``keys`` straight into ``views``; the node's per-key statuses, lengths and versions.
+
+        Only OK entries carry bytes; with ``exact`` a stored value of another length is WRONG_SIZE.
+        """
+        _rid, head = self.proto.request(GetRequest(keys=keys, capacities=[v.nbytes for v in views], exact=exact))
         try:
             self._send([head], deadline)
             header, reply = self._read_frame(deadline)
             reply = self.proto.on_response(header, reply)
             if not isinstance(reply, GetResponse) or len(reply.statuses) != len(keys):
                 raise ProtocolError(f"memkv node {self.endpoint}: GET of {len(keys)} keys got a malformed answer")
-            out: list[int | None] = []
             for status, length, view in zip(reply.statuses, reply.lengths, views, strict=True):
                 if status != Status.OK:
-                    out.append(None)
                     continue
-                if length > view.nbytes:  # the node broke its promise: never overrun the buffer; the
-                    raise ProtocolError(  # connection is dropped with the error, unread bytes and all
+                if length > view.nbytes or (exact and length != view.nbytes):
+                    # The node broke its promise: never overrun (or half-fill) the buffer; the
+                    # connection is dropped with the error, unread bytes and all.
+                    raise ProtocolError(
                         f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
                     )
                 recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
-                out.append(length)
-            return out
+            return reply
         except PeerClosed as exc:
             self.close()
             raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -10,15 +11,18 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from lmcache_memkv.client.connection import Connection
+from lmcache_memkv.client.versions import CLOCK
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.transport.tcp import Buffer
-from lmcache_memkv.wire.constants import MAX_KEY_LEN, Status
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, MAX_KEY_LEN, Status
 from lmcache_memkv.wire.messages import (
     DeleteRequest,
     DeleteResponse,
     ExistsRequest,
     ExistsResponse,
+    GetResponse,
+    Hello,
     ListRequest,
     ListResponse,
     Message,
@@ -34,6 +38,28 @@ from lmcache_memkv.wire.messages import (
 
 M = TypeVar("M", bound=Message)
 _MAX_TTL_MS = 0xFFFFFFFF  # the wire carries the lease TTL as u32 milliseconds
+_META_PER_KEY = 2 + 16  # key length + size + version, besides the key itself
+
+
+def put_batches(keys: Sequence[bytes], sizes: Sequence[int], hello: Hello) -> list[range]:
+    """Split a PUT so each request fits the node's batch, meta and payload limits (from its HELLO).
+
+    A value over the payload limit goes alone; the node refuses it, and says why.
+    """
+    out: list[range] = []
+    start, payload, meta = 0, 0, 4
+    for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+        item = len(key) + _META_PER_KEY
+        if i > start and (
+            i - start >= hello.max_batch or payload + size > hello.max_payload_len or meta + item > hello.max_meta_len
+        ):
+            out.append(range(start, i))
+            start, payload, meta = i, 0, 4
+        payload += size
+        meta += item
+    if start < len(keys):
+        out.append(range(start, len(keys)))
+    return out
 
 
 def check_keys(keys: Sequence[bytes], what: str) -> None:
@@ -52,9 +78,20 @@ class NodeClient:
     connection is dropped, never reused, and the error names the node and the operation.
     """
 
-    def __init__(self, endpoint: str, key: bytes | None = None, timeout_s: float = 5.0, max_idle: int = 16) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        key: bytes | None = None,
+        timeout_s: float = 5.0,
+        max_idle: int = 16,
+        client_id: bytes | None = None,
+    ) -> None:
+        """``client_id`` (16 bytes, random by default) owns the leases this client takes."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if client_id is not None and len(client_id) != CLIENT_ID_LEN:
+            raise ValueError(f"client_id must be {CLIENT_ID_LEN} bytes")
+        self.client_id = client_id if client_id is not None else os.urandom(CLIENT_ID_LEN)
         parse_endpoint(endpoint, field="node endpoint")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -100,7 +137,7 @@ class NodeClient:
         conn = self._checkout()
         try:
             if conn is None:
-                conn = Connection(self.endpoint, self._key, budget)
+                conn = Connection(self.endpoint, self._key, budget, self.client_id)
             yield conn, deadline
         except MemKVTimeout as exc:
             raise MemKVTimeout(f"memkv node {self.endpoint}: {what} timed out after {budget:.1f}s ({exc})") from None
@@ -132,22 +169,44 @@ class NodeClient:
 
     # ------------------------------------------------------------------ operations
 
-    def put(self, keys: Sequence[bytes], values: Sequence[Buffer], timeout_s: float | None = None) -> list[Status]:
-        """Store ``values`` under ``keys`` (overwrite is idempotent); a status per key."""
+    def put(
+        self,
+        keys: Sequence[bytes],
+        values: Sequence[Buffer],
+        timeout_s: float | None = None,
+        versions: Sequence[int] | None = None,
+    ) -> list[Status]:
+        """Store ``values`` under ``keys``; a status per key.
+
+        Each value carries a version (fresh from this process's clock unless given): the node
+        refuses it as STALE if it holds something newer. NO_SPACE and TOO_LARGE mean the node
+        stored nothing and dropped any older value of the key.
+        """
         if len(keys) != len(values):
             raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
         check_keys(keys, "put")
         views = [memoryview(v).cast("B") for v in values]  # views, not copies: sendmsg gathers them
-        what = f"PUT of {len(keys)} keys"
-        reply = self._call(PutRequest(keys=keys, sizes=[v.nbytes for v in views]), PutResponse, what, timeout_s, views)
-        return list(reply.statuses)
+        sizes = [v.nbytes for v in views]
+        vers = list(versions) if versions is not None else CLOCK.next(len(keys))
+        if len(vers) != len(keys):
+            raise ValueError(f"put: {len(keys)} keys but {len(vers)} versions")
+        out: list[Status] = []
+        with self._conn(f"PUT of {len(keys)} keys", timeout_s) as (conn, deadline):
+            for part in put_batches(keys, sizes, conn.hello):
+                msg = PutRequest(keys=keys[part.start : part.stop], sizes=sizes[part.start : part.stop], versions=vers[part.start : part.stop])
+                reply = conn.call(msg, deadline, views[part.start : part.stop])
+                if not isinstance(reply, PutResponse) or len(reply.statuses) != len(part):
+                    raise ProtocolError(f"memkv node {self.endpoint}: PUT of {len(part)} keys got a malformed answer")
+                out += reply.statuses
+        return out
 
-    def get_into(
-        self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None
-    ) -> list[int | None]:
-        """Read each value straight into its buffer; per key the length read, or None on a miss.
+    def read_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None, exact: bool = False
+    ) -> GetResponse:
+        """Read each found value straight into its buffer; the node's statuses, lengths and versions.
 
-        A value larger than its buffer is a miss (the node checks before sending).
+        A value larger than its buffer is a miss; with ``exact``, one of any other length is
+        WRONG_SIZE (nothing is sent for it).
         """
         if len(keys) != len(buffers):
             raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
@@ -157,12 +216,22 @@ class NodeClient:
             if v.readonly:
                 raise ValueError(f"get_into: buffer #{i} is read-only; pass writable buffers")
         with self._conn(f"GET of {len(keys)} keys", timeout_s) as (conn, deadline):
-            return conn.get_into(keys, views, deadline)
+            reply = conn.get_into(keys, views, deadline, exact)
+        CLOCK.observe(reply.versions)
+        return reply
 
-    def exists(
-        self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None
+    def get_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None
     ) -> list[int | None]:
-        """Per key its value length, or None; with ``lease_ttl_s`` each found key is also leased."""
+        """Read each value straight into its buffer; per key the length read, or None on a miss."""
+        reply = self.read_into(keys, buffers, timeout_s)
+        return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
+
+    def lookup(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> ExistsResponse:
+        """EXISTS: per key status, length, version and (with ``lease_ttl_s``) a lease id.
+
+        The node caps the TTL; LEASE_LIMIT means found but not leased (this client's budget is spent).
+        """
         check_keys(keys, "exists")
         ttl_ms = round(lease_ttl_s * 1000)
         if lease_ttl_s > 0 and ttl_ms == 0:
@@ -171,19 +240,38 @@ class NodeClient:
             raise ValueError(f"exists: lease_ttl_s must be in 0..{_MAX_TTL_MS / 1000:.0f}, got {lease_ttl_s}")
         what = f"EXISTS of {len(keys)} keys"
         reply = self._call(ExistsRequest(keys=keys, lease_ttl_ms=ttl_ms), ExistsResponse, what, timeout_s)
+        if len(reply.statuses) != len(keys):
+            raise ProtocolError(f"memkv node {self.endpoint}: {what} got {len(reply.statuses)} answers")
+        CLOCK.observe(reply.versions)
+        return reply
+
+    def exists(
+        self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None
+    ) -> list[int | None]:
+        """Per key its value length, or None; with ``lease_ttl_s`` each found key is also leased."""
+        reply = self.lookup(keys, lease_ttl_s, timeout_s)
         return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
 
-    def release(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
-        """Release one lease per key; False where the key held none (or expired)."""
-        check_keys(keys, "release")
-        reply = self._call(ReleaseRequest(keys=keys), ReleaseResponse, f"RELEASE of {len(keys)} keys", timeout_s)
+    def release(self, lease_ids: Sequence[int], timeout_s: float | None = None) -> list[bool]:
+        """Release leases by id; False where this client holds no such lease (released, expired)."""
+        what = f"RELEASE of {len(lease_ids)} leases"
+        reply = self._call(ReleaseRequest(lease_ids=lease_ids), ReleaseResponse, what, timeout_s)
         return [s == Status.OK for s in reply.statuses]
 
-    def delete(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
-        """Delete each key (leased or not); False where it was not there."""
+    def delete_versions(
+        self, keys: Sequence[bytes], versions: Sequence[int], timeout_s: float | None = None
+    ) -> list[Status]:
+        """Delete each key unless the node holds a newer version (STALE); MISS where it had none.
+
+        Either way the node remembers the delete, so an older write arriving later is refused.
+        """
         check_keys(keys, "delete")
-        reply = self._call(DeleteRequest(keys=keys), DeleteResponse, f"DELETE of {len(keys)} keys", timeout_s)
-        return [s == Status.OK for s in reply.statuses]
+        reply = self._call(DeleteRequest(keys=keys, versions=versions), DeleteResponse, f"DELETE of {len(keys)} keys", timeout_s)
+        return list(reply.statuses)
+
+    def delete(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
+        """Delete each key (leased or not) as of now; False where it was not there."""
+        return [s == Status.OK for s in self.delete_versions(keys, CLOCK.next(len(keys)), timeout_s)]
 
     def list_keys(
         self, prefix: bytes = b"", cursor: bytes = b"", limit: int = 1000, timeout_s: float | None = None

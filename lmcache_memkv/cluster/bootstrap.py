@@ -1,4 +1,5 @@
-"""The first view: ask every configured control endpoint at once, take the first answer."""
+"""The first view: ask every configured control endpoint at once, take the first answer that
+proves the key (with a key configured: a node without it cannot hand this client a view)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
 from lmcache_memkv.control.convert import view_from_proto
 from lmcache_memkv.control.member import Member
+from lmcache_memkv.control.response_auth import MEMBER_LIST, ReplyRefused, fresh_nonce
 from lmcache_memkv.errors import ConnectError
 from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc
 
@@ -29,7 +31,8 @@ def first_answer(
     timeout_s: float,
 ) -> tuple[R, str]:
     """Ask every control endpoint at once (``call``) and return the first reply ``accept`` takes
-    (it raises ValueError to refuse one), with the endpoint that gave it. If none does within
+    (it raises ValueError to refuse one, ``ReplyRefused`` for an answer that does not prove the
+    key), with the endpoint that gave it. If none does within
     ``timeout_s``: ConnectError naming every endpoint tried and why."""
     servers = list(dict.fromkeys(servers))  # a repeated endpoint is asked once
     done = threading.Event()
@@ -46,6 +49,8 @@ def first_answer(
             elif not answer:
                 try:
                     answer.append((accept(future.result()), endpoint))
+                except ReplyRefused as refused:
+                    errors[endpoint] = f"refused: {refused}"
                 except ValueError as bad:
                     errors[endpoint] = f"malformed reply: {bad}"
             if answer or len(errors) == len(servers):
@@ -76,8 +81,14 @@ def first_answer(
 def fetch_view(pool: ChannelPool, servers: Sequence[str], timeout_s: float) -> tuple[int, list[Member], str]:
     """Epoch, members and the endpoint that answered first; ConnectError naming every server if none did."""
 
-    def call(channel: grpc.Channel, timeout: float) -> grpc.Future:
-        return cluster_pb2_grpc.ClusterStub(channel).MemberList.future(cluster_pb2.MemberListRequest(), timeout=timeout)
+    request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
 
-    (epoch, members), endpoint = first_answer(pool, servers, call, lambda reply: view_from_proto(reply.view), timeout_s)
+    def call(channel: grpc.Channel, timeout: float) -> grpc.Future:
+        return cluster_pb2_grpc.ClusterStub(channel).MemberList.future(request, timeout=timeout)
+
+    def accept(reply: cluster_pb2.MemberListResponse) -> tuple[int, list[Member]]:
+        pool.check_reply(MEMBER_LIST, request, reply)
+        return view_from_proto(reply.view)
+
+    (epoch, members), endpoint = first_answer(pool, servers, call, accept, timeout_s)
     return epoch, members, endpoint

@@ -11,7 +11,9 @@ rounds (fail-over), each round gets an equal share of what is left.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
+import os
 import random
 import threading
 import time
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.client.versions import CLOCK
 from lmcache_memkv.cluster.bootstrap import fetch_view
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
@@ -37,13 +40,14 @@ from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
 from lmcache_memkv.transport.tcp import Buffer
-from lmcache_memkv.wire.constants import MAX_KEY_LEN, ErrorCode, Status
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, INVALIDATING, MAX_KEY_LEN, ErrorCode, Status
 
 log = logging.getLogger("memkv.cluster")
 R = TypeVar("R")
+T = TypeVar("T")
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
 _HOUSEKEEPING_S = 0.2
-_CURSOR_PREFIX = "v1."
+_CURSOR_PREFIX = "v2."
 _MAX_LIST_PAGE = 10_000  # a node's default --max-list-limit (wire.limits.Limits.max_list_limit)
 
 
@@ -68,12 +72,18 @@ def _encode_cursor(key: bytes) -> str:
 
 
 def _decode_cursor(cursor: str) -> bytes:
+    """The key a cursor names; anything this client did not issue is a ValueError, never a
+    silent restart from the first page."""
     if not cursor.startswith(_CURSOR_PREFIX):
         raise ValueError(f"list_keys: not a cursor this client issued: {cursor[:40]!r}")
+    body = cursor[len(_CURSOR_PREFIX) :]
     try:
-        return base64.urlsafe_b64decode(cursor[len(_CURSOR_PREFIX) :])
-    except ValueError:
+        key = base64.b64decode(body, altchars=b"-_", validate=True)
+    except (ValueError, binascii.Error):
         raise ValueError(f"list_keys: malformed cursor {cursor[:40]!r}") from None
+    if not 0 < len(key) <= MAX_KEY_LEN or _encode_cursor(key) != cursor:
+        raise ValueError(f"list_keys: malformed cursor {cursor[:40]!r}")
+    return key
 
 
 class ClusterClient:
@@ -103,6 +113,7 @@ class ClusterClient:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
         self.replicas = replicas
         self.timeout_s = timeout_s
+        self.client_id = os.urandom(CLIENT_ID_LEN)  # owns this client's leases on every node
         self._key = key
         self._pool = ChannelPool(key, tls_ca or ca_from_env())
         self._view = ClusterView()  # replaced whole, so readers need no lock
@@ -207,21 +218,21 @@ class ClusterClient:
             entry = self._nodes.get(m.node_id)
             if entry is not None and entry[0] == m.incarnation and entry[1] == m.data_endpoint:
                 return entry[2]
-            client = NodeClient(m.data_endpoint, self._key, self.timeout_s)
+            client = NodeClient(m.data_endpoint, self._key, self.timeout_s, client_id=self.client_id)
             self._nodes[m.node_id] = (m.incarnation, m.data_endpoint, client)
         if entry is not None:
             entry[2].close()
         return client
 
     def _healthy_set(self, view: ClusterView) -> frozenset[str]:
-        """The ALIVE nodes not in local back-off: computed once per call, not once per key."""
-        return frozenset(n for n in view.alive if self._suspicion.healthy(n, view.members[n].incarnation))
+        """The placeable (ALIVE or SUSPECT) nodes not in local back-off: once per call, not per key."""
+        return frozenset(n for n in view.placeable if self._suspicion.healthy(n, view.members[n].incarnation))
 
     def _replica_sets(self, view: ClusterView, keys: Sequence[bytes]) -> list[list[str]]:
-        """Per key, the top ``replicas`` of the healthy ALIVE nodes."""
+        """Per key, the top ``replicas`` of the healthy placeable nodes (where reads look)."""
         healthy = self._healthy_set(view)
         r = self.replicas
-        if len(healthy) == len(view.alive):  # the common case: rank only, no filtering
+        if len(healthy) == len(view.placeable):  # the common case: rank only, no filtering
             return [view.placement(key)[:r] for key in keys]
         return [[n for n in view.placement(key) if n in healthy][:r] for key in keys]
 
@@ -268,50 +279,70 @@ class ClusterClient:
     # ------------------------------------------------------------------ data operations
 
     def put(self, keys: Sequence[bytes], values: Sequence[Buffer]) -> list[bool]:
-        """Write each key to its replica set; True where at least one replica stored it."""
+        """Write each key to its replica set; True where the write is acknowledged.
+
+        A write is acknowledged only when every replica of the key's placement (its top
+        ``replicas`` ALIVE or SUSPECT members) either stored this version or dropped the key's
+        older value (NO_SPACE, TOO_LARGE), and at least one stored it. A replica that timed out,
+        failed, is in local back-off or holds a newer version (STALE) leaves it unacknowledged:
+        once a write is acknowledged, no replica still holds the value it replaced.
+        """
         if len(keys) != len(values):
             raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
         self._check_keys(keys)
         view = self._view
         deadline = time.monotonic() + self.timeout_s
+        versions = CLOCK.next(len(keys))
+        healthy = self._healthy_set(view)
+        r = self.replicas
+        need = [0] * len(keys)
         by_node: dict[str, list[int]] = {}
-        for i, replicas in enumerate(self._replica_sets(view, keys)):
+        for i, key in enumerate(keys):
+            replicas = view.placement(key)[:r]
+            need[i] = len(replicas)
             for node_id in replicas:
-                by_node.setdefault(node_id, []).append(i)
+                if node_id in healthy:  # one in back-off is not asked, and so not acknowledged
+                    by_node.setdefault(node_id, []).append(i)
 
         def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status] | Exception]:
             def op(client: NodeClient) -> list[Status]:
-                statuses: list[Status] = []
-                for part in _chunks(len(idx)):
-                    sel = [idx[j] for j in part]
-                    statuses += client.put([keys[i] for i in sel], [values[i] for i in sel], timeout_s=_left(deadline))
-                return statuses
+                return client.put(
+                    [keys[i] for i in idx],
+                    [values[i] for i in idx],
+                    timeout_s=_left(deadline),
+                    versions=[versions[i] for i in idx],
+                )
 
             return lambda: self._call(view, node_id, op)
 
-        ok = [False] * len(keys)
+        stored = [0] * len(keys)
+        settled = [0] * len(keys)
         results = self._fanout({n: put_on(n, idx) for n, idx in by_node.items()})
         for node_id, result in results.items():
             if isinstance(result, Exception):
                 continue
             for i, status in zip(by_node[node_id], result):
-                ok[i] = ok[i] or status == Status.OK
-        return ok
+                if status == Status.OK:
+                    stored[i] += 1
+                    settled[i] += 1
+                elif status in INVALIDATING:
+                    settled[i] += 1
+        return [stored[i] > 0 and settled[i] == need[i] for i in range(len(keys))]
 
     def _rounds(
         self,
         keys: Sequence[bytes],
         candidates: list[list[str]],
-        run: Callable[[str, list[int], float], list[int | None] | Exception],  # (node, key indexes, deadline)
-    ) -> list[tuple[int, str] | None]:
-        """Ask each key's candidates in turn until one has it: per key (length, node) or None.
+        run: Callable[[str, list[int], float], list[T | None] | Exception],  # (node, key indexes, deadline)
+    ) -> list[tuple[T, str] | None]:
+        """Ask each key's candidates in turn until one has it: per key (what it answered, node) or None.
 
         Each round sends every unresolved key to its next healthy candidate, one batch per node,
         nodes in parallel; misses and failed nodes move on to the next round.
         """
         view = self._view
         deadline = time.monotonic() + self.timeout_s
-        found: list[tuple[int, str] | None] = [None] * len(keys)
+        found: list[tuple[T, str] | None] = [None] * len(keys)
         cursor = [0] * len(keys)
         pending = [i for i in range(len(keys)) if candidates[i]]
         while pending and time.monotonic() < deadline:
@@ -334,16 +365,18 @@ class ClusterClient:
             for node_id, result in results.items():
                 if isinstance(result, Exception):
                     continue
-                for i, length in zip(by_node[node_id], result):
-                    if length is not None:
-                        found[i] = (length, node_id)
+                for i, answer in zip(by_node[node_id], result):
+                    if answer is not None:
+                        found[i] = (answer, node_id)
             pending = [i for i in pending if found[i] is None and cursor[i] < len(candidates[i])]
         return found
 
-    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Buffer]) -> list[int | None]:
+    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Buffer], exact: bool = False) -> list[int | None]:
         """Read each key into its buffer from the first replica that has it; per key the length or None.
 
         A node this client holds a lease on for the key is asked first (the lease keeps it there).
+        With ``exact`` only a value of exactly the buffer's size counts: a replica holding another
+        size is skipped for the next one, and that copy alone (that node, that version) is purged.
         """
         if len(keys) != len(buffers):
             raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
@@ -356,30 +389,64 @@ class ClusterClient:
                 continue
             held = [n for n in holders if n in view.members and view.members[n].state is State.ALIVE]
             candidates.append(held + [n for n in replicas if n not in held])
+        wrong: dict[str, list[tuple[bytes, int]]] = {}  # node -> [(key, version)] of wrong-size copies
+        wrong_lock = threading.Lock()
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
             def op(client: NodeClient) -> list[int | None]:
                 out: list[int | None] = []
                 for part in _chunks(len(idx)):
                     sel = [idx[j] for j in part]
-                    out += client.get_into([keys[i] for i in sel], [buffers[i] for i in sel], timeout_s=_left(deadline))
+                    reply = client.read_into(
+                        [keys[i] for i in sel], [buffers[i] for i in sel], timeout_s=_left(deadline), exact=exact
+                    )
+                    for i, status, length, version in zip(sel, reply.statuses, reply.lengths, reply.versions):
+                        out.append(length if status == Status.OK else None)
+                        if status == Status.WRONG_SIZE:
+                            with wrong_lock:
+                                wrong.setdefault(node_id, []).append((keys[i], version))
                 return out
 
             return self._call(view, node_id, op)
 
-        return [None if f is None else f[0] for f in self._rounds(keys, candidates, run)]
+        found = self._rounds(keys, candidates, run)
+        if wrong and not self._closed:
+            log.warning("memkv: purging %d stored values whose size does not match the reader's buffer",
+                        sum(len(v) for v in wrong.values()))
+            try:
+                self._executor.submit(self._purge, view, wrong)
+            except RuntimeError:  # closing
+                pass
+        return [None if f is None else f[0] for f in found]
+
+    def _purge(self, view: ClusterView, copies: dict[str, list[tuple[bytes, int]]]) -> None:
+        """Delete exactly these copies: on that node, up to that version (a newer good value stays)."""
+        deadline = time.monotonic() + self.timeout_s
+        for node_id, items in copies.items():
+            if node_id not in view.members:
+                continue
+
+            def op(client: NodeClient, items: list[tuple[bytes, int]] = items) -> list[Status]:
+                return client.delete_versions([k for k, _ in items], [v for _, v in items], timeout_s=_left(deadline))
+
+            self._call(view, node_id, op)
 
     def exists(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0) -> list[int | None]:
-        """Per key its length if any replica has it; with ``lease_ttl_s`` the answering node leases it."""
+        """Per key its length if any replica has it; with ``lease_ttl_s`` the answering node leases it
+        (a replica that has it but will not lease it, its budget spent, counts as a miss)."""
         self._check_keys(keys)
         view = self._view
         candidates = self._replica_sets(view, keys)
 
-        def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
-            def op(client: NodeClient) -> list[int | None]:
-                out: list[int | None] = []
+        def run(node_id: str, idx: list[int], deadline: float) -> list[tuple[int, int] | None] | Exception:
+            def op(client: NodeClient) -> list[tuple[int, int] | None]:
+                out: list[tuple[int, int] | None] = []
                 for part in _chunks(len(idx)):
-                    out += client.exists([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
+                    reply = client.lookup([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
+                    out += [
+                        (n, lease_id) if s == Status.OK else None
+                        for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids)
+                    ]
                 return out
 
             return self._call(view, node_id, op)
@@ -389,21 +456,27 @@ class ClusterClient:
             members = view.members
             until = time.monotonic() + lease_ttl_s
             self._leases.add_many(
-                ((key, (f[1], members[f[1]].incarnation)) for key, f in zip(keys, found) if f is not None), until
+                (
+                    (key, (f[1], members[f[1]].incarnation), f[0][1])
+                    for key, f in zip(keys, found)
+                    if f is not None and f[0][1]
+                ),
+                until,
             )
-        return [None if f is None else f[0] for f in found]
+        return [None if f is None else f[0][0] for f in found]
 
     def release(self, keys: Sequence[bytes]) -> None:
-        """Return one lease per key to the node that granted it; failures are retried in the background."""
+        """Return one lease per key, by id, to the node that granted it; failures are retried in the background."""
         view = self._view
         owed: dict[str, list[OwedRelease]] = {}
-        for key, grantor in zip(keys, self._leases.take_many(keys)):
-            if grantor is None:
+        for taken in self._leases.take_many(keys):
+            if taken is None:
                 continue
-            m = view.members.get(grantor[0])
+            (node_id, incarnation), lease_id = taken
+            m = view.members.get(node_id)
             # A dead, departed or restarted node holds none of the leases it granted.
-            if m is not None and m.state not in (State.DEAD, State.LEFT) and m.incarnation == grantor[1]:
-                owed.setdefault(m.node_id, []).append(OwedRelease(key, m.node_id, m.incarnation))
+            if m is not None and m.state not in (State.DEAD, State.LEFT) and m.incarnation == incarnation:
+                owed.setdefault(node_id, []).append(OwedRelease(lease_id, node_id, incarnation))
         self._release(view, owed)
 
     def _release(self, view: ClusterView, owed: dict[str, list[OwedRelease]]) -> None:
@@ -413,7 +486,7 @@ class ClusterClient:
             def op(client: NodeClient) -> list[bool]:
                 out: list[bool] = []
                 for part in _chunks(len(items)):
-                    out += client.release([items[j].key for j in part], timeout_s=_left(deadline))
+                    out += client.release([items[j].lease_id for j in part], timeout_s=_left(deadline))
                 return out
 
             return self._call(view, node_id, op)
@@ -426,33 +499,36 @@ class ClusterClient:
             else:
                 retry += items
         for node_id, result in self._fanout(tasks).items():
-            # Retry only what surely did not land: a node lease is a shared refcount, so a
-            # release applied but answered late, then retried, would drop another client's
-            # lease. A timeout is left to the TTL.
-            if isinstance(result, ConnectError):
+            # Releases name lease ids, so retrying one that did land is harmless.
+            if isinstance(result, Exception):
                 retry += owed[node_id]
         if retry and self._owed.owe(retry, time.monotonic()):
             log.warning("gave up releasing some leases after %d attempts (their TTL expires them)", MAX_ATTEMPTS)
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
-        """Delete from every healthy ALIVE node (stale copies included); True where any node had it."""
+        """Delete everywhere; True where the delete is durable: every member that is not DEAD or
+        LEFT confirmed it (deleted, had nothing, or holds a newer write). Each node keeps a
+        tombstone, so an older write arriving later cannot bring the key back."""
         self._check_keys(keys)
         view = self._view
-        nodes = sorted(self._healthy_set(view))
+        must = view.placeable
+        healthy = self._healthy_set(view)
+        nodes = [n for n in must if n in healthy]
         deadline = time.monotonic() + self.timeout_s
+        versions = CLOCK.next(len(keys))
 
-        def op(client: NodeClient) -> list[bool]:
-            out: list[bool] = []
+        def op(client: NodeClient) -> list[Status]:
+            out: list[Status] = []
             for part in _chunks(len(keys)):
-                out += client.delete([keys[i] for i in part], timeout_s=_left(deadline))
+                out += client.delete_versions(
+                    [keys[i] for i in part], [versions[i] for i in part], timeout_s=_left(deadline)
+                )
             return out
 
-        ok = [False] * len(keys)
         results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
-        for result in results.values():
-            if not isinstance(result, Exception):
-                ok = [a or b for a, b in zip(ok, result)]
-        return ok
+        answered = sum(1 for r in results.values() if not isinstance(r, Exception))
+        durable = bool(must) and answered == len(must)
+        return [durable] * len(keys)
 
     def list_keys(
         self, prefix: bytes = b"", cursor: str | None = None, limit: int = 1000
@@ -495,23 +571,31 @@ class ClusterClient:
     # ------------------------------------------------------------------ status
 
     def node_stats(self) -> dict[str, dict[str, Any]]:
-        """Per node id (of the members that answered) its statistics from Maintenance.Status."""
+        """Per node id (of the members that answered, proving the key if one is set) its
+        statistics from Maintenance.Status."""
+        from lmcache_memkv.control.response_auth import STATUS, fresh_nonce
+
         view = self._view
         asked = []
         for m in view.members.values():
             if m.state in (State.ALIVE, State.SUSPECT):
                 try:
                     stub = maintenance_pb2_grpc.MaintenanceStub(self._pool.get(m.control_endpoint))
-                    asked.append((m, stub.Status.future(maintenance_pb2.StatusRequest(), timeout=self.timeout_s)))
+                    request = maintenance_pb2.StatusRequest(nonce=fresh_nonce())
+                    asked.append((m, request, stub.Status.future(request, timeout=self.timeout_s)))
                 except RuntimeError:  # closed
                     return {}
-        wait_all([f for _, f in asked], self.timeout_s)
+        wait_all([f for _, _, f in asked], self.timeout_s)
         out: dict[str, dict[str, Any]] = {}
-        for m, future in asked:
+        for m, request, future in asked:
             try:
                 reply: maintenance_pb2.StatusResponse = future.result(timeout=0)
+                self._pool.check_reply(STATUS, request, reply)
             except (grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError) as exc:
                 log.debug("stats of %s unavailable: %s", m.node_id, describe_rpc_error(exc))
+                continue
+            except ValueError as exc:  # ReplyRefused: not the node we hold the key for
+                log.warning("stats of %s refused: %s", m.node_id, exc)
                 continue
             out[m.node_id] = {
                 **stats_dict(reply.stats),

@@ -1,9 +1,10 @@
 """Leases this client holds (per key, a multiset of granting nodes) and releases still owed.
 
 A key may be leased several times (LMCache locks per request), on different nodes if the
-view changed in between; each release returns one lease to the node that granted it.
-A release that fails is retried with back-off until it lands, the node is gone, or the
-attempts run out; the lease TTL on the node is the backstop.
+view changed in between; each release returns one lease, by its id, to the node that granted
+it. Releases name lease ids, so a retry is harmless: a release that fails for any reason is
+retried with back-off until it lands, the node is gone, or the attempts run out; the lease TTL
+on the node is the backstop.
 """
 
 from __future__ import annotations
@@ -24,30 +25,26 @@ Grantor = tuple[str, int]  # (node_id, incarnation): a restarted node holds none
 
 
 class LeaseBook:
-    """Per key, who granted this client's leases, until the leases' TTL: past it the node has
-    let them go, so a record that was never released (an unlock that never came) is dropped
-    too, by ``expire``, rather than kept for ever."""
+    """Per key, the leases this client holds (who granted each, and its id) until the leases'
+    TTL: past it the node has let them go, so a record that was never released (an unlock that
+    never came) is dropped too, by ``expire``, rather than kept for ever."""
 
     def __init__(self) -> None:
-        self._held: dict[bytes, Counter[Grantor]] = {}
-        self._until: dict[bytes, float] = {}  # key -> latest grant's expiry (the node's rule too)
+        self._held: dict[bytes, list[tuple[Grantor, int]]] = {}  # key -> [(grantor, lease id)]
+        self._until: dict[bytes, float] = {}  # key -> latest grant's expiry
         self._deadlines: list[tuple[float, bytes]] = []  # heap; stale entries are skipped
         self._lock = threading.Lock()
 
-    def add(self, key: bytes, grantor: Grantor, until: float = math.inf) -> None:
-        self.add_many([(key, grantor)], until)
+    def add(self, key: bytes, grantor: Grantor, lease_id: int = 0, until: float = math.inf) -> None:
+        self.add_many([(key, grantor, lease_id)], until)
 
-    def add_many(self, grants: Iterable[tuple[bytes, Grantor]], until: float = math.inf) -> None:
-        """Record one lease per ``(key, (node_id, incarnation))`` expiring at ``until``
+    def add_many(self, grants: Iterable[tuple[bytes, Grantor, int]], until: float = math.inf) -> None:
+        """Record one lease per ``(key, (node_id, incarnation), lease id)`` expiring at ``until``
         (monotonic seconds), under one lock acquisition."""
         with self._lock:
             held = self._held
-            for key, grantor in grants:
-                counts = held.get(key)
-                if counts is None:
-                    held[key] = Counter({grantor: 1})
-                else:
-                    counts[grantor] += 1
+            for key, grantor, lease_id in grants:
+                held.setdefault(key, []).append((grantor, lease_id))
                 if until > self._until.get(key, -math.inf):
                     self._until[key] = until
                     if until != math.inf:
@@ -61,61 +58,54 @@ class LeaseBook:
                 until, key = heapq.heappop(self._deadlines)
                 if self._until.get(key) == until:  # not renewed since
                     del self._until[key]
-                    dropped += sum(self._held.pop(key, Counter()).values())
+                    dropped += len(self._held.pop(key, ()))
         return dropped
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
-        """``holders`` for each key, under one lock acquisition."""
+        """Per key the nodes holding a lease of it for this client, most leases first."""
         with self._lock:
-            held = self._held
             out: list[list[str]] = []
             for key in keys:
-                counts = held.get(key)
-                if not counts:
+                leases = self._held.get(key)
+                if not leases:
                     out.append([])
-                elif len(counts) == 1:
-                    out.append([next(iter(counts))[0]])
+                elif len(leases) == 1:
+                    out.append([leases[0][0][0]])
                 else:
-                    out.append(list(dict.fromkeys(g[0] for g, _ in counts.most_common())))
+                    counts = Counter(g[0] for g, _ in leases)
+                    out.append([n for n, _ in counts.most_common()])
             return out
 
     def holders(self, key: bytes) -> list[str]:
-        """Nodes holding a lease of ``key`` for this client, most leases first."""
-        with self._lock:
-            held = self._held.get(key)
-            return list(dict.fromkeys(g[0] for g, _ in held.most_common())) if held else []
+        return self.holders_many([key])[0]
 
-    def take(self, key: bytes) -> Grantor | None:
-        """Forget one lease of ``key``; who granted it (None: none held)."""
+    def take(self, key: bytes) -> tuple[Grantor, int] | None:
+        """Forget one lease of ``key``: (who granted it, its id); None if none is held."""
         return self.take_many([key])[0]
 
-    def take_many(self, keys: Iterable[bytes]) -> list[Grantor | None]:
+    def take_many(self, keys: Iterable[bytes]) -> list[tuple[Grantor, int] | None]:
         """``take`` for each key, under one lock acquisition."""
-        out: list[Grantor | None] = []
+        out: list[tuple[Grantor, int] | None] = []
         with self._lock:
             for key in keys:
-                held = self._held.get(key)
-                if not held:
+                leases = self._held.get(key)
+                if not leases:
                     out.append(None)
                     continue
-                grantor = next(iter(held)) if len(held) == 1 else held.most_common(1)[0][0]
-                held[grantor] -= 1
-                if held[grantor] <= 0:
-                    del held[grantor]
-                if not held:
+                out.append(leases.pop())
+                if not leases:
                     del self._held[key]
                     self._until.pop(key, None)
-                out.append(grantor)
         return out
 
     def count(self) -> int:
         with self._lock:
-            return sum(c.total() for c in self._held.values())
+            return sum(len(v) for v in self._held.values())
 
 
 @dataclass
 class OwedRelease:
-    key: bytes
+    lease_id: int
     node_id: str
     incarnation: int  # a restarted node holds none of its earlier life's leases
     attempts: int = 0

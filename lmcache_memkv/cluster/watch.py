@@ -2,7 +2,9 @@
 
 A node sends its view on every change and a keepalive in between; a stream that stays silent
 for a few keepalive periods (a peer that vanished without closing the connection) is
-cancelled by ``check_stale`` and the watcher reconnects elsewhere.
+cancelled by ``check_stale`` and the watcher reconnects elsewhere. With a key, every message
+must carry the node's proof for this stream and its place in it (``response_auth``); a stream
+that fails that, or sends a keepalive period out of range, is dropped and another member tried.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import grpc
 from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
 from lmcache_memkv.control.convert import view_from_proto
 from lmcache_memkv.control.member import Member
+from lmcache_memkv.control.peers import LogThrottle
+from lmcache_memkv.control.response_auth import WATCH, fresh_nonce
 from lmcache_memkv.proto.memkv.v1 import cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger("memkv.cluster")
 _RETRY_S = 0.5  # pause after every known endpoint failed
 _DEFAULT_KEEPALIVE_S = 1.0
 _STALE_KEEPALIVES = 3
+# A node's keepalive is max(1 s, its heartbeat interval); outside these bounds a stream could
+# never be found stale (or would be dropped at once), so such a message is refused.
+MIN_KEEPALIVE_MS = 10
+MAX_KEEPALIVE_MS = 60_000
 
 
 class ViewWatcher:
@@ -43,6 +51,7 @@ class ViewWatcher:
         self._last_message = 0.0
         self._keepalive_s = _DEFAULT_KEEPALIVE_S
         self._thread: threading.Thread | None = None
+        self._refusals_logged = LogThrottle()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="memkv-watch", daemon=True)
@@ -95,8 +104,9 @@ class ViewWatcher:
     def _stream(self, endpoint: str) -> bool:
         """Follow one member's stream until it ends; True if it delivered anything."""
         spoke = False
+        request = cluster_pb2.WatchRequest(nonce=fresh_nonce())
         try:
-            call = cluster_pb2_grpc.ClusterStub(self._pool.get(endpoint)).Watch(cluster_pb2.WatchRequest())
+            call = cluster_pb2_grpc.ClusterStub(self._pool.get(endpoint)).Watch(request)
         except (RuntimeError, ValueError) as exc:  # pool closed, or an endpoint gRPC rejects
             log.debug("cannot watch %s: %s", endpoint, exc)
             return False
@@ -106,7 +116,18 @@ class ViewWatcher:
                 return False
             self._call, self._endpoint, self._last_message = call, endpoint, time.monotonic()
         try:
-            for reply in call:
+            for index, reply in enumerate(call):
+                try:
+                    self._pool.check_reply(WATCH, request, reply, index)
+                    if reply.keepalive_ms and not MIN_KEEPALIVE_MS <= reply.keepalive_ms <= MAX_KEEPALIVE_MS:
+                        raise ValueError(
+                            f"keepalive_ms {reply.keepalive_ms} out of range {MIN_KEEPALIVE_MS}-{MAX_KEEPALIVE_MS}"
+                        )
+                except ValueError as exc:  # ReplyRefused too: nothing from this stream is used
+                    if self._refusals_logged.allow(endpoint):
+                        log.warning("dropping the view stream from %s: %s", endpoint, exc)
+                    call.cancel()
+                    return False
                 with self._lock:
                     self._last_message = time.monotonic()
                     if reply.keepalive_ms:

@@ -1,12 +1,15 @@
-"""Client channels to control endpoints: the auth proof on every call, TLS when a CA is given."""
+"""Client channels to control endpoints: the auth proof on every call, TLS when a CA is given,
+and the check of the node's proof on every answer (``ChannelPool.check_reply``)."""
 
 from __future__ import annotations
 
 import threading
 
 import grpc
+from google.protobuf.message import Message
 
 from lmcache_memkv.control.auth import ClientAuthInterceptor
+from lmcache_memkv.control.response_auth import check_reply
 from lmcache_memkv.control.tls import channel_credentials, server_name_override
 
 MAX_MESSAGE = 16 << 20
@@ -23,6 +26,7 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 
 
 def open_channel(endpoint: str, key: bytes | None, tls_ca: str | None = None) -> grpc.Channel:
+    """A channel to ``endpoint``; with a key, every call's proof names ``endpoint`` as its target."""
     options = list(CHANNEL_OPTIONS)
     if tls_ca:
         name = server_name_override()
@@ -33,7 +37,7 @@ def open_channel(endpoint: str, key: bytes | None, tls_ca: str | None = None) ->
         channel = grpc.insecure_channel(endpoint, options=options)
     if key is None:
         return channel
-    return grpc.intercept_channel(channel, ClientAuthInterceptor(key))
+    return grpc.intercept_channel(channel, ClientAuthInterceptor(key, endpoint.strip()))
 
 
 class ChannelPool:
@@ -45,6 +49,15 @@ class ChannelPool:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def key(self) -> bytes | None:
+        return self._key
+
+    def check_reply(self, method: str, request: Message, reply: Message, index: int = 0) -> None:
+        """Raise ``ReplyRefused`` (a ValueError) unless ``reply`` to ``request`` proves this pool's
+        key; every consumer of a control answer calls this before using it."""
+        check_reply(self._key, method, request, reply, index)
 
     def get(self, endpoint: str) -> grpc.Channel:
         with self._lock:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+from lmcache_memkv.control.convert import check_epoch, check_member
 from lmcache_memkv.control.member import Member, State
 
 
@@ -48,6 +49,9 @@ class Membership:
         self._last_heard: dict[str, float] = {}
         self._epoch = 1
         self._closed = False
+        # Called (lock held) when gossip says this node's current life is DEAD: writers may have
+        # stopped counting it, so the node must drop its data before it rejoins (see node.fence).
+        self.on_declared_dead: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -83,7 +87,9 @@ class Membership:
     # ------------------------------------------------------------------ updates
 
     def heard_from(self, record: Member) -> bool:
-        """Merge a record a member sent about itself; True if the view changed."""
+        """Merge a record a member sent about itself; True if the view changed.
+        ValueError (nothing changed) if an integer in it is out of range (see ``convert``)."""
+        check_member(record)
         with self._cond:
             if record.node_id != self.node_id:
                 self._last_heard[record.node_id] = self._clock()
@@ -93,8 +99,10 @@ class Membership:
             return changed
 
     def merge(self, epoch: int, records: Iterable[Member]) -> bool:
-        """Merge another node's view (gossip); True if this view changed."""
-        records = list(records)
+        """Merge another node's view (gossip); True if this view changed.
+        ValueError (nothing changed) if an integer in it is out of range (see ``convert``)."""
+        records = [check_member(r) for r in records]
+        check_epoch(epoch)
         with self._cond:
             changed = False
             for record in records:
@@ -205,6 +213,8 @@ class Membership:
         ):
             # Refute: only this node may raise its own incarnation, and doing so clears
             # the suspicion (or a stale record of an earlier life) everywhere it spreads.
+            if record.state is State.DEAD and record.incarnation >= me.incarnation and self.on_declared_dead:
+                self.on_declared_dead()  # before the refutation spreads and clients route here again
             self._members[self.node_id] = replace(me, incarnation=record.incarnation + 1, state=State.ALIVE)
             return True
         return False

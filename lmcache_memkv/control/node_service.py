@@ -13,17 +13,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from functools import partial
 
 import grpc
 
 from lmcache_memkv import __version__
-from lmcache_memkv.control.auth import AuthInterceptor, ProofChecker
+from lmcache_memkv.control.auth import NodeNames, ProofChecker
 from lmcache_memkv.control.channel import MAX_MESSAGE, ChannelPool, describe_rpc_error
 from lmcache_memkv.control.convert import member_from_proto, member_to_proto, view_from_proto, view_to_proto
 from lmcache_memkv.control.decoding import StrictDecoding
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
-from lmcache_memkv.control.peers import Peers, wait_all
+from lmcache_memkv.control.peers import LogThrottle, Peers, wait_all
+from lmcache_memkv.control.response_auth import HEARTBEAT, JOIN, fresh_nonce
 from lmcache_memkv.control.service import ClusterService, MaintenanceService, SessionService
 from lmcache_memkv.control.stats import RateMeter, node_stats
 from lmcache_memkv.control.tls import ca_from_env, server_credentials
@@ -75,10 +77,14 @@ class ControlPlane:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
-        self._refusals_logged: set[str] = set()
+        # Refusals are logged once per peer per minute: what a peer sends must not grow the log or memory.
+        self._refusals_logged = LogThrottle()
+        self._auth_refusals_logged = LogThrottle()
+        # The names proofs may target are known once bound (below); no call arrives before start().
+        self._checker = ProofChecker(config.auth_key, NodeNames(config.node_id))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="memkv-control"),
-            interceptors=[AuthInterceptor(ProofChecker(config.auth_key), self._auth_failed), StrictDecoding()],
+            interceptors=[StrictDecoding(self._checker, self._auth_failed)],
             options=[
                 ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -110,6 +116,7 @@ class ControlPlane:
             capacity_bytes=stats["capacity_bytes"],
             used_bytes=stats["used_bytes"],
         )
+        self._checker.names = NodeNames(config.node_id, listen, port, local.control_endpoint)
         self.membership = Membership(
             local,
             suspect_after_s=config.suspect_after_s,
@@ -117,6 +124,7 @@ class ControlPlane:
             clock=clock,
             stall_after_s=config.suspect_after_s,  # ticks run every heartbeat interval, well below this
         )
+        self.membership.on_declared_dead = lambda: server.fence.fence("the cluster declared this node DEAD")
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc
@@ -138,7 +146,7 @@ class ControlPlane:
     def stop(self, grace_s: float = 0.5) -> None:
         """Leave gracefully: peers see LEFT at once instead of finding this node DEAD later."""
         me = self.membership.leave()
-        request = cluster_pb2.LeaveRequest(node_id=me.node_id, incarnation=me.incarnation)
+        request = cluster_pb2.LeaveRequest(node_id=me.node_id, incarnation=me.incarnation, nonce=fresh_nonce())
         told = [
             self._peers.leave(m.control_endpoint, request, _LEAVE_WAIT_S)
             for m in self.membership.peers()
@@ -169,24 +177,33 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ membership traffic
 
-    def _auth_failed(self, method: str, reason: str) -> None:
-        log.warning("refused control call %s: %s", method, reason)
+    def _auth_failed(self, method: str, reason: str, peer: str) -> None:
+        host = peer.rpartition(":")[0] or peer  # per host: a caller's port changes with each connection
+        if self._auth_refusals_logged.allow(host):
+            log.warning(
+                "refused control call %s from %s: %s (not logged again for this host for a minute)",
+                method,
+                peer,
+                reason,
+            )
 
     def _join_seeds(self, timeout_s: float, wait: bool) -> None:
         """Announce this node to every seed not yet known as ALIVE; optionally wait for the answers."""
         me = self.membership.local
         known = {m.control_endpoint for m in self.membership.peers() if m.state is State.ALIVE}
-        request = cluster_pb2.JoinRequest(member=member_to_proto(me))
         seeds = [s for s in self._config.seeds if s not in known and s not in (self.endpoint, me.control_endpoint)]
-        sent = [self._peers.join(seed, request, timeout_s) for seed in seeds]
-        for future in sent:
-            future.add_done_callback(self._on_join_reply)
+        sent = []
+        for seed in seeds:
+            request = cluster_pb2.JoinRequest(member=member_to_proto(me), nonce=fresh_nonce())
+            future = self._peers.join(seed, request, timeout_s)
+            future.add_done_callback(partial(self._on_join_reply, seed, request))
+            sent.append(future)
         if not wait or not sent:
             return
         if not any(f.exception() is None for f in wait_all(sent, timeout_s + 0.5)):
             log.warning("no seed answered (%s); serving alone until one does", ", ".join(seeds))
 
-    def _on_join_reply(self, future: grpc.Future) -> None:
+    def _on_join_reply(self, seed: str, request: cluster_pb2.JoinRequest, future: grpc.Future) -> None:
         if future.cancelled():
             return
         if future.exception() is not None:
@@ -194,14 +211,15 @@ class ControlPlane:
             return
         reply: cluster_pb2.JoinResponse = future.result()
         try:
+            self._peers.check_reply(JOIN, request, reply)  # a seed without our key must not shape our view
             epoch, members = view_from_proto(reply.view)
-        except ValueError as exc:
-            log.warning("ignoring a malformed view from seed %s: %s", reply.header.node_id, exc)
-            return
-        for m in members:  # the seed's own record in its view: we just heard from it
-            if m.node_id == reply.header.node_id:
-                self.membership.heard_from(m)
-        self.membership.merge(epoch, members)
+            for m in members:  # the seed's own record in its view: we just heard from it
+                if m.node_id == reply.header.node_id:
+                    self.membership.heard_from(m)
+            self.membership.merge(epoch, members)
+        except ValueError as exc:  # ReplyRefused, a malformed view, an integer out of range
+            if self._refusals_logged.allow(seed):
+                log.warning("ignoring the answer of seed %s: %s", seed, exc)
 
     def _heartbeat_loop(self) -> None:
         interval = self._config.heartbeat_interval_s
@@ -216,6 +234,8 @@ class ControlPlane:
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
     def _round(self, rounds: int) -> None:
+        # First: after a stall this drops the data before anything is served or gossiped.
+        self._server.fence.beat(any(m.state in (State.ALIVE, State.SUSPECT) for m in self.membership.peers()))
         for node_id, state in self.membership.tick():
             log.warning(
                 "member %s is now %s (silent for %.1fs)", node_id, state, self.membership.silence(node_id) or 0.0
@@ -225,43 +245,40 @@ class ControlPlane:
         self._rate.sample(_ops_total(self._server))
         epoch, members = self.membership.view()
         me = self.membership.local
-        request = cluster_pb2.HeartbeatRequest(member=member_to_proto(me), view=view_to_proto(epoch, members))
+        base = cluster_pb2.HeartbeatRequest(member=member_to_proto(me), view=view_to_proto(epoch, members))
         probe_dead = rounds % _DEAD_PROBE_EVERY == 0
         timeout = self._config.suspect_after_s
         for m in members:
             if m.node_id == me.node_id:
                 continue
             if m.state in (State.ALIVE, State.SUSPECT) or (m.state is State.DEAD and probe_dead):
-                self._peers.heartbeat(m.control_endpoint, request, timeout, self._on_heartbeat_reply)
+                # A nonce per peer and round: each answer's proof is bound to this request alone.
+                request = cluster_pb2.HeartbeatRequest(member=base.member, view=base.view, nonce=fresh_nonce())
+                done = partial(self._on_heartbeat_reply, m.control_endpoint, request)
+                self._peers.heartbeat(m.control_endpoint, request, timeout, done)
         if probe_dead and rounds:
             self._join_seeds(timeout_s=timeout, wait=False)
 
-    def _on_heartbeat_reply(self, future: grpc.Future) -> None:
+    def _on_heartbeat_reply(self, endpoint: str, request: cluster_pb2.HeartbeatRequest, future: grpc.Future) -> None:
         if future.cancelled():  # shutting down
             return
         exc = future.exception()
         if exc is not None:
             # A peer refusing us (another key, our node id taken) is a misconfiguration that
-            # timeouts alone would hide: say it once per peer and reason.
-            if isinstance(exc, grpc.Call) and exc.code() in _REFUSALS:
-                reason = describe_rpc_error(exc)
-                if reason not in self._refusals_logged:
-                    self._refusals_logged.add(reason)
-                    log.error("a peer refused our heartbeat: %s", reason)
+            # timeouts alone would hide: say so, once per peer per minute.
+            if isinstance(exc, grpc.Call) and exc.code() in _REFUSALS and self._refusals_logged.allow(endpoint):
+                log.error("peer %s refused our heartbeat: %s", endpoint, describe_rpc_error(exc))
             return
         reply: cluster_pb2.HeartbeatResponse = future.result()
         try:
+            self._peers.check_reply(HEARTBEAT, request, reply)
             record = member_from_proto(reply.member)
-        except ValueError as exc2:
-            log.warning("ignoring a malformed heartbeat reply: %s", exc2)
-            return
-        try:
             epoch, members = view_from_proto(reply.view)
-        except ValueError as exc2:
-            log.warning("ignoring a malformed view from %s: %s", record.node_id, exc2)
-            return
-        self.membership.heard_from(record)
-        self.membership.merge(epoch, members)
+            self.membership.heard_from(record)
+            self.membership.merge(epoch, members)
+        except ValueError as exc2:  # ReplyRefused, a malformed record or view, an integer out of range
+            if self._refusals_logged.allow(endpoint):
+                log.warning("ignoring the heartbeat answer of %s: %s", endpoint, exc2)
 
 
 def start_control_plane(server: NodeServer, config: NodeConfig) -> ControlPlane:

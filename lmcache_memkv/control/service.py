@@ -1,7 +1,9 @@
 """The gRPC servicers: Cluster (membership), Maintenance (statistics), Session (set-up).
 
 They translate between protobuf and the membership state; every record from the wire is
-validated first (INVALID_ARGUMENT on anything malformed), and nothing is changed before that.
+validated first (INVALID_ARGUMENT on anything malformed, integers out of range included), and
+nothing is changed before that. Callers' proofs are checked, and answers signed, by the
+interceptor in ``decoding`` before and after these run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import grpc
 from lmcache_memkv.control import auth
 from lmcache_memkv.control.channel import describe_rpc_error
 from lmcache_memkv.control.convert import (
+    check_figure,
+    check_incarnation,
     member_from_proto,
     member_to_proto,
     state_to_proto,
@@ -25,6 +29,7 @@ from lmcache_memkv.control.convert import (
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import Peers
+from lmcache_memkv.control.response_auth import STATUS
 from lmcache_memkv.control.stats import total
 from lmcache_memkv.proto.memkv.v1 import (
     cluster_pb2,
@@ -69,6 +74,22 @@ def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.Serv
     return record
 
 
+def _merge(context: grpc.ServicerContext, rpc: str, apply: Callable[[], bool]) -> bool:
+    """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
+    try:
+        return apply()
+    except ValueError as exc:
+        _invalid(context, f"{rpc}: {exc}")
+
+
+def _checked_stats(stats: maintenance_pb2.NodeStats) -> maintenance_pb2.NodeStats:
+    """A peer's statistics, every counter in range (they are summed into the cluster total)."""
+    for field, value in stats.ListFields():
+        if isinstance(value, int):
+            check_figure(value, f"stats {field.name}")
+    return stats
+
+
 class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def __init__(self, membership: Membership, keepalive_s: float, max_watchers: int) -> None:
         self._m = membership
@@ -87,7 +108,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         record = _own_record(self._m, request.member, context, "Join")
         if record.state is not State.ALIVE:
             _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
-        if self._m.heard_from(record):
+        if _merge(context, "Join", lambda: self._m.heard_from(record)):
             log.info(
                 "member %s joined (incarnation %d, control %s)",
                 record.node_id,
@@ -102,6 +123,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         known = self._m.get(request.node_id)
         if known is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
+        try:
+            check_incarnation(request.incarnation, f"Leave {request.node_id}")
+        except ValueError as exc:
+            _invalid(context, f"Leave: {exc}")
         if request.incarnation >= known.incarnation:  # an earlier life's goodbye must not remove a restart
             left = Member(
                 node_id=known.node_id,
@@ -111,7 +136,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 control_endpoint=known.control_endpoint,
                 transports=known.transports,
             )
-            if self._m.heard_from(left):
+            if _merge(context, "Leave", lambda: self._m.heard_from(left)):
                 log.info("member %s left", request.node_id)
         return cluster_pb2.LeaveResponse(header=_header(self._m), view=self._view())
 
@@ -123,8 +148,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             epoch, members = view_from_proto(request.view)
         except ValueError as exc:
             _invalid(context, f"Heartbeat: {exc}")
-        self._m.heard_from(record)
-        self._m.merge(epoch, members)
+        _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
+        _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members))
         return cluster_pb2.HeartbeatResponse(
             header=_header(self._m), member=member_to_proto(self._m.local), view=self._view()
         )
@@ -175,7 +200,7 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
         asked = []
         for m in self._m.peers():
             if m.state in (State.ALIVE, State.SUSPECT):
-                asked.append((m, self._peers.status(m.control_endpoint, timeout)))
+                asked.append((m, *self._peers.status(m.control_endpoint, timeout)))
             else:
                 nodes.append(
                     maintenance_pb2.NodeStatus(
@@ -183,14 +208,14 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
                     )
                 )
         nodes.append(maintenance_pb2.NodeStatus(node_id=self._m.node_id, state=own.member.state, stats=own.stats))
-        for m, future in asked:
+        for m, request, future in asked:
             try:
                 reply = future.result()
-                nodes.append(
-                    maintenance_pb2.NodeStatus(node_id=m.node_id, state=state_to_proto(m.state), stats=reply.stats)
-                )
-            except grpc.RpcError as exc:
-                detail = describe_rpc_error(exc)
+                self._peers.check_reply(STATUS, request, reply)
+                stats = _checked_stats(reply.stats)
+                nodes.append(maintenance_pb2.NodeStatus(node_id=m.node_id, state=state_to_proto(m.state), stats=stats))
+            except (grpc.RpcError, ValueError) as exc:  # ReplyRefused, or a figure out of range
+                detail = describe_rpc_error(exc) if isinstance(exc, grpc.RpcError) else str(exc)
                 nodes.append(maintenance_pb2.NodeStatus(node_id=m.node_id, state=state_to_proto(m.state), error=detail))
         nodes.sort(key=lambda n: n.node_id)
         up = sum(n.state == member_pb2.MEMBER_STATE_ALIVE for n in nodes)

@@ -23,7 +23,13 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     frame_timeout_s: float = 10.0  # a peer that stalls mid-frame longer than this is dropped
     idle_timeout_s: float = 0.0  # 0: idle connections stay open
-    max_connections: int = 4096  # one thread each
+    max_connections: int = 4096  # authenticated connections, one thread each
+    auth_timeout_s: float = 2.0  # a new connection must authenticate within this
+    max_unauth_connections: int = 64  # connections not yet authenticated, all peers together
+    max_unauth_per_host: int = 8  # ... and from one peer address
+    max_lease_ttl_s: float = 300.0  # longer lease requests are cut to this
+    lease_budget: int | None = None  # arena bytes one client may hold leased (default: a quarter)
+    max_tombstones: int = 100_000  # deleted keys remembered; past it the oldest become a version floor
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Control plane (gRPC): see lmcache_memkv.control.
     control_listen: str | None = None  # default: data port + 1
@@ -64,8 +70,21 @@ class NodeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
+        for flag, value in (
+            ("--max-unauth-connections", self.max_unauth_connections),
+            ("--max-unauth-per-host", self.max_unauth_per_host),
+            ("--max-tombstones", self.max_tombstones),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if self.auth_timeout_s <= 0:
+            raise ValueError(f"--auth-timeout must be positive, got {self.auth_timeout_s}")
+        if self.max_lease_ttl_s <= 0:
+            raise ValueError(f"--max-lease-ttl must be positive, got {self.max_lease_ttl_s}")
+        if self.lease_budget is not None and self.lease_budget < 0:
+            raise ValueError(f"--lease-budget must not be negative, got {self.lease_budget}")
         if self.idle_timeout_s < 0:
-            raise ValueError(f"idle_timeout_s must not be negative, got {self.idle_timeout_s}")
+            raise ValueError(f"--idle-timeout must not be negative, got {self.idle_timeout_s}")
         if not self.heartbeat_interval_s < self.suspect_after_s < self.dead_after_s:
             raise ValueError(
                 "heartbeat timeouts must satisfy heartbeat-interval < suspect-after < dead-after, got "

@@ -28,6 +28,8 @@ class _StoreCollector(Collector):
             "memkv_node_value_bytes": ("Bytes of stored values.", s["value_bytes"]),
             "memkv_node_keys": ("Keys stored.", s["keys"]),
             "memkv_node_leases": ("Leases currently held.", s["leases"]),
+            "memkv_node_leased_bytes": ("Arena bytes held by leases.", s["leased_bytes"]),
+            "memkv_node_tombstones": ("Deleted keys remembered so older writes cannot bring them back.", s["tombstones"]),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc, labels=["node"])
@@ -42,6 +44,10 @@ class _StoreCollector(Collector):
             "memkv_node_leases_released": ("Leases released by RELEASE.", s["leases_released"]),
             "memkv_node_leases_expired": ("Leases that ran out their TTL.", s["leases_expired"]),
             "memkv_node_no_space": ("PUT items refused because nothing evictable made room.", s["no_space"]),
+            "memkv_node_leases_denied": ("Leases refused for a spent lease budget.", s["leases_denied"]),
+            "memkv_node_stale_writes": ("PUT or DELETE items older than the stored version, refused.", s["stale"]),
+            "memkv_node_invalidations": ("Older values dropped because a newer write could not be stored.", s["invalidations"]),
+            "memkv_node_wipes": ("Times the node dropped all its data to fence itself (stall or DEAD verdict).", s["wipes"]),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(name, doc, labels=["node"])

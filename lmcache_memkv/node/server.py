@@ -1,4 +1,10 @@
-"""The node's TCP data plane: one thread per connection, value bytes straight to and from the arena."""
+"""The node's TCP data plane: one thread per connection, value bytes straight to and from the arena.
+
+Connections have two budgets: unauthenticated ones (all peers together, and per peer address)
+must authenticate within ``auth_timeout_s``, and the oldest is dropped when a new one needs its
+slot; authenticated ones are capped by ``max_connections``. A keyless flood so fills only its
+own budget and keyed clients are still served.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,28 @@ import select
 import socket
 import threading
 import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
 from lmcache_memkv.node.arena import Arena
 from lmcache_memkv.node.config import NodeConfig, default_node_id
+from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
-from lmcache_memkv.node.store import Extent, Store
+from lmcache_memkv.node.store import Extent, Fenced, Store
 from lmcache_memkv.transport.tcp import (
     PeerClosed,
     drain,
     linger_close,
-    recv_exact,
+    read_frame,
     recv_into_exact,
     send_views,
     tune,
+    wait_for_data,
 )
 from lmcache_memkv.wire.constants import ErrorCode, Op, Status
-from lmcache_memkv.wire.frames import HEADER_LEN, Header, decode_header
+from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.messages import (
     DeleteRequest,
     DeleteResponse,
@@ -44,28 +54,45 @@ from lmcache_memkv.wire.messages import (
     ReleaseRequest,
     ReleaseResponse,
     StatsResponse,
-    decode,
     encode,
 )
-from lmcache_memkv.wire.state import ServerProtocol
+from lmcache_memkv.wire.reader import FrameReader
+from lmcache_memkv.wire.state import MAX_AUTH_META, ServerProtocol
 
 log = logging.getLogger("memkv.node")
-_MAX_AUTH_META = 256  # u8 proof length + a 32-byte proof, with room to spare
 _POLL_MS = 200  # how often an idle connection checks for shutdown
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
 _LINGER_S = 1.0  # after an error frame: how long we keep reading so the peer gets to see it
 _LINGER_BYTES = 16 << 20
 
 
+@dataclass
+class _Conn:
+    thread: threading.Thread
+    host: str
+    authed: bool = False
+
+
 class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.arena = Arena(config.capacity)
-        self.store = Store(self.arena)
+        self.store = Store(
+            self.arena,
+            max_lease_ttl_s=config.max_lease_ttl_s,
+            lease_budget_bytes=config.lease_budget,
+            max_tombstones=config.max_tombstones,
+        )
+        # Peers declare a member DEAD after dead_after_s of silence; a stall of nearly that long
+        # (less one heartbeat, which may not have reached them) may have got us declared DEAD.
+        stall = max(config.suspect_after_s, config.dead_after_s - config.heartbeat_interval_s)
+        self.fence = Fence(self.store, stall_after_s=stall)
         self.metrics = NodeMetrics(config.node_id, self.stats)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._unauth: OrderedDict[socket.socket, str] = OrderedDict()  # oldest first
+        self._unauth_by_host: Counter[str] = Counter()
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()  # draining: connections finish what has arrived, then close
         self._accept_closed = threading.Event()
@@ -129,7 +156,7 @@ class NodeServer:
         self.stop_accepting()
         deadline = time.monotonic() + (self.config.drain_timeout_s if grace_s is None else grace_s)
         with self._conns_lock:
-            threads = list(self._conns.values())
+            threads = [c.thread for c in self._conns.values()]
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         with self._conns_lock:
@@ -150,7 +177,7 @@ class NodeServer:
         assert self._listener is not None
         while not self._accept_closed.is_set():
             try:
-                sock, _addr = self._listener.accept()
+                sock, addr = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -161,34 +188,95 @@ class NodeServer:
             if self._accept_closed.is_set():  # raced with stop_accepting
                 sock.close()
                 return
-            with self._conns_lock:
-                full = len(self._conns) >= self.config.max_connections
-            if full:  # one thread per connection: refuse rather than let a flood exhaust the host
-                self.metrics.protocol_errors.labels(self._m_node, "too_many_connections").inc()
-                log.warning("refusing a connection from %s: %d open (--max-connections)", _peer(sock), self.config.max_connections)
-                self._send_error(sock, 0, ErrorCode.LIMIT, f"node has {self.config.max_connections} connections open; try later")
-                sock.close()
+            host = str(addr[0])
+            if not self._admit(sock, host):
                 continue
             tune(sock)
             t = threading.Thread(target=self._serve_conn, args=(sock,), name="memkv-conn", daemon=True)
             with self._conns_lock:
-                self._conns[sock] = t
+                self._conns[sock] = _Conn(thread=t, host=host)
             self.metrics.accepted.labels(self._m_node).inc()
             t.start()
+
+    def _admit(self, sock: socket.socket, host: str) -> bool:
+        """Count a new connection against the unauthenticated budgets; False if refused."""
+        cfg = self.config
+        victim: socket.socket | None = None
+        with self._conns_lock:
+            if self._unauth_by_host[host] >= cfg.max_unauth_per_host:
+                refused = f"{cfg.max_unauth_per_host} unauthenticated connections from {host} already (--max-unauth-per-host)"
+            else:
+                refused = ""
+                if len(self._unauth) >= cfg.max_unauth_connections:
+                    # Full: the oldest pending handshake gives way. A real client authenticates
+                    # within a round trip, so only connections that never do are pushed out.
+                    victim, old_host = self._unauth.popitem(last=False)
+                    self._forget_unauth_host(old_host)
+                self._unauth[sock] = host
+                self._unauth_by_host[host] += 1
+        if victim is not None:
+            self.metrics.protocol_errors.labels(self._m_node, "unauth_evicted").inc()
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its thread wakes up and closes it
+            except OSError:
+                pass
+        if refused:
+            self.metrics.protocol_errors.labels(self._m_node, "too_many_connections").inc()
+            log.warning("refusing a connection: %s", refused)
+            self._send_error(sock, 0, ErrorCode.BUSY, f"node has {refused}; try later")
+            sock.close()
+            return False
+        return True
+
+    def _forget_unauth_host(self, host: str) -> None:
+        self._unauth_by_host[host] -= 1
+        if self._unauth_by_host[host] <= 0:
+            del self._unauth_by_host[host]
+
+    def _authenticated(self, sock: socket.socket) -> None:
+        """Move a connection from the unauthenticated budget to the authenticated one."""
+        with self._conns_lock:
+            host = self._unauth.pop(sock, None)
+            if host is not None:
+                self._forget_unauth_host(host)
+            authed = sum(1 for c in self._conns.values() if c.authed)
+            if authed >= self.config.max_connections:
+                raise ProtocolError(
+                    f"node has {self.config.max_connections} connections open (--max-connections); try later",
+                    ErrorCode.BUSY,
+                )
+            conn = self._conns.get(sock)
+            if conn is not None:
+                conn.authed = True
 
     # ------------------------------------------------------------------ one connection
 
     def _serve_conn(self, sock: socket.socket) -> None:
         node = self._m_node
+        cfg = self.config
         self.metrics.connections.labels(node).inc()
-        proto = ServerProtocol(self.config.node_id, self.config.auth_key)
+        proto = ServerProtocol(cfg.node_id, cfg.auth_key, cfg.limits)
+        reader = FrameReader(cfg.limits, max_meta_len=MAX_AUTH_META)  # an AUTH frame is tiny: read no more before it
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         request_id = 0
+        generation = self.store.generation
         failed = False  # an error frame went out: close with a bounded linger so the peer can read it
         try:
-            send_views(sock, [proto.hello()], time.monotonic() + self.config.frame_timeout_s)
-            authed = False
+            auth_deadline = time.monotonic() + cfg.auth_timeout_s
+            send_views(sock, [proto.hello()], auth_deadline)
+            header, msg = read_frame(sock, reader, auth_deadline)
+            request_id = header.request_id
+            try:
+                reply = proto.on_auth(header, msg)
+            except ProtocolError as exc:
+                self.metrics.auth_failures.labels(node).inc()
+                log.warning("auth failure from %s: %s", _peer(sock), exc)
+                raise
+            self._authenticated(sock)
+            reader.max_meta_len = None
+            generation = self.store.generation
+            send_views(sock, [reply], auth_deadline)
             idle_since = time.monotonic()
             while True:
                 stopping = self._stopping.is_set()
@@ -196,38 +284,26 @@ class NodeServer:
                 # too), then say why we hang up.
                 if not poller.poll(0 if stopping else _POLL_MS):
                     if stopping:
-                        if authed:
-                            self._send_error(sock, 0, ErrorCode.SHUTTING_DOWN, "node is shutting down")
+                        self._send_error(sock, 0, ErrorCode.SHUTTING_DOWN, "node is shutting down")
                         return
-                    idle = self.config.idle_timeout_s
+                    idle = cfg.idle_timeout_s
                     if idle and time.monotonic() - idle_since > idle:
                         return
-                    if not authed and time.monotonic() - idle_since > self.config.frame_timeout_s:
-                        raise ProtocolError("no AUTH within the frame timeout", ErrorCode.TIMEOUT)
                     continue
                 # From a frame's first byte, the whole frame must arrive within the frame timeout.
-                deadline = time.monotonic() + self.config.frame_timeout_s
-                head = recv_exact(sock, HEADER_LEN, deadline)
-                header = decode_header(head, self.config.limits)
+                deadline = time.monotonic() + cfg.frame_timeout_s
+                header, msg = read_frame(sock, reader, deadline)
                 request_id = header.request_id
-                if not authed:
-                    if header.meta_len > _MAX_AUTH_META:  # an AUTH frame is tiny: read no more before it
-                        raise ProtocolError(
-                            f"frame of {header.meta_len} meta bytes before authentication", ErrorCode.AUTH_REQUIRED
-                        )
-                    meta = recv_exact(sock, header.meta_len, deadline)
-                    try:
-                        reply = proto.on_auth(header, decode(header, meta, self.config.limits))
-                    except ProtocolError as exc:
-                        self.metrics.auth_failures.labels(node).inc()
-                        log.warning("auth failure from %s: %s", _peer(sock), exc)
-                        raise
-                    send_views(sock, [reply], deadline)
-                    authed = True
-                else:
-                    proto.check_request(header)
-                    self._serve_request(sock, header, deadline)
+                proto.check_request(header)
+                self.fence.check()  # after a stall: drop the data before serving anything
+                if generation != self.store.generation:
+                    raise Fenced("the node dropped its data since this connection was opened")
+                self._serve_request(sock, header, msg, deadline, generation, proto.client_id)
                 idle_since = time.monotonic()
+        except Fenced as exc:
+            failed = True
+            self.metrics.protocol_errors.labels(node, "fenced").inc()
+            self._send_error(sock, request_id, ErrorCode.FENCED, f"node dropped its data; reconnect ({exc})")
         except ProtocolError as exc:
             failed = True
             self.metrics.protocol_errors.labels(node, _reason(exc.code)).inc()
@@ -255,6 +331,9 @@ class NodeServer:
                 sock.close()
             with self._conns_lock:
                 self._conns.pop(sock, None)
+                host = self._unauth.pop(sock, None)
+                if host is not None:
+                    self._forget_unauth_host(host)
             self.metrics.connections.labels(node).dec()
 
     def _send_error(self, sock: socket.socket, request_id: int, code: int, message: str) -> None:
@@ -263,49 +342,46 @@ class NodeServer:
         except (OSError, MemKVTimeout):
             pass
 
-    def _serve_request(self, sock: socket.socket, header: Header, deadline: float) -> None:
+    def _serve_request(
+        self, sock: socket.socket, header: Header, msg: Message, deadline: float, generation: int, client_id: bytes
+    ) -> None:
         started = time.perf_counter()
-        meta = recv_exact(sock, header.meta_len, deadline)
-        msg = decode(header, meta, self.config.limits)
         op = header.base_op
         rid = header.request_id
         outcome = "ok"
         if isinstance(msg, PutRequest):
-            outcome = self._put(sock, rid, msg, deadline)
+            outcome = self._put(sock, rid, msg, deadline, generation)
         elif isinstance(msg, GetRequest):
             outcome = self._get(sock, rid, msg, deadline)
         else:
-            reply = self._inline(msg)
+            reply = self._inline(msg, client_id)
             send_views(sock, [encode(reply, rid)], deadline)
         labels = (self._m_node, op.name.lower())
         self.metrics.ops.labels(*labels, outcome).inc()
         self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
-    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float) -> str:
-        reserved: list[Extent | Status] = []
-        try:
-            for size in msg.sizes:
-                reserved.append(self.store.reserve(size))
-            view = self.arena.view
-            scratch: memoryview | None = None  # only a refused value needs it; most requests never do
-            for size, slot in zip(msg.sizes, reserved, strict=True):
-                if isinstance(slot, Extent):
-                    recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)
-                else:
-                    if scratch is None:
-                        scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                    drain(sock, size, scratch, deadline)
-        except BaseException:
-            for slot in reserved:
-                if isinstance(slot, Extent):
-                    self.store.abort(slot)
-            raise
+    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float, generation: int) -> str:
+        """Space for each value is reserved only once its bytes start to arrive, and the value is
+        published as soon as it is in: a peer that stops early has made the node evict at most
+        the values it began to send."""
         statuses: list[Status] = []
-        for key, slot in zip(msg.keys, reserved, strict=True):
+        view = self.arena.view
+        scratch: memoryview | None = None  # only a refused value needs it; most requests never do
+        for key, size, version in zip(msg.keys, msg.sizes, msg.versions, strict=True):
+            if size:
+                wait_for_data(sock, deadline)
+            slot = self.store.reserve(key, size, version, generation)
             if isinstance(slot, Extent):
-                self.store.publish(key, slot)
-                statuses.append(Status.OK)
+                try:
+                    recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)
+                except BaseException:
+                    self.store.abort(slot)
+                    raise
+                statuses.append(self.store.publish(key, slot, version, generation))
             else:
+                if scratch is None:
+                    scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
+                drain(sock, size, scratch, deadline)
                 statuses.append(slot)
         self.metrics.bytes_in.labels(self._m_node).inc(sum(msg.sizes))
         self.metrics.items.labels(self._m_node, "put").inc(len(msg.keys))
@@ -316,15 +392,17 @@ class NodeServer:
         pinned: list[Extent] = []
         statuses: list[Status] = []
         lengths: list[int] = []
+        versions: list[int] = []
         try:
             for key, cap in zip(msg.keys, msg.capacities, strict=True):
-                status, ext = self.store.pin(key, cap)
+                status, ext, version = self.store.pin(key, cap, msg.exact)
                 statuses.append(status)
                 lengths.append(ext.length if ext else 0)
-                if ext is not None:
+                versions.append(version)
+                if status == Status.OK and ext is not None:
                     pinned.append(ext)
             view = self.arena.view
-            head = encode(GetResponse(statuses=statuses, lengths=lengths), rid)
+            head = encode(GetResponse(statuses=statuses, lengths=lengths, versions=versions), rid)
             # Pinned extents stay put until unpinned, so an overwrite cannot tear what we send.
             send_views(sock, [head, *(view[e.offset : e.offset + e.length] for e in pinned)], deadline)
         finally:
@@ -335,14 +413,19 @@ class NodeServer:
         self.metrics.items.labels(self._m_node, "get").inc(len(msg.keys))
         return "ok" if len(pinned) == len(msg.keys) else "partial"
 
-    def _inline(self, msg: Message) -> Message:
+    def _inline(self, msg: Message, client_id: bytes) -> Message:
         if isinstance(msg, ExistsRequest):
-            found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0)
-            return ExistsResponse(statuses=[s for s, _ in found], lengths=[n for _, n in found])
+            found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0, client_id)
+            return ExistsResponse(
+                statuses=[f[0] for f in found],
+                lengths=[f[1] for f in found],
+                versions=[f[2] for f in found],
+                lease_ids=[f[3] for f in found],
+            )
         if isinstance(msg, ReleaseRequest):
-            return ReleaseResponse(statuses=self.store.release(msg.keys))
+            return ReleaseResponse(statuses=self.store.release(msg.lease_ids, client_id))
         if isinstance(msg, DeleteRequest):
-            return DeleteResponse(statuses=self.store.delete(msg.keys))
+            return DeleteResponse(statuses=self.store.delete(msg.keys, msg.versions))
         if isinstance(msg, ListRequest):
             items, cursor = self.store.list(msg.prefix, msg.cursor, msg.limit)
             return ListResponse(keys=[k for k, _ in items], sizes=[n for _, n in items], next_cursor=cursor)

@@ -1,12 +1,24 @@
-"""Index, LRU order, leases and read pins over the arena.
+"""Index, versions, LRU order, leases and read pins over the arena.
 
 Writes land in a fresh extent that no reader can see, and are published by swapping the
 index entry under the lock, so an overwrite never tears a concurrent read. A reader pins
 the extent it found; a retired extent is freed only once its last reader unpins it.
+
+Every value carries its writer's version: a PUT or DELETE older than what the node holds for
+the key (a value or a tombstone) is refused as STALE, so replicas converge on the newest write
+whatever order requests arrive in. A PUT the node cannot store (no space, too large) drops the
+older value of its key: the replica then holds nothing stale, only a miss.
+
+Leases have ids and owners (the client id of the connection that took them), a TTL capped by
+the node, and a byte budget per owner and in all. A leased key is kept off the LRU list, so
+eviction is O(1) per victim however many entries are leased.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +29,13 @@ from sortedcontainers import SortedDict
 
 from lmcache_memkv.node.arena import Arena, align_up
 from lmcache_memkv.wire.constants import Status
+
+DEFAULT_MAX_LEASE_TTL_S = 300.0
+DEFAULT_MAX_TOMBSTONES = 100_000
+
+
+class Fenced(Exception):
+    """The store was wiped (the node may have been declared DEAD) while a request was under way."""
 
 
 @dataclass
@@ -29,16 +48,16 @@ class Extent:
 
 @dataclass
 class Entry:
-    """A published value and its leases: a refcount that lives until the latest grant's TTL.
-
-    One count and one deadline (not a deadline per lease) keep every lease operation O(1)
-    however often a key is leased without release; a lease may so outlive its own TTL by as
-    much as a later lease of the same key, never expire early.
-    """
-
     extent: Extent
-    leases: int = 0
-    lease_until: float = 0.0  # monotonic seconds
+    version: int
+
+
+@dataclass
+class Lease:
+    key: bytes
+    owner: bytes
+    nbytes: int  # charged to the owner's budget
+    until: float  # monotonic seconds
 
 
 @dataclass
@@ -50,68 +69,158 @@ class StoreCounters:
     leases_granted: int = 0
     leases_released: int = 0
     leases_expired: int = 0
+    leases_denied: int = 0
     no_space: int = 0
+    stale: int = 0
+    invalidations: int = 0
+    wipes: int = 0
 
 
 class Store:
-    def __init__(self, arena: Arena, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        arena: Arena,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_lease_ttl_s: float = DEFAULT_MAX_LEASE_TTL_S,
+        lease_budget_bytes: int | None = None,
+        max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
+    ) -> None:
         self.arena = arena
         self._clock = clock
         self._lock = threading.Lock()
-        self._index: SortedDict = SortedDict()  # bytes -> Entry, sorted for LIST paging
-        self._lru: OrderedDict[bytes, None] = OrderedDict()  # oldest first
-        self._leased: set[bytes] = set()
+        self.max_lease_ttl_s = max_lease_ttl_s
+        # One client may lease a quarter of the arena, all clients together three quarters:
+        # at least a quarter always stays evictable for writers.
+        self.lease_budget_bytes = arena.capacity // 4 if lease_budget_bytes is None else lease_budget_bytes
+        self.max_leased_bytes = max(self.lease_budget_bytes, arena.capacity * 3 // 4)
+        self.max_tombstones = max_tombstones
         self.counters = StoreCounters()
+        self._lease_ids = itertools.count(secrets.randbits(48) + 1)  # not reused across lives
+        self.generation = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._index: SortedDict = SortedDict()  # bytes -> Entry, sorted for LIST paging
+        self._lru: OrderedDict[bytes, None] = OrderedDict()  # unleased keys, oldest first
+        self._lru_bytes = 0  # arena bytes of the entries on the LRU list
+        self._leases: dict[int, Lease] = {}
+        self._lease_heap: list[tuple[float, int]] = []  # (until, id); released ids are skipped
+        self._leased_keys: dict[bytes, int] = {}  # key -> live leases
+        self._owner_bytes: dict[bytes, int] = {}
+        self._leased_bytes = 0
+        self._tombs: OrderedDict[bytes, int] = OrderedDict()  # key -> version it was deleted at
+        self._floor = 0  # writes at or below this version are refused (a dropped tombstone may cover them)
         self.value_bytes = 0
 
     # ------------------------------------------------------------------ writes
 
-    def reserve(self, size: int) -> Extent | Status:
-        """An unpublished extent for a value of ``size`` bytes, evicting LRU entries as needed."""
-        if align_up(size) > self.arena.capacity:
-            return Status.TOO_LARGE
+    def reserve(self, key: bytes, size: int, version: int, generation: int) -> Extent | Status:
+        """An unpublished extent for a value of ``size`` bytes, evicting LRU entries as needed.
+
+        Refused at once, evicting nothing: STALE (the node holds something newer), TOO_LARGE, or
+        NO_SPACE when free plus evictable bytes cannot hold it. TOO_LARGE and NO_SPACE drop the
+        key's older value, so this replica serves no stale value.
+        """
+        need = align_up(max(size, 1))
         with self._lock:
+            self._check_generation(generation)
+            if self._stale(key, version):
+                self.counters.stale += 1
+                return Status.STALE
+            if need > self.arena.capacity:
+                self._invalidate(key, version)
+                return Status.TOO_LARGE
+            self._expire_leases(self._clock())
+            if self.arena.capacity - self.arena.allocated + self._lru_bytes < need:
+                self.counters.no_space += 1
+                self._invalidate(key, version)
+                return Status.NO_SPACE
             while True:
                 offset = self.arena.alloc(size)
                 if offset is not None:
                     return Extent(offset=offset, length=size)
-                if not self._evict_one():
+                if not self._evict_one():  # fragmentation around pinned or leased extents
                     self.counters.no_space += 1
+                    self._invalidate(key, version)
                     return Status.NO_SPACE
 
-    def publish(self, key: bytes, extent: Extent) -> None:
-        """Make ``extent`` the value of ``key``; the old value is retired (idempotent overwrite)."""
+    def publish(self, key: bytes, extent: Extent, version: int, generation: int) -> Status:
+        """Make ``extent`` the value of ``key`` unless something newer arrived meanwhile (STALE)."""
         with self._lock:
+            if generation != self.generation:
+                self.arena.free(extent.offset, extent.length)
+                raise Fenced("the store was wiped while this value arrived")
+            if self._stale(key, version):
+                self.counters.stale += 1
+                self.arena.free(extent.offset, extent.length)
+                return Status.STALE
+            self._tombs.pop(key, None)
             old = self._index.get(key)
-            entry = Entry(extent=extent)
             if old is not None:
-                # A lease protects the key, whichever value it holds.
-                entry.leases, entry.lease_until = old.leases, old.lease_until
+                self._unlist(key, old)
                 self.value_bytes -= old.extent.length
                 self._retire(old.extent)
+            entry = Entry(extent=extent, version=version)
             self._index[key] = entry
-            self._lru[key] = None
-            self._lru.move_to_end(key)
             self.value_bytes += extent.length
+            if key not in self._leased_keys:  # a lease protects the key, whichever value it holds
+                self._list(key, entry)
+            return Status.OK
 
     def abort(self, extent: Extent) -> None:
         """Give back an extent that was reserved but never published."""
         with self._lock:
             self.arena.free(extent.offset, extent.length)
 
+    def delete(self, keys: Iterable[bytes], versions: Iterable[int]) -> list[Status]:
+        """Delete each key whose value is not newer than the given version; leave a tombstone."""
+        out: list[Status] = []
+        with self._lock:
+            for key, version in zip(keys, versions, strict=True):
+                entry = self._index.get(key)
+                if entry is not None and entry.version > version:
+                    out.append(Status.STALE)
+                    continue
+                if entry is not None:
+                    del self._index[key]
+                    self._drop(key, entry)
+                self._tombstone(key, version)
+                out.append(Status.OK if entry is not None else Status.MISS)
+        return out
+
+    def wipe(self) -> int:
+        """Forget every value, lease and tombstone (the node may have been declared DEAD: a miss is
+        safe, a stale hit never is); requests begun before fail with ``Fenced``. The new generation."""
+        with self._lock:
+            for entry in self._index.values():
+                self._retire(entry.extent)  # pinned extents are freed by their last reader
+            self._reset()
+            self.generation += 1
+            self.counters.wipes += 1
+            return self.generation
+
     # ------------------------------------------------------------------ reads
 
-    def pin(self, key: bytes, capacity: int) -> tuple[Status, Extent | None]:
-        """Find ``key`` and pin its extent for reading; a value over ``capacity`` is a miss."""
+    def pin(self, key: bytes, capacity: int, exact: bool = False) -> tuple[Status, Extent | None, int]:
+        """Find ``key`` and pin its extent for reading: (status, extent, version).
+
+        A value over ``capacity`` is a miss; with ``exact`` a value of any other length is
+        WRONG_SIZE (its length is reported, nothing is sent).
+        """
         with self._lock:
             entry = self._index.get(key)
-            if entry is None or entry.extent.length > capacity:
+            if entry is None or (not exact and entry.extent.length > capacity):
                 self.counters.misses += 1
-                return Status.MISS, None
+                return Status.MISS, None, 0
+            if exact and entry.extent.length != capacity:
+                self.counters.misses += 1
+                return Status.WRONG_SIZE, entry.extent, entry.version
             self.counters.hits += 1
             entry.extent.pins += 1
-            self._lru.move_to_end(key)
-            return Status.OK, entry.extent
+            if key in self._lru:
+                self._lru.move_to_end(key)
+            return Status.OK, entry.extent, entry.version
 
     def unpin(self, extents: Iterable[Extent]) -> None:
         with self._lock:
@@ -120,50 +229,62 @@ class Store:
                 if ext.retired and ext.pins == 0:
                     self.arena.free(ext.offset, ext.length)
 
-    def exists(self, keys: Iterable[bytes], lease_ttl_s: float) -> list[tuple[Status, int]]:
-        out: list[tuple[Status, int]] = []
+    def exists(self, keys: Iterable[bytes], lease_ttl_s: float, owner: bytes = b"") -> list[tuple[Status, int, int, int]]:
+        """Per key (status, length, version, lease id); a positive TTL leases each found key.
+
+        The TTL is capped by the node; a key found beyond the owner's (or the node's) lease
+        budget is LEASE_LIMIT: present, but not leased.
+        """
+        out: list[tuple[Status, int, int, int]] = []
         now = self._clock()
+        ttl = min(lease_ttl_s, self.max_lease_ttl_s)
         with self._lock:
+            if ttl > 0:
+                self._expire_leases(now)
             for key in keys:
                 entry = self._index.get(key)
                 if entry is None:
-                    out.append((Status.MISS, 0))
+                    out.append((Status.MISS, 0, 0, 0))
                     continue
-                if lease_ttl_s > 0:
-                    self._live_leases(key, entry, now)  # expired leases do not count towards the new one
-                    entry.leases += 1
-                    entry.lease_until = max(entry.lease_until, now + lease_ttl_s)
-                    self._leased.add(key)
-                    self.counters.leases_granted += 1
-                self._lru.move_to_end(key)
-                out.append((Status.OK, entry.extent.length))
+                length, version = entry.extent.length, entry.version
+                if ttl <= 0:
+                    if key in self._lru:
+                        self._lru.move_to_end(key)
+                    out.append((Status.OK, length, version, 0))
+                    continue
+                nbytes = align_up(max(length, 1))
+                if (
+                    self._owner_bytes.get(owner, 0) + nbytes > self.lease_budget_bytes
+                    or self._leased_bytes + nbytes > self.max_leased_bytes
+                ):
+                    self.counters.leases_denied += 1
+                    out.append((Status.LEASE_LIMIT, length, version, 0))
+                    continue
+                lease_id = next(self._lease_ids)
+                until = now + ttl
+                self._leases[lease_id] = Lease(key, owner, nbytes, until)
+                heapq.heappush(self._lease_heap, (until, lease_id))
+                self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
+                self._leased_bytes += nbytes
+                count = self._leased_keys.get(key, 0)
+                if count == 0:
+                    self._unlist(key, entry)
+                self._leased_keys[key] = count + 1
+                self.counters.leases_granted += 1
+                out.append((Status.OK, length, version, lease_id))
         return out
 
-    def release(self, keys: Iterable[bytes]) -> list[Status]:
+    def release(self, lease_ids: Iterable[int], owner: bytes = b"") -> list[Status]:
+        """Release leases by id; an id this owner does not hold (any more) is NOT_LEASED, so a retry is harmless."""
         out: list[Status] = []
-        now = self._clock()
         with self._lock:
-            for key in keys:
-                entry = self._index.get(key)
-                if entry is None or not self._live_leases(key, entry, now):
+            for lease_id in lease_ids:
+                lease = self._leases.get(lease_id)
+                if lease is None or lease.owner != owner:
                     out.append(Status.NOT_LEASED)
                     continue
-                entry.leases -= 1
+                self._end_lease(lease_id, lease)
                 self.counters.leases_released += 1
-                if not entry.leases:
-                    self._leased.discard(key)
-                out.append(Status.OK)
-        return out
-
-    def delete(self, keys: Iterable[bytes]) -> list[Status]:
-        out: list[Status] = []
-        with self._lock:
-            for key in keys:
-                entry = self._index.pop(key, None)
-                if entry is None:
-                    out.append(Status.MISS)
-                    continue
-                self._drop(key, entry)
                 out.append(Status.OK)
         return out
 
@@ -183,16 +304,17 @@ class Store:
     # ------------------------------------------------------------------ state
 
     def snapshot(self) -> dict[str, int]:
-        now = self._clock()
         with self._lock:
-            leases = sum(self._live_leases(k, self._index[k], now) for k in list(self._leased) if k in self._index)
+            self._expire_leases(self._clock())
             c = self.counters
             return {
                 "capacity_bytes": self.arena.capacity,
                 "used_bytes": self.arena.allocated,
                 "value_bytes": self.value_bytes,
                 "keys": len(self._index),
-                "leases": leases,
+                "leases": len(self._leases),
+                "leased_bytes": self._leased_bytes,
+                "tombstones": len(self._tombs),
                 "hits": c.hits,
                 "misses": c.misses,
                 "evictions": c.evictions,
@@ -200,25 +322,90 @@ class Store:
                 "leases_granted": c.leases_granted,
                 "leases_released": c.leases_released,
                 "leases_expired": c.leases_expired,
+                "leases_denied": c.leases_denied,
                 "no_space": c.no_space,
+                "stale": c.stale,
+                "invalidations": c.invalidations,
+                "wipes": c.wipes,
+                "generation": self.generation,
             }
 
     # ------------------------------------------------------------------ internals (lock held)
 
-    def _live_leases(self, key: bytes, entry: Entry, now: float) -> int:
-        if entry.leases and entry.lease_until <= now:
-            self.counters.leases_expired += entry.leases
-            entry.leases = 0
-        if not entry.leases:
-            self._leased.discard(key)
-        return entry.leases
+    def _check_generation(self, generation: int) -> None:
+        if generation != self.generation:
+            raise Fenced("the store was wiped since this connection was opened")
+
+    def _stale(self, key: bytes, version: int) -> bool:
+        if version <= self._floor:
+            return True
+        tomb = self._tombs.get(key)
+        if tomb is not None and version <= tomb:
+            return True
+        entry = self._index.get(key)
+        return entry is not None and entry.version > version
+
+    def _tombstone(self, key: bytes, version: int) -> None:
+        if version <= self._floor:
+            return  # the floor already refuses what this tombstone would
+        self._tombs[key] = max(version, self._tombs.get(key, 0))
+        self._tombs.move_to_end(key)
+        while len(self._tombs) > self.max_tombstones:
+            _, dropped = self._tombs.popitem(last=False)
+            self._floor = max(self._floor, dropped)
+
+    def _invalidate(self, key: bytes, version: int) -> None:
+        """A write of ``version`` failed here: drop the older value and refuse anything older later."""
+        entry = self._index.get(key)
+        if entry is not None and entry.version < version:
+            del self._index[key]
+            self._drop(key, entry)
+            self.counters.invalidations += 1
+        self._tombstone(key, version - 1)
+
+    def _list(self, key: bytes, entry: Entry) -> None:
+        self._lru[key] = None
+        self._lru_bytes += align_up(max(entry.extent.length, 1))
+
+    def _unlist(self, key: bytes, entry: Entry) -> None:
+        if self._lru.pop(key, 0) is None:
+            self._lru_bytes -= align_up(max(entry.extent.length, 1))
+
+    def _end_lease(self, lease_id: int, lease: Lease) -> None:
+        del self._leases[lease_id]
+        left = self._owner_bytes[lease.owner] - lease.nbytes
+        if left:
+            self._owner_bytes[lease.owner] = left
+        else:
+            del self._owner_bytes[lease.owner]
+        self._leased_bytes -= lease.nbytes
+        count = self._leased_keys[lease.key] - 1
+        if count:
+            self._leased_keys[lease.key] = count
+            return
+        del self._leased_keys[lease.key]
+        entry = self._index.get(lease.key)
+        if entry is not None:
+            self._list(lease.key, entry)  # evictable again, newest end: it was just in use
+
+    def _expire_leases(self, now: float) -> None:
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            _, lease_id = heapq.heappop(heap)
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                self._end_lease(lease_id, lease)
+                self.counters.leases_expired += 1
 
     def _evict_one(self) -> bool:
-        """Drop the least recently used entry that is neither leased nor being read."""
-        now = self._clock()
+        """Drop the least recently used unleased entry that no reader has pinned.
+
+        Leased keys are not on the list; pinned ones are skipped, and there are only as many of
+        those as reads in flight.
+        """
         for key in self._lru:
             entry = self._index[key]
-            if entry.extent.pins or self._live_leases(key, entry, now):
+            if entry.extent.pins:
                 continue
             del self._index[key]
             self._drop(key, entry)
@@ -228,8 +415,7 @@ class Store:
         return False
 
     def _drop(self, key: bytes, entry: Entry) -> None:
-        self._lru.pop(key, None)
-        self._leased.discard(key)
+        self._unlist(key, entry)
         self.value_bytes -= entry.extent.length
         self._retire(entry.extent)
 

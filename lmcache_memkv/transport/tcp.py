@@ -12,6 +12,9 @@ import time
 from collections.abc import Sequence
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
+from lmcache_memkv.wire.frames import Header
+from lmcache_memkv.wire.messages import Message
+from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
@@ -63,6 +66,28 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearray
     if n:
         recv_into_exact(sock, memoryview(buf), deadline)
     return buf
+
+
+def read_frame(sock: socket.socket, reader: FrameReader, deadline: float | None) -> tuple[Header, Message]:
+    """Read one frame's header and meta through the shared sans-IO reader (payload left unread)."""
+    while True:
+        frame = reader.feed(recv_exact(sock, reader.next_size(), deadline))
+        if frame is not None:
+            return frame
+
+
+def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
+    """Block until at least one byte can be read (PeerClosed on EOF), without consuming it.
+
+    The node reserves arena space for a value only once its bytes start to arrive, so a peer
+    that announces values and then stalls or hangs up makes the node evict nothing.
+    """
+    _arm(sock, deadline)
+    try:
+        if not sock.recv(1, socket.MSG_PEEK):
+            raise PeerClosed("peer closed the connection before the value's bytes")
+    except TimeoutError:
+        raise MemKVTimeout("timed out waiting for a value's bytes") from None
 
 
 def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:

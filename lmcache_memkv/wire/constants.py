@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 
 MAGIC = b"MK"
-VERSION = 1
+VERSION = 2  # v2: versioned values, lease ids, mutual auth, limits in HELLO
 MAX_KEY_LEN = 512  # protocol cap; longer LMCache keys are digested by the adapter
 NONCE_LEN = 32
+CLIENT_ID_LEN = 16  # random per client: owns its leases and its lease budget
 RESPONSE_BIT = 0x80
 
 
@@ -36,7 +37,15 @@ class Status(enum.IntEnum):
     MISS = 1
     NO_SPACE = 2  # nothing evictable could make room
     TOO_LARGE = 3  # value over the node's max value size
-    NOT_LEASED = 4  # RELEASE of a key holding no lease
+    NOT_LEASED = 4  # RELEASE of a lease id this client does not hold (released, expired, never granted)
+    STALE = 5  # PUT/DELETE older than what the node holds for the key (a newer value or a delete)
+    WRONG_SIZE = 6  # exact-size GET: the stored value's length differs from the buffer (nothing sent)
+    LEASE_LIMIT = 7  # EXISTS found the key but this client's lease budget is spent: not leased
+
+
+# PUT statuses after which the node holds no value of the key older than the PUT's version:
+# the node invalidated it, so the replica counts as consistent with the write.
+INVALIDATING = frozenset({Status.NO_SPACE, Status.TOO_LARGE})
 
 
 class ErrorCode(enum.IntEnum):
@@ -51,3 +60,5 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 7
     INTERNAL = 8
     SHUTTING_DOWN = 9
+    FENCED = 10  # the node dropped its data (it may have been declared DEAD); reconnect
+    BUSY = 11  # connection budget spent; try later

@@ -73,3 +73,4 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits) -> Heade
     if payload_len and bop not in (Op.PUT, Op.GET):
         raise ProtocolError(f"opcode {bop.name} carries no payload, got {payload_len} bytes", ErrorCode.BAD_FRAME)
     return Header(op=op, request_id=request_id, meta_len=meta_len, payload_len=payload_len)
+

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lmcache_memkv.errors import ProtocolError
-from lmcache_memkv.wire.constants import NONCE_LEN, RESPONSE_BIT, ErrorCode, Op, Status
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, NONCE_LEN, RESPONSE_BIT, ErrorCode, Op, Status
 from lmcache_memkv.wire.frames import MAX_REQUEST_ID, Header, encode_header
 from lmcache_memkv.wire.limits import Limits
 
@@ -16,7 +16,8 @@ _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
-_BQ = struct.Struct("!BQ")  # status + length, per key of GET and EXISTS responses
+# Per key of GET responses: status, length, version; of EXISTS: the same plus a lease id.
+_RECORDS = {2: struct.Struct("!BQQ"), 3: struct.Struct("!BQQQ")}
 _STATUS = {s.value: s for s in Status}
 _MAX_ERROR_MESSAGE = 4096
 
@@ -103,13 +104,17 @@ class _Reader:
         self._pos = pos
         return out
 
-    def sized_keys(self, limits: Limits, max_size: int | None) -> tuple[list[bytes], list[int]]:
-        """Keys each followed by a u64; ``max_size`` bounds the u64 when it is a value size."""
+    def keyed(self, limits: Limits, fields: int, max_first: int | None) -> tuple[list[bytes], list[list[int]]]:
+        """Keys each followed by ``fields`` u64s; ``max_first`` bounds the first u64 when it is a value size.
+
+        Returns the keys and one list per field.
+        """
         n = self.count(limits)
         data, pos, end, cap = self._bytes, self._pos, len(self._bytes), limits.max_key_len
         keys: list[bytes] = []
-        sizes: list[int] = []
+        cols: list[list[int]] = [[] for _ in range(fields)]
         unpack = _U64.unpack_from
+        tail = 8 * fields
         for _ in range(n):
             if pos + 2 > end:
                 self._pos = pos
@@ -119,18 +124,23 @@ class _Reader:
                 self._pos = pos + 2
                 self._check_key_len(klen, limits)
             pos += 2
-            if pos + klen + 8 > end:
+            if pos + klen + tail > end:
                 self._pos = pos
-                self._take(klen + 8)
+                self._take(klen + tail)
             keys.append(data[pos : pos + klen])
             pos += klen
-            size = unpack(data, pos)[0]
-            pos += 8
-            if max_size is not None and size > max_size:
-                raise ProtocolError(f"value of {size} bytes exceeds the limit of {max_size}", ErrorCode.LIMIT)
-            sizes.append(size)
+            for col in cols:
+                col.append(unpack(data, pos)[0])
+                pos += 8
+            if max_first is not None and cols[0][-1] > max_first:
+                raise ProtocolError(f"value of {cols[0][-1]} bytes exceeds the limit of {max_first}", ErrorCode.LIMIT)
         self._pos = pos
-        return keys, sizes
+        return keys, cols
+
+    def u64s(self, limits: Limits) -> list[int]:
+        n = self.count(limits)
+        raw = self._take(8 * n)
+        return [v for (v,) in _U64.iter_unpack(raw)]
 
     def statuses(self, limits: Limits) -> list[Status]:
         n = self.count(limits)
@@ -140,21 +150,26 @@ class _Reader:
         except KeyError as exc:
             raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
 
-    def status_lengths(self, limits: Limits) -> tuple[list[Status], list[int]]:
+    def records(self, limits: Limits, fields: int) -> tuple[list[Status], list[int], list[list[int]]]:
+        """Per key a status, a value length (bounded by the value limit) and ``fields - 1`` more u64s."""
         n = self.count(limits)
-        raw = self._take(9 * n)
+        rec = _RECORDS[fields]
+        raw = self._take(rec.size * n)
         statuses: list[Status] = []
         lengths: list[int] = []
+        extra: list[list[int]] = [[] for _ in range(fields - 1)]
         cap = limits.max_value_len
         try:
-            for code, length in _BQ.iter_unpack(raw):
+            for code, length, *more in rec.iter_unpack(raw):
                 statuses.append(_STATUS[code])
                 if length > cap:
                     raise ProtocolError(f"value of {length} bytes exceeds the limit of {cap}", ErrorCode.LIMIT)
                 lengths.append(length)
+                for col, v in zip(extra, more):
+                    col.append(v)
         except KeyError as exc:
             raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
-        return statuses, lengths
+        return statuses, lengths, extra
 
     @staticmethod
     def _check_key_len(n: int, limits: Limits) -> None:
@@ -204,28 +219,44 @@ class Message:
 
 @dataclass(frozen=True)
 class Hello(Message):
+    """The node's first frame: who it is, whether it needs the key, its challenge and its limits."""
+
     op: ClassVar[Op] = Op.HELLO
     node_id: str
     auth_required: bool
     nonce: bytes
+    max_batch: int = 1024
+    max_value_len: int = 1 << 30
+    max_payload_len: int = 1 << 30
+    max_meta_len: int = 1 << 20
 
 
 @dataclass(frozen=True)
 class Auth(Message):
+    """The client's answer: its own challenge for the node, its id (lease owner) and its proof."""
+
     op: ClassVar[Op] = Op.AUTH
+    client_nonce: bytes = bytes(NONCE_LEN)
+    client_id: bytes = bytes(CLIENT_ID_LEN)
     proof: bytes = b""
 
 
 @dataclass(frozen=True)
 class AuthOk(Message):
+    """The node's proof that it holds the key too (empty when it has none)."""
+
     op: ClassVar[Op] = Op.AUTH_OK
+    proof: bytes = b""
 
 
 @dataclass(frozen=True)
 class PutRequest(Message):
+    """Store values; each carries the writer's version (a newer stored value or delete wins)."""
+
     op: ClassVar[Op] = Op.PUT
     keys: Sequence[bytes]
     sizes: Sequence[int]
+    versions: Sequence[int]
 
     def payload_len(self) -> int:
         return sum(self.sizes)
@@ -233,16 +264,17 @@ class PutRequest(Message):
 
 @dataclass(frozen=True)
 class GetRequest(Message):
-    """Read values; each key names the largest value its buffer can take."""
+    """Read values; each key names the largest value its buffer can take (``exact``: only that size)."""
 
     op: ClassVar[Op] = Op.GET
     keys: Sequence[bytes]
     capacities: Sequence[int]
+    exact: bool = False
 
 
 @dataclass(frozen=True)
 class ExistsRequest(Message):
-    """Look up keys; a non-zero ``lease_ttl_ms`` also leases each found key."""
+    """Look up keys; a non-zero ``lease_ttl_ms`` also leases each found key (one lease id each)."""
 
     op: ClassVar[Op] = Op.EXISTS
     keys: Sequence[bytes]
@@ -251,14 +283,19 @@ class ExistsRequest(Message):
 
 @dataclass(frozen=True)
 class ReleaseRequest(Message):
+    """Give back leases by id; only the client that took a lease can release it."""
+
     op: ClassVar[Op] = Op.RELEASE
-    keys: Sequence[bytes]
+    lease_ids: Sequence[int]
 
 
 @dataclass(frozen=True)
 class DeleteRequest(Message):
+    """Delete keys whose stored version is at most the given one, leaving a tombstone."""
+
     op: ClassVar[Op] = Op.DELETE
     keys: Sequence[bytes]
+    versions: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -307,28 +344,29 @@ class DeleteResponse(StatusResponse):
 
 
 @dataclass(frozen=True)
-class SizedResponse(Message):
-    """Per-key status and value length (GET, EXISTS)."""
+class GetResponse(Message):
+    """Per key status, value length and version; the payload holds the OK values, in order."""
 
     op: ClassVar[Op] = Op.GET
     response: ClassVar[bool] = True
     statuses: Sequence[Status]
     lengths: Sequence[int]
-
-
-@dataclass(frozen=True)
-class GetResponse(SizedResponse):
-    """The payload holds the values of the OK entries, in order."""
-
-    op: ClassVar[Op] = Op.GET
+    versions: Sequence[int]
 
     def payload_len(self) -> int:
         return sum(n for s, n in zip(self.statuses, self.lengths, strict=True) if s == Status.OK)
 
 
 @dataclass(frozen=True)
-class ExistsResponse(SizedResponse):
+class ExistsResponse(Message):
+    """Per key status, value length, version and lease id (0: not leased)."""
+
     op: ClassVar[Op] = Op.EXISTS
+    response: ClassVar[bool] = True
+    statuses: Sequence[Status]
+    lengths: Sequence[int]
+    versions: Sequence[int]
+    lease_ids: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -375,10 +413,23 @@ def _encode_keys(w: _Writer, keys: Sequence[bytes]) -> None:
     w.buf += b"".join([_blob16(k) for k in keys])
 
 
-def _encode_sized(w: _Writer, keys: Sequence[bytes], sizes: Sequence[int]) -> None:
+def _encode_keyed(w: _Writer, keys: Sequence[bytes], *cols: Sequence[int]) -> None:
+    """Keys each followed by one u64 from every column."""
+    for col in cols:
+        if len(col) != len(keys):
+            raise ValueError("every per-key field needs one value per key")
     w.u32(len(keys))
-    pack = _U64.pack
-    w.buf += b"".join([_blob16(k) + pack(n) for k, n in zip(keys, sizes, strict=True)])
+    pack = struct.Struct("!" + "Q" * len(cols)).pack
+    w.buf += b"".join([_blob16(k) + pack(*vals) for k, *vals in zip(keys, *cols, strict=True)])
+
+
+def _encode_records(w: _Writer, statuses: Sequence[Status], *cols: Sequence[int]) -> None:
+    for col in cols:
+        if len(col) != len(statuses):
+            raise ValueError("every per-key field needs one value per status")
+    w.u32(len(statuses))
+    pack = _RECORDS[len(cols)].pack
+    w.buf += b"".join([pack(s, *vals) for s, *vals in zip(statuses, *cols, strict=True)])
 
 
 def _encode_meta(msg: Message) -> bytes:
@@ -388,25 +439,35 @@ def _encode_meta(msg: Message) -> bytes:
             raise ValueError(f"nonce must be {NONCE_LEN} bytes")
         w.u8(1 if msg.auth_required else 0)
         w.buf += msg.nonce
+        w.u32(msg.max_batch)
+        w.u64(msg.max_value_len)
+        w.u64(msg.max_payload_len)
+        w.u32(msg.max_meta_len)
         w.blob16(msg.node_id.encode())
     elif isinstance(msg, Auth):
+        if len(msg.client_nonce) != NONCE_LEN or len(msg.client_id) != CLIENT_ID_LEN:
+            raise ValueError(f"client nonce must be {NONCE_LEN} bytes and client id {CLIENT_ID_LEN}")
+        w.buf += msg.client_nonce + msg.client_id
         w.u8(len(msg.proof))
         w.buf += msg.proof
-    elif isinstance(msg, AuthOk | StatsRequest):
+    elif isinstance(msg, AuthOk):
+        w.u8(len(msg.proof))
+        w.buf += msg.proof
+    elif isinstance(msg, StatsRequest):
         pass
     elif isinstance(msg, PutRequest):
-        if len(msg.keys) != len(msg.sizes):
-            raise ValueError("keys and sizes differ in length")
-        _encode_sized(w, msg.keys, msg.sizes)
+        _encode_keyed(w, msg.keys, msg.sizes, msg.versions)
     elif isinstance(msg, GetRequest):
-        if len(msg.keys) != len(msg.capacities):
-            raise ValueError("keys and capacities differ in length")
-        _encode_sized(w, msg.keys, msg.capacities)
+        w.u8(1 if msg.exact else 0)
+        _encode_keyed(w, msg.keys, msg.capacities)
     elif isinstance(msg, ExistsRequest):
         w.u32(msg.lease_ttl_ms)
         _encode_keys(w, msg.keys)
-    elif isinstance(msg, ReleaseRequest | DeleteRequest):
-        _encode_keys(w, msg.keys)
+    elif isinstance(msg, ReleaseRequest):
+        w.u32(len(msg.lease_ids))
+        w.buf += b"".join([_U64.pack(i) for i in msg.lease_ids])
+    elif isinstance(msg, DeleteRequest):
+        _encode_keyed(w, msg.keys, msg.versions)
     elif isinstance(msg, ListRequest):
         w.u32(msg.limit)
         w.blob16(msg.prefix)
@@ -416,14 +477,12 @@ def _encode_meta(msg: Message) -> bytes:
     elif isinstance(msg, StatusResponse):
         w.u32(len(msg.statuses))
         w.buf += bytes(msg.statuses)
-    elif isinstance(msg, SizedResponse):
-        if len(msg.statuses) != len(msg.lengths):
-            raise ValueError("statuses and lengths differ in length")
-        w.u32(len(msg.statuses))
-        pack = _BQ.pack
-        w.buf += b"".join([pack(s, n) for s, n in zip(msg.statuses, msg.lengths, strict=True)])
+    elif isinstance(msg, GetResponse):
+        _encode_records(w, msg.statuses, msg.lengths, msg.versions)
+    elif isinstance(msg, ExistsResponse):
+        _encode_records(w, msg.statuses, msg.lengths, msg.versions, msg.lease_ids)
     elif isinstance(msg, ListResponse):
-        _encode_sized(w, msg.keys, msg.sizes)
+        _encode_keyed(w, msg.keys, msg.sizes)
         w.blob16(msg.next_cursor)
     elif isinstance(msg, StatsResponse):
         w.buf += msg.body
@@ -451,33 +510,30 @@ def encode(msg: Message, request_id: int) -> bytes:
 # --------------------------------------------------------------------------- decode
 
 
-def _decode_keys(r: _Reader, limits: Limits) -> list[bytes]:
-    return r.keys(limits)
-
-
-def _sized(r: _Reader, limits: Limits, *, bounded: bool = True) -> tuple[list[bytes], list[int]]:
-    """Keys with a u64 each; ``bounded``: each is a value size, so the value limit applies."""
-    return r.sized_keys(limits, limits.max_value_len if bounded else None)
-
-
 def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
     if op is Op.AUTH:
-        return Auth(proof=r.raw(r.u8()))
+        client_nonce = r.raw(NONCE_LEN)
+        client_id = r.raw(CLIENT_ID_LEN)
+        return Auth(client_nonce=client_nonce, client_id=client_id, proof=r.raw(r.u8()))
     if op is Op.PUT:
-        keys, sizes = _sized(r, limits)
-        return PutRequest(keys=keys, sizes=sizes)
+        keys, (sizes, versions) = r.keyed(limits, 2, limits.max_value_len)
+        return PutRequest(keys=keys, sizes=sizes, versions=versions)
     if op is Op.GET:
+        flags = r.u8()
+        if flags > 1:
+            raise ProtocolError(f"unknown GET flags 0x{flags:02x}", ErrorCode.BAD_FRAME)
         # A capacity is the size of the reader's buffer, an upper bound and not a value: a big
         # buffer is fine (values over it are misses), so the value limit does not apply.
-        keys, caps = _sized(r, limits, bounded=False)
-        return GetRequest(keys=keys, capacities=caps)
+        keys, (caps,) = r.keyed(limits, 1, None)
+        return GetRequest(keys=keys, capacities=caps, exact=bool(flags))
     if op is Op.EXISTS:
         ttl = r.u32()
-        return ExistsRequest(keys=_decode_keys(r, limits), lease_ttl_ms=ttl)
+        return ExistsRequest(keys=r.keys(limits), lease_ttl_ms=ttl)
     if op is Op.RELEASE:
-        return ReleaseRequest(keys=_decode_keys(r, limits))
+        return ReleaseRequest(lease_ids=r.u64s(limits))
     if op is Op.DELETE:
-        return DeleteRequest(keys=_decode_keys(r, limits))
+        keys, (versions,) = r.keyed(limits, 1, None)
+        return DeleteRequest(keys=keys, versions=versions)
     if op is Op.LIST:
         limit = r.u32()
         if not 0 < limit <= limits.max_list_limit:
@@ -494,29 +550,37 @@ def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
     if op is Op.HELLO:
         auth_required = bool(r.u8())
         nonce = r.raw(NONCE_LEN)
+        max_batch, max_value, max_payload, max_meta = r.u32(), r.u64(), r.u64(), r.u32()
         node_id = r.raw(r.u16()).decode("utf-8", "replace")
-        return Hello(node_id=node_id, auth_required=auth_required, nonce=nonce)
+        return Hello(
+            node_id=node_id,
+            auth_required=auth_required,
+            nonce=nonce,
+            max_batch=max_batch,
+            max_value_len=max_value,
+            max_payload_len=max_payload,
+            max_meta_len=max_meta,
+        )
     if op is Op.AUTH_OK:
-        return AuthOk()
+        return AuthOk(proof=r.raw(r.u8()))
     if op is Op.ERROR:
         code = r.u16()
         return ErrorFrame(code=code, message=r.raw(r.u16()).decode("utf-8", "replace"))
     raise ProtocolError(f"opcode {op.name} is not valid here", ErrorCode.UNKNOWN_OP)
 
 
-def _statuses(r: _Reader, limits: Limits) -> list[Status]:
-    return r.statuses(limits)
-
-
 def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
     if op in (Op.PUT, Op.RELEASE, Op.DELETE):
         cls = {Op.PUT: PutResponse, Op.RELEASE: ReleaseResponse, Op.DELETE: DeleteResponse}[op]
-        return cls(statuses=_statuses(r, limits))
-    if op in (Op.GET, Op.EXISTS):
-        statuses, lengths = r.status_lengths(limits)
-        return (GetResponse if op is Op.GET else ExistsResponse)(statuses=statuses, lengths=lengths)
+        return cls(statuses=r.statuses(limits))
+    if op is Op.GET:
+        statuses, lengths, (versions,) = r.records(limits, 2)
+        return GetResponse(statuses=statuses, lengths=lengths, versions=versions)
+    if op is Op.EXISTS:
+        statuses, lengths, (versions, lease_ids) = r.records(limits, 3)
+        return ExistsResponse(statuses=statuses, lengths=lengths, versions=versions, lease_ids=lease_ids)
     if op is Op.LIST:
-        keys, sizes = _sized(r, limits)
+        keys, (sizes,) = r.keyed(limits, 1, limits.max_value_len)
         return ListResponse(keys=keys, sizes=sizes, next_cursor=r.raw(r.u16()))
     if op is Op.PING:
         return PingResponse(data=r.raw(r.u16()))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lmcache_memkv.proto.memkv.v1 import member_pb2 as memkv_dot_v1_dot_member__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemkv/v1/maintenance.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"\xcb\x02\n\tNodeStats\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bvalue_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04keys\x18\x04 \x01(\x04\x12\x0e\n\x06leases\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\thit_ratio\x18\x08 \x01(\x01\x12\x11\n\tops_total\x18\t \x01(\x04\x12\x16\n\x0eops_per_second\x18\n \x01(\x01\x12\x11\n\tevictions\x18\x0b \x01(\x04\x12\x15\n\revicted_bytes\x18\x0c \x01(\x04\x12\x16\n\x0eleases_granted\x18\r \x01(\x04\x12\x17\n\x0fleases_released\x18\x0e \x01(\x04\x12\x16\n\x0eleases_expired\x18\x0f \x01(\x04\x12\x10\n\x08no_space\x18\x10 \x01(\x04\"\x0f\n\rStatusRequest\"\xc3\x01\n\x0eStatusResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12 \n\x06member\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"\x15\n\x13\x43lusterStatsRequest\"v\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.memkv.v1.MemberState\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xb3\x01\n\x14\x43lusterStatsResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.memkv.v1.NodeStatus\x12\"\n\x05total\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\x12\n\nmembers_up\x18\x04 \x01(\r\x12\x14\n\x0cmembers_down\x18\x05 \x01(\r2\x99\x01\n\x0bMaintenance\x12;\n\x06Status\x12\x17.memkv.v1.StatusRequest\x1a\x18.memkv.v1.StatusResponse\x12M\n\x0c\x43lusterStats\x12\x1d.memkv.v1.ClusterStatsRequest\x1a\x1e.memkv.v1.ClusterStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemkv/v1/maintenance.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"\xcb\x02\n\tNodeStats\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bvalue_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04keys\x18\x04 \x01(\x04\x12\x0e\n\x06leases\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\thit_ratio\x18\x08 \x01(\x01\x12\x11\n\tops_total\x18\t \x01(\x04\x12\x16\n\x0eops_per_second\x18\n \x01(\x01\x12\x11\n\tevictions\x18\x0b \x01(\x04\x12\x15\n\revicted_bytes\x18\x0c \x01(\x04\x12\x16\n\x0eleases_granted\x18\r \x01(\x04\x12\x17\n\x0fleases_released\x18\x0e \x01(\x04\x12\x16\n\x0eleases_expired\x18\x0f \x01(\x04\x12\x10\n\x08no_space\x18\x10 \x01(\x04\"\x1e\n\rStatusRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\xc3\x01\n\x0eStatusResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12 \n\x06member\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"$\n\x13\x43lusterStatsRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"v\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.memkv.v1.MemberState\x12\"\n\x05stats\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xb3\x01\n\x14\x43lusterStatsResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.memkv.v1.NodeStatus\x12\"\n\x05total\x18\x03 \x01(\x0b\x32\x13.memkv.v1.NodeStats\x12\x12\n\nmembers_up\x18\x04 \x01(\r\x12\x14\n\x0cmembers_down\x18\x05 \x01(\r2\x99\x01\n\x0bMaintenance\x12;\n\x06Status\x12\x17.memkv.v1.StatusRequest\x1a\x18.memkv.v1.StatusResponse\x12M\n\x0c\x43lusterStats\x12\x1d.memkv.v1.ClusterStatsRequest\x1a\x1e.memkv.v1.ClusterStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTATS']._serialized_start=64
   _globals['_NODESTATS']._serialized_end=395
   _globals['_STATUSREQUEST']._serialized_start=397
-  _globals['_STATUSREQUEST']._serialized_end=412
-  _globals['_STATUSRESPONSE']._serialized_start=415
-  _globals['_STATUSRESPONSE']._serialized_end=610
-  _globals['_CLUSTERSTATSREQUEST']._serialized_start=612
-  _globals['_CLUSTERSTATSREQUEST']._serialized_end=633
-  _globals['_NODESTATUS']._serialized_start=635
-  _globals['_NODESTATUS']._serialized_end=753
-  _globals['_CLUSTERSTATSRESPONSE']._serialized_start=756
-  _globals['_CLUSTERSTATSRESPONSE']._serialized_end=935
-  _globals['_MAINTENANCE']._serialized_start=938
-  _globals['_MAINTENANCE']._serialized_end=1091
+  _globals['_STATUSREQUEST']._serialized_end=427
+  _globals['_STATUSRESPONSE']._serialized_start=430
+  _globals['_STATUSRESPONSE']._serialized_end=625
+  _globals['_CLUSTERSTATSREQUEST']._serialized_start=627
+  _globals['_CLUSTERSTATSREQUEST']._serialized_end=663
+  _globals['_NODESTATUS']._serialized_start=665
+  _globals['_NODESTATUS']._serialized_end=783
+  _globals['_CLUSTERSTATSRESPONSE']._serialized_start=786
+  _globals['_CLUSTERSTATSRESPONSE']._serialized_end=965
+  _globals['_MAINTENANCE']._serialized_start=968
+  _globals['_MAINTENANCE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

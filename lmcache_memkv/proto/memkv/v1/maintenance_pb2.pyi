@@ -44,8 +44,10 @@ class NodeStats(_message.Message):
     def __init__(self, capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., value_bytes: _Optional[int] = ..., keys: _Optional[int] = ..., leases: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_ratio: _Optional[float] = ..., ops_total: _Optional[int] = ..., ops_per_second: _Optional[float] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., leases_granted: _Optional[int] = ..., leases_released: _Optional[int] = ..., leases_expired: _Optional[int] = ..., no_space: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("header", "member", "stats", "version", "uptime_seconds", "protocol_version")
@@ -64,8 +66,10 @@ class StatusResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[_member_pb2.ResponseHeader, _Mapping]] = ..., member: _Optional[_Union[_member_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class ClusterStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "state", "stats", "error")

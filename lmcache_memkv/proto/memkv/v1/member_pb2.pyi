@@ -49,9 +49,11 @@ class View(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class ResponseHeader(_message.Message):
-    __slots__ = ("node_id", "epoch")
+    __slots__ = ("node_id", "epoch", "proof")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...

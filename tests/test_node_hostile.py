@@ -1,0 +1,200 @@
+"""Hostile clients against a real node: nothing one client does can flush, pin or lock out the node.
+
+Each test first shows the attack was made (the node saw it) and then that the node's data and its
+other clients were unaffected.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import rawwire
+from nodeproc import NodeProcess
+
+from lmcache_memkv.client import NodeClient
+from lmcache_memkv.wire.constants import Status
+from lmcache_memkv.wire.messages import Hello, PutRequest, encode
+
+NodeFactory = Callable[..., NodeProcess]
+MiB = 1 << 20
+KEY = bytes(range(90, 122))
+ENV = {"MEMKV_AUTH_KEY": KEY.hex()}
+
+
+def _fill(c: NodeClient, n: int, size: int = MiB, prefix: bytes = b"resident") -> list[bytes]:
+    keys = [b"%s/%04d" % (prefix, i) for i in range(n)]
+    assert c.put(keys, [bytes([i % 251]) * size for i in range(n)]) == [Status.OK] * n
+    return keys
+
+
+def _present(c: NodeClient, keys: list[bytes]) -> int:
+    return sum(n is not None for n in c.exists(keys))
+
+
+def test_a_put_header_followed_by_a_hang_up_evicts_nothing(node_factory: NodeFactory) -> None:
+    """A PUT announcing 64 x 1 MiB, then a hang-up after about 1 KB: space is reserved only as
+    each value's bytes arrive, so no resident entry is evicted. Before the fix the node reserved
+    the whole batch up front and this one frame flushed the node."""
+    node = node_factory(capacity="64MiB")
+    with node.client() as c:
+        keys = _fill(c, 64)
+        before = node.metric("memkv_node_connections")  # our own client's
+        sock = rawwire.connect(node.address)
+        frame = encode(PutRequest(keys=[b"flush/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=[1] * 64), 1)
+        assert len(frame) < 2048
+        sock.sendall(frame)
+        sock.close()
+        time.sleep(0.3)
+        assert node.metric("memkv_node_connections") == before  # the node has finished with it
+        assert _present(c, keys) == 64
+        assert node.metric("memkv_node_evictions_total") == 0
+
+
+def test_a_client_dying_mid_put_evicts_at_most_the_values_it_began(node_factory: NodeFactory) -> None:
+    node = node_factory(capacity="64MiB")
+    with node.client() as c:
+        keys = _fill(c, 64)
+        sock = rawwire.connect(node.address)
+        frame = encode(PutRequest(keys=[b"dying/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=[1] * 64), 1)
+        sock.sendall(frame + b"x" * (MiB + MiB // 2))  # one whole value and half of the next
+        sock.close()
+        time.sleep(0.3)
+        evicted = node.metric("memkv_node_evictions_total")
+        assert 1 <= evicted <= 2
+        assert _present(c, keys) == 64 - evicted
+
+
+def test_a_value_that_cannot_fit_fails_at_once_and_evicts_nothing(node_factory: NodeFactory) -> None:
+    """Half the arena leased: a value bigger than everything evictable is refused before anything
+    is evicted (before the fix it evicted almost everything and then failed anyway)."""
+    node = node_factory(capacity="16MiB", args=["--lease-budget", "8MiB"])
+    with node.client() as c:
+        keys = _fill(c, 16)
+        assert all(c.lookup(keys[:8], lease_ttl_s=60).lease_ids)
+        assert c.put([b"huge"], [b"h" * (9 * MiB)]) == [Status.NO_SPACE]
+        assert node.metric("memkv_node_evictions_total") == 0
+        assert _present(c, keys) == 16
+        assert c.put([b"fits"], [b"f" * (8 * MiB)]) == [Status.OK]  # the evictable half can be made room
+
+
+def test_a_lease_hog_cannot_pin_the_node_or_drop_others_leases(node_factory: NodeFactory) -> None:
+    """One client leases everything for 49 days: the node cuts the TTL to --max-lease-ttl and
+    leases it at most its budget (a quarter of the arena by default), so writers still get room;
+    and no client releases another's leases. Before the fix the hog pinned the whole arena for
+    49 days and any client could release anyone's leases."""
+    node = node_factory(capacity="16MiB", args=["--max-lease-ttl", "2"])
+    with node.client() as hog, node.client() as writer, node.client() as reader:
+        keys = _fill(hog, 16)
+        got = hog.lookup(keys, lease_ttl_s=49 * 86400)
+        assert sum(1 for lid in got.lease_ids if lid) == 4  # 4 MiB: its budget
+        assert [s for s in got.statuses].count(Status.LEASE_LIMIT) == 12
+        assert node.metric("memkv_node_leases_denied_total") == 12
+        fresh = _fill(writer, 12, prefix=b"writer")  # room: the unleased 12 MiB are evictable
+        assert _present(writer, fresh) == 12
+        mine = reader.lookup([keys[0]], lease_ttl_s=60).lease_ids[0]
+        assert mine
+        held = [lid for lid in got.lease_ids if lid]
+        assert reader.release(held) == [False] * 4  # not its leases: nothing released
+        assert writer.release([mine]) == [False]
+        assert node.metric("memkv_node_leases") == 5
+        time.sleep(2.3)  # the node's TTL cap, not the 49 days asked for
+        assert node.metric("memkv_node_leases") == 0
+        assert hog.release(held) == [False] * 4  # expired; a late release is harmless
+
+
+def test_eviction_with_100k_leased_entries_answers_at_once(node_factory: NodeFactory) -> None:
+    """100k leased entries stay off the LRU list: a PUT that must evict answers in well under a
+    second, and another client's EXISTS is not held up. Before the fix every victim scan walked
+    the leased entries under the store lock (a 16-value PUT took over 10 s)."""
+    n = 100_000
+    node = node_factory(capacity="40MiB", args=["--lease-budget", "40MiB"])
+    with node.client(timeout_s=30) as c, node.client() as other:
+        keys = [b"l/%06d" % i for i in range(n)]
+        for i in range(0, n, 1000):
+            assert c.put(keys[i : i + 1000], [b"v" * 256] * 1000) == [Status.OK] * 1000
+            got = c.lookup(keys[i : i + 1000], lease_ttl_s=300)
+            assert all(got.lease_ids)
+        assert node.metric("memkv_node_leases") == n
+        unleased = _fill(c, 14, prefix=b"free")  # the rest of the arena, evictable
+        assert node.metric("memkv_node_evictions_total") == 0
+        started = time.perf_counter()
+        assert c.put([b"new/%02d" % i for i in range(16)], [b"n" * MiB] * 16) == [Status.OK] * 16
+        put_s = time.perf_counter() - started
+        started = time.perf_counter()
+        assert other.exists(keys[:512]) == [256] * 512
+        exists_s = time.perf_counter() - started
+        assert node.metric("memkv_node_evictions_total") >= 2
+        assert _present(c, unleased) < 14
+        print(f"\n16 x 1 MiB PUT that evicts, with {n} leased entries: {put_s * 1000:.0f} ms; EXISTS of 512: {exists_s * 1000:.0f} ms")
+        assert put_s < 1.0 and exists_s < 1.0
+
+
+def test_a_keyed_client_is_served_while_a_keyless_flood_runs(node_factory: NodeFactory) -> None:
+    """Hundreds of connections that never authenticate, from other loopback addresses: they fill
+    only the unauthenticated budget (per address and in all; the oldest gives way) and time out,
+    while a keyed client connects and is served throughout. Before the fix unauthenticated
+    connections shared --max-connections with real clients and a flood locked them out."""
+    node = node_factory(
+        capacity="16MiB",
+        env=ENV,
+        args=["--max-connections", "64", "--max-unauth-connections", "16", "--max-unauth-per-host", "4", "--auth-timeout", "1"],
+    )
+    stop = threading.Event()
+    opened = [0]
+    refused = [0]
+
+    def flood(source: str) -> None:
+        socks: list[socket.socket] = []
+        try:
+            while not stop.is_set() and opened[0] < 2000:
+                try:
+                    s = socket.socket()
+                    s.bind((source, 0))
+                    s.settimeout(1)
+                    s.connect(node.address)
+                    socks.append(s)
+                    opened[0] += 1
+                except OSError:
+                    refused[0] += 1
+                    time.sleep(0.01)
+        finally:
+            for s in socks:
+                s.close()
+
+    flooders = [threading.Thread(target=flood, args=(f"127.0.0.{i}",), daemon=True) for i in range(2, 8)]
+    for t in flooders:
+        t.start()
+    served = 0
+    try:
+        time.sleep(0.5)  # the flood is under way
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            with NodeClient(node.data, key=KEY, timeout_s=2.0) as c:  # a new connection each time
+                assert c.put([b"k"], [b"v" * 1000]) == [Status.OK]
+                assert c.get_into([b"k"], [bytearray(1000)]) == [1000]
+                served += 1
+    finally:
+        stop.set()
+        for t in flooders:
+            t.join(10)
+    assert opened[0] > 64, "the flood did not get going"
+    rejected = node.metric("memkv_node_protocol_errors_total", reason="too_many_connections")
+    evicted = node.metric("memkv_node_protocol_errors_total", reason="unauth_evicted")
+    print(f"\nflood: {opened[0]} connections opened; node refused {rejected:.0f}, pushed out {evicted:.0f}; keyed client served {served} times")
+    assert served >= 5 and rejected + evicted > 0
+
+
+def test_hello_announces_the_limits_a_client_splits_by(node_factory: NodeFactory) -> None:
+    node = node_factory(capacity="16MiB", args=["--max-frame-payload", "2MiB", "--max-batch", "8"])
+    sock = socket.create_connection(node.address, timeout=5)
+    try:
+        _, hello, _ = rawwire.read_frame(sock)
+        assert isinstance(hello, Hello) and (hello.max_payload_len, hello.max_batch) == (2 * MiB, 8)
+    finally:
+        sock.close()
+    with node.client() as c:  # 10 MiB in 20 values: split into requests the node accepts
+        assert c.put([b"s/%02d" % i for i in range(20)], [b"s" * (MiB // 2)] * 20) == [Status.OK] * 20
+    assert node.metric("memkv_node_ops_total", op="put", outcome="ok") >= 5
