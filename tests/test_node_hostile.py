@@ -82,27 +82,27 @@ def test_a_value_that_cannot_fit_fails_at_once_and_evicts_nothing(node_factory: 
 
 def test_a_lease_hog_cannot_pin_the_node_or_drop_others_leases(node_factory: NodeFactory) -> None:
     """One client leases everything for 49 days: the node cuts the TTL to --max-lease-ttl and
-    leases it at most its budget (a quarter of the arena by default), so writers still get room;
+    leases it at most its budget (half the arena by default), so writers still get room;
     and no client releases another's leases. Before the fix the hog pinned the whole arena for
     49 days and any client could release anyone's leases."""
     node = node_factory(capacity="16MiB", args=["--max-lease-ttl", "2"])
     with node.client() as hog, node.client() as writer, node.client() as reader:
         keys = _fill(hog, 16)
         got = hog.lookup(keys, lease_ttl_s=49 * 86400)
-        assert sum(1 for lid in got.lease_ids if lid) == 4  # 4 MiB: its budget
-        assert [s for s in got.statuses].count(Status.LEASE_LIMIT) == 12
-        assert node.metric("memkv_node_leases_denied_total") == 12
-        fresh = _fill(writer, 12, prefix=b"writer")  # room: the unleased 12 MiB are evictable
-        assert _present(writer, fresh) == 12
+        assert sum(1 for lid in got.lease_ids if lid) == 8  # 8 MiB: its budget
+        assert [s for s in got.statuses].count(Status.LEASE_LIMIT) == 8
+        assert node.metric("memkv_node_leases_denied_total") == 8
+        fresh = _fill(writer, 8, prefix=b"writer")  # room: the unleased 8 MiB are evictable
+        assert _present(writer, fresh) == 8
         mine = reader.lookup([keys[0]], lease_ttl_s=60).lease_ids[0]
         assert mine
         held = [lid for lid in got.lease_ids if lid]
-        assert reader.release(held) == [False] * 4  # not its leases: nothing released
+        assert reader.release(held) == [False] * 8  # not its leases: nothing released
         assert writer.release([mine]) == [False]
-        assert node.metric("memkv_node_leases") == 5
+        assert node.metric("memkv_node_leases") == 9
         time.sleep(2.3)  # the node's TTL cap, not the 49 days asked for
         assert node.metric("memkv_node_leases") == 0
-        assert hog.release(held) == [False] * 4  # expired; a late release is harmless
+        assert hog.release(held) == [False] * 8  # expired; a late release is harmless
 
 
 def test_eviction_with_100k_leased_entries_answers_at_once(node_factory: NodeFactory) -> None:
@@ -111,11 +111,11 @@ def test_eviction_with_100k_leased_entries_answers_at_once(node_factory: NodeFac
     the leased entries under the store lock (a 16-value PUT took over 10 s)."""
     n = 100_000
     node = node_factory(capacity="40MiB", args=["--lease-budget", "40MiB"])
-    with node.client(timeout_s=30) as c, node.client() as other:
+    with node.client(timeout_s=30) as c, node.client() as c2, node.client() as other:
         keys = [b"l/%06d" % i for i in range(n)]
         for i in range(0, n, 1000):
             assert c.put(keys[i : i + 1000], [b"v" * 256] * 1000) == [Status.OK] * 1000
-            got = c.lookup(keys[i : i + 1000], lease_ttl_s=300)
+            got = (c if i % 2000 else c2).lookup(keys[i : i + 1000], lease_ttl_s=300)  # two lessees: 65,536 records each at most
             assert all(got.lease_ids)
         assert node.metric("memkv_node_leases") == n
         unleased = _fill(c, 14, prefix=b"free")  # the rest of the arena, evictable

@@ -164,22 +164,39 @@ def test_node_caps_the_lease_ttl(clock: Clock) -> None:
 
 
 def test_a_lease_hog_cannot_pin_the_arena(clock: Clock) -> None:
-    """One client may hold at most its budget leased (default a quarter of the arena), so writers
-    always find room; past it a found key answers LEASE_LIMIT and is not leased."""
+    """One client may hold at most its budget leased (default half the arena), so writers always
+    find room; past it a found key answers LEASE_LIMIT and is not leased."""
     arena = Arena(16 * SLOT)
     try:
         store = Store(arena, clock=clock)
-        assert store.lease_budget_bytes == 4 * SLOT
+        assert store.lease_budget_bytes == 8 * SLOT
         for i in range(16):
             put(store, b"k%02d" % i)
         got = store.exists([b"k%02d" % i for i in range(16)], 3600, b"hog")
-        assert [g[0] for g in got].count(Status.OK) == 4
-        assert {g[0] for g in got[4:]} == {Status.LEASE_LIMIT} and all(g[3] == 0 for g in got[4:])
-        for i in range(16, 28):  # writers still get room: the other 12 slots stay evictable
+        assert [g[0] for g in got].count(Status.OK) == 8
+        assert {g[0] for g in got[8:]} == {Status.LEASE_LIMIT} and all(g[3] == 0 for g in got[8:])
+        for i in range(16, 28):  # writers still get room: the other 8 slots stay evictable
             assert put(store, b"k%02d" % i) is Status.OK
-        assert store.snapshot()["leases_denied"] == 12
+        assert store.snapshot()["leases_denied"] == 8
         # Another client has a budget of its own.
         assert lease(store, b"k27", owner=b"reader")
+    finally:
+        arena.close()
+
+
+def test_a_key_leased_again_pins_its_bytes_once(clock: Clock) -> None:
+    """LMCache locks a chunk on every lookup: re-leasing a key costs the budget nothing more, but
+    every lease is a record, and one owner's records are capped so its memory cannot grow."""
+    arena = Arena(16 * SLOT)
+    try:
+        store = Store(arena, clock=clock, max_leases_per_owner=10)
+        for i in range(4):
+            put(store, b"k%d" % i)
+        for _ in range(2):
+            assert all(g[3] for g in store.exists([b"k0", b"k1", b"k2", b"k3"], 30, b"me"))  # 4 slots: the budget
+        assert store.snapshot()["leased_bytes"] == 4 * SLOT and store.snapshot()["leases"] == 8
+        assert [g[0] for g in store.exists([b"k0", b"k1", b"k2"], 30, b"me")] == [Status.OK, Status.OK, Status.LEASE_LIMIT]
+        assert store.snapshot()["leases"] == 10
     finally:
         arena.close()
 
@@ -190,7 +207,7 @@ def test_eviction_skips_leased_entries_in_constant_time(clock: Clock) -> None:
     n = 100_000
     arena = Arena((n + 64) * SLOT)
     try:
-        store = Store(arena, clock=clock, lease_budget_bytes=arena.capacity)
+        store = Store(arena, clock=clock, lease_budget_bytes=arena.capacity, max_leases_per_owner=n)
         for i in range(n):
             put(store, b"leased/%06d" % i)
         keys_ = [b"leased/%06d" % i for i in range(n)]

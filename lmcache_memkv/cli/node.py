@@ -52,7 +52,7 @@ def node(
     idle_timeout: Annotated[float, typer.Option(help="Seconds an idle authenticated connection stays open (0: no limit).")] = 0.0,
     max_lease_ttl: Annotated[float, typer.Option(help="Longest lease a client may take, in seconds; longer requests are cut.")] = 300.0,
     lease_budget: Annotated[
-        str | None, typer.Option(help="Arena bytes one client may hold leased (default: a quarter of --capacity).")
+        str | None, typer.Option(help="Arena bytes one client may hold leased (default: half of --capacity).")
     ] = None,
     max_tombstones: Annotated[
         int, typer.Option(help="Deleted keys remembered so older writes cannot revive them; past it, older writes are refused.")

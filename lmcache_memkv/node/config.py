@@ -28,7 +28,7 @@ class NodeConfig:
     max_unauth_connections: int = 64  # connections not yet authenticated, all peers together
     max_unauth_per_host: int = 8  # ... and from one peer address
     max_lease_ttl_s: float = 300.0  # longer lease requests are cut to this
-    lease_budget: int | None = None  # arena bytes one client may hold leased (default: a quarter)
+    lease_budget: int | None = None  # arena bytes one client may hold leased (default: half)
     max_tombstones: int = 100_000  # deleted keys remembered; past it the oldest become a version floor
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Control plane (gRPC): see lmcache_memkv.control.

@@ -32,6 +32,7 @@ from lmcache_memkv.wire.constants import Status
 
 DEFAULT_MAX_LEASE_TTL_S = 300.0
 DEFAULT_MAX_TOMBSTONES = 100_000
+MAX_LEASES_PER_OWNER = 1 << 16  # lease records, however few keys: bounds the node's memory
 
 
 class Fenced(Exception):
@@ -56,8 +57,15 @@ class Entry:
 class Lease:
     key: bytes
     owner: bytes
-    nbytes: int  # charged to the owner's budget
     until: float  # monotonic seconds
+
+
+@dataclass
+class _Held:
+    """Leases on one key (by one owner, or by all): a key pins its bytes once however often it is leased."""
+
+    count: int
+    nbytes: int
 
 
 @dataclass
@@ -85,16 +93,19 @@ class Store:
         max_lease_ttl_s: float = DEFAULT_MAX_LEASE_TTL_S,
         lease_budget_bytes: int | None = None,
         max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
+        max_leases_per_owner: int = MAX_LEASES_PER_OWNER,
     ) -> None:
         self.arena = arena
         self._clock = clock
         self._lock = threading.Lock()
         self.max_lease_ttl_s = max_lease_ttl_s
-        # One client may lease a quarter of the arena, all clients together three quarters:
-        # at least a quarter always stays evictable for writers.
-        self.lease_budget_bytes = arena.capacity // 4 if lease_budget_bytes is None else lease_budget_bytes
+        # One client may lease half the arena, all clients together three quarters: at least a
+        # quarter always stays evictable for writers. (LMCache's own benchmark holds the locks of
+        # every key it looks up until their TTL, so a tighter default starves it.)
+        self.lease_budget_bytes = arena.capacity // 2 if lease_budget_bytes is None else lease_budget_bytes
         self.max_leased_bytes = max(self.lease_budget_bytes, arena.capacity * 3 // 4)
         self.max_tombstones = max_tombstones
+        self.max_leases_per_owner = max_leases_per_owner
         self.counters = StoreCounters()
         self._lease_ids = itertools.count(secrets.randbits(48) + 1)  # not reused across lives
         self.generation = 0
@@ -106,9 +117,11 @@ class Store:
         self._lru_bytes = 0  # arena bytes of the entries on the LRU list
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []  # (until, id); released ids are skipped
-        self._leased_keys: dict[bytes, int] = {}  # key -> live leases
-        self._owner_bytes: dict[bytes, int] = {}
-        self._leased_bytes = 0
+        self._leased_keys: dict[bytes, _Held] = {}  # key -> its live leases, all owners
+        self._owner_keys: dict[bytes, dict[bytes, _Held]] = {}  # owner -> key -> its leases on it
+        self._owner_bytes: dict[bytes, int] = {}  # owner -> bytes of the distinct keys it leases
+        self._owner_leases: dict[bytes, int] = {}  # owner -> lease records it holds
+        self._leased_bytes = 0  # bytes of the distinct leased keys
         self._tombs: OrderedDict[bytes, int] = OrderedDict()  # key -> version it was deleted at
         self._floor = 0  # writes at or below this version are refused (a dropped tombstone may cover them)
         self.value_bytes = 0
@@ -253,23 +266,33 @@ class Store:
                     out.append((Status.OK, length, version, 0))
                     continue
                 nbytes = align_up(max(length, 1))
+                mine = self._owner_keys.get(owner)
+                held_by_me = mine.get(key) if mine else None
+                held = self._leased_keys.get(key)
                 if (
-                    self._owner_bytes.get(owner, 0) + nbytes > self.lease_budget_bytes
-                    or self._leased_bytes + nbytes > self.max_leased_bytes
+                    (held_by_me is None and self._owner_bytes.get(owner, 0) + nbytes > self.lease_budget_bytes)
+                    or (held is None and self._leased_bytes + nbytes > self.max_leased_bytes)
+                    or self._owner_leases.get(owner, 0) >= self.max_leases_per_owner
                 ):
                     self.counters.leases_denied += 1
                     out.append((Status.LEASE_LIMIT, length, version, 0))
                     continue
                 lease_id = next(self._lease_ids)
                 until = now + ttl
-                self._leases[lease_id] = Lease(key, owner, nbytes, until)
+                self._leases[lease_id] = Lease(key, owner, until)
                 heapq.heappush(self._lease_heap, (until, lease_id))
-                self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
-                self._leased_bytes += nbytes
-                count = self._leased_keys.get(key, 0)
-                if count == 0:
+                self._owner_leases[owner] = self._owner_leases.get(owner, 0) + 1
+                if held_by_me is None:
+                    self._owner_keys.setdefault(owner, {})[key] = _Held(1, nbytes)
+                    self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
+                else:
+                    held_by_me.count += 1
+                if held is None:
                     self._unlist(key, entry)
-                self._leased_keys[key] = count + 1
+                    self._leased_keys[key] = _Held(1, nbytes)
+                    self._leased_bytes += nbytes
+                else:
+                    held.count += 1
                 self.counters.leases_granted += 1
                 out.append((Status.OK, length, version, lease_id))
         return out
@@ -373,17 +396,25 @@ class Store:
 
     def _end_lease(self, lease_id: int, lease: Lease) -> None:
         del self._leases[lease_id]
-        left = self._owner_bytes[lease.owner] - lease.nbytes
-        if left:
-            self._owner_bytes[lease.owner] = left
-        else:
-            del self._owner_bytes[lease.owner]
-        self._leased_bytes -= lease.nbytes
-        count = self._leased_keys[lease.key] - 1
+        count = self._owner_leases.pop(lease.owner) - 1
         if count:
-            self._leased_keys[lease.key] = count
+            self._owner_leases[lease.owner] = count
+        mine = self._owner_keys[lease.owner]
+        held_by_me = mine[lease.key]
+        held_by_me.count -= 1
+        if not held_by_me.count:
+            del mine[lease.key]
+            if not mine:
+                del self._owner_keys[lease.owner]
+            left = self._owner_bytes.pop(lease.owner) - held_by_me.nbytes
+            if left:
+                self._owner_bytes[lease.owner] = left
+        held = self._leased_keys[lease.key]
+        held.count -= 1
+        if held.count:
             return
         del self._leased_keys[lease.key]
+        self._leased_bytes -= held.nbytes
         entry = self._index.get(lease.key)
         if entry is not None:
             self._list(lease.key, entry)  # evictable again, newest end: it was just in use
