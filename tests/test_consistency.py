@@ -16,8 +16,8 @@ from cluster_util import DEAD_S, FAST_ARGS, HEARTBEAT_S, wait_until
 from nodeproc import NodeProcess
 
 from lmcache_memkv.client import NodeClient
-from lmcache_memkv.client.versions import CLOCK
 from lmcache_memkv.cluster import ClusterClient
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import Status
 
 NodeFactory = Callable[..., NodeProcess]

@@ -24,7 +24,10 @@ class Clock:
         self.now += seconds
 
 
-def member(node_id: str, incarnation: int = 1, state: State = State.ALIVE, used: int = 0) -> Member:
+def member(
+    node_id: str, incarnation: int = 1, state: State = State.ALIVE, used: int = 0, data_since: int | None = None
+) -> Member:
+    """A record; by default of a fresh life (its data began at this incarnation)."""
     port = 9000 + sum(node_id.encode())
     return Member(
         node_id=node_id,
@@ -34,6 +37,7 @@ def member(node_id: str, incarnation: int = 1, state: State = State.ALIVE, used:
         control_endpoint=f"127.0.0.1:{port + 1}",
         capacity_bytes=1 << 30,
         used_bytes=used,
+        data_since=incarnation if data_since is None else data_since,
     )
 
 
@@ -59,6 +63,40 @@ def test_precedence_rules() -> None:
     assert alive2.supersedes(left1) and alive2.supersedes(dead1)
     assert not dead1.supersedes(alive2)
     assert [State.from_rank(s.rank) for s in State] == list(State)
+
+
+def test_a_dead_verdict_outranks_later_lives_that_kept_their_data() -> None:
+    """A node that refuted a suspicion kept its data; if another member declared that earlier
+    life DEAD, writers stopped counting it, so the verdict wins until the node wipes."""
+    dead5 = member("x", 5, State.DEAD)
+    refuted6 = member("x", 6, data_since=3)  # refuted a suspicion: data from incarnation 3 on
+    wiped7 = member("x", 7, data_since=7)
+    assert dead5.supersedes(refuted6) and not refuted6.supersedes(dead5)
+    assert wiped7.supersedes(dead5) and not dead5.supersedes(wiped7)
+    assert member("x", 6, data_since=6).supersedes(dead5)  # a restart: fresh data
+
+
+def test_a_node_wipes_on_a_dead_verdict_on_any_life_it_still_holds_data_from(clock: Clock) -> None:
+    wipes: list[str] = []
+    ms = Membership(member("a", 3), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock)
+    ms.on_declared_dead = lambda: wipes.append("wipe")
+    ms.merge(0, [member("a", 3, State.SUSPECT)])  # a suspicion: refuted, data kept
+    assert (ms.local.incarnation, ms.local.data_since, wipes) == (4, 3, [])
+    ms.merge(0, [member("a", 3, State.DEAD)])  # an earlier life declared DEAD: its data is still here
+    assert wipes == ["wipe"] and ms.local.incarnation == 5 and ms.local.data_since == 5
+    ms.merge(0, [member("a", 3, State.DEAD)])  # the same verdict again: already wiped since
+    assert wipes == ["wipe"]
+    ms.data_restarted()  # a stall wipe announces itself the same way
+    assert ms.local.incarnation == ms.local.data_since == 6
+
+
+def test_a_peer_keeps_a_dead_member_dead_until_it_wipes(ms: Membership) -> None:
+    ms.heard_from(member("b", 3))
+    ms.merge(0, [member("b", 3, State.DEAD)])
+    ms.heard_from(member("b", 4, data_since=3))  # its refutation of a suspicion, data kept
+    assert ms.get("b").state is State.DEAD  # type: ignore[union-attr]
+    ms.heard_from(member("b", 5, data_since=5))  # wiped: back in
+    assert ms.get("b").state is State.ALIVE  # type: ignore[union-attr]
 
 
 def test_join_adds_member_and_bumps_epoch(ms: Membership) -> None:
@@ -117,7 +155,7 @@ def test_node_refutes_suspicion_about_itself(ms: Membership) -> None:
     ms.merge(0, [replace(ms.local, incarnation=inc + 10, state=State.DEAD)])
     assert ms.local.incarnation == inc + 11 and ms.local.state is State.ALIVE
     # Stale news (a lower incarnation) is ignored.
-    assert not ms.merge(0, [replace(ms.local, incarnation=inc, state=State.DEAD)])
+    assert not ms.merge(0, [replace(ms.local, incarnation=inc, state=State.DEAD, data_since=inc)])
 
 
 def test_restart_with_higher_incarnation_revives_dead_or_left(ms: Membership, clock: Clock) -> None:

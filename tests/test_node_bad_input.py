@@ -14,6 +14,7 @@ import rawwire
 from nodeproc import NodeProcess
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import RESPONSE_BIT, VERSION, ErrorCode, Op
 from lmcache_memkv.wire.messages import Auth, ExistsRequest, Hello, PutRequest, encode
 
@@ -119,7 +120,7 @@ def test_truncated_frame_then_close(node: NodeProcess, bystander: NodeClient) ->
     for data in (
         rawwire.raw_header(Op.PING)[:7],  # half a header
         frame(Op.DELETE, keys_meta(b"abc"))[:-2],  # meta cut short
-        encode(PutRequest(keys=[b"t"], sizes=[1 << 20], versions=[1]), 1) + b"x" * 1000,  # payload cut short
+        encode(PutRequest(keys=[b"t"], sizes=[1 << 20], versions=CLOCK.next(1)), 1) + b"x" * 1000,  # payload cut short
     ):
         sock = rawwire.connect(node.address)
         sock.sendall(data)
@@ -135,7 +136,7 @@ def test_truncated_frame_then_close(node: NodeProcess, bystander: NodeClient) ->
     [
         rawwire.raw_header(Op.PING)[:5],  # mid-header
         frame(Op.EXISTS, U32.pack(0) + keys_meta(b"abc"))[:-1],  # mid-meta
-        encode(PutRequest(keys=[b"stall"], sizes=[4 << 20], versions=[1]), 1) + b"x" * 100_000,  # mid-payload
+        encode(PutRequest(keys=[b"stall"], sizes=[4 << 20], versions=CLOCK.next(1)), 1) + b"x" * 100_000,  # mid-payload
     ],
     ids=["header", "meta", "payload"],
 )
@@ -199,7 +200,7 @@ def _one_bad(node: NodeProcess, data: bytes) -> None:
 
 def _cut_off(node: NodeProcess) -> None:
     sock = rawwire.connect(node.address)
-    sock.sendall(encode(PutRequest(keys=[b"cut"], sizes=[1 << 20], versions=[1]), 1) + b"x" * 5000)
+    sock.sendall(encode(PutRequest(keys=[b"cut"], sizes=[1 << 20], versions=CLOCK.next(1)), 1) + b"x" * 5000)
     sock.close()
 
 

@@ -15,6 +15,7 @@ import rawwire
 from nodeproc import NodeProcess
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.messages import Hello, PutRequest, encode
 
@@ -43,7 +44,7 @@ def test_a_put_header_followed_by_a_hang_up_evicts_nothing(node_factory: NodeFac
         keys = _fill(c, 64)
         before = node.metric("memkv_node_connections")  # our own client's
         sock = rawwire.connect(node.address)
-        frame = encode(PutRequest(keys=[b"flush/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=[1] * 64), 1)
+        frame = encode(PutRequest(keys=[b"flush/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=CLOCK.next(64)), 1)
         assert len(frame) < 2048
         sock.sendall(frame)
         sock.close()
@@ -58,7 +59,7 @@ def test_a_client_dying_mid_put_evicts_at_most_the_values_it_began(node_factory:
     with node.client() as c:
         keys = _fill(c, 64)
         sock = rawwire.connect(node.address)
-        frame = encode(PutRequest(keys=[b"dying/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=[1] * 64), 1)
+        frame = encode(PutRequest(keys=[b"dying/%02d" % i for i in range(64)], sizes=[MiB] * 64, versions=CLOCK.next(64)), 1)
         sock.sendall(frame + b"x" * (MiB + MiB // 2))  # one whole value and half of the next
         sock.close()
         time.sleep(0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import rawwire
 from nodeproc import NodeProcess
 
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import RESPONSE_BIT, Op, Status
 from lmcache_memkv.wire.messages import (
     DeleteRequest,
@@ -29,15 +30,16 @@ from lmcache_memkv.wire.messages import (
 
 def test_pipelined_requests_are_answered_with_matching_ids(shared_node: NodeProcess) -> None:
     v1, v2 = b"first value", b"second" * 1000
+    ver1, ver2, ver_del = CLOCK.next(3)
     batch = b"".join(
         [
-            encode(PutRequest(keys=[b"pipe/1", b"pipe/2"], sizes=[len(v1), len(v2)], versions=[1, 2]), 101) + v1 + v2,
+            encode(PutRequest(keys=[b"pipe/1", b"pipe/2"], sizes=[len(v1), len(v2)], versions=[ver1, ver2]), 101) + v1 + v2,
             encode(ExistsRequest(keys=[b"pipe/1", b"pipe/none"], lease_ttl_ms=60_000), 102),
             encode(GetRequest(keys=[b"pipe/2", b"pipe/none", b"pipe/1"], capacities=[1 << 20] * 3), 103),
             encode(ReleaseRequest(lease_ids=[1]), 104),  # not a lease of ours: harmless
             encode(PingRequest(data=b"hi"), 0xFFFFFFFF),
             encode(ListRequest(prefix=b"pipe/", limit=10), 105),
-            encode(DeleteRequest(keys=[b"pipe/1"], versions=[1 << 60]), 7),
+            encode(DeleteRequest(keys=[b"pipe/1"], versions=[ver_del]), 7),
             encode(StatsRequest(), 106),
         ]
     )
@@ -54,10 +56,10 @@ def test_pipelined_requests_are_answered_with_matching_ids(shared_node: NodeProc
     assert put == PutResponse(statuses=[Status.OK, Status.OK])
     assert isinstance(exists, ExistsResponse) and exists.lease_ids[0] != 0
     assert exists == ExistsResponse(
-        statuses=[Status.OK, Status.MISS], lengths=[len(v1), 0], versions=[1, 0], lease_ids=[exists.lease_ids[0], 0]
+        statuses=[Status.OK, Status.MISS], lengths=[len(v1), 0], versions=[ver1, 0], lease_ids=[exists.lease_ids[0], 0]
     )
     assert get == GetResponse(
-        statuses=[Status.OK, Status.MISS, Status.OK], lengths=[len(v2), 0, len(v1)], versions=[2, 0, 1]
+        statuses=[Status.OK, Status.MISS, Status.OK], lengths=[len(v2), 0, len(v1)], versions=[ver2, 0, ver1]
     )
     assert payload == v2 + v1  # hits only, in request order
     assert release == ReleaseResponse(statuses=[Status.NOT_LEASED])

@@ -13,6 +13,7 @@ from nodeproc import NodeFactory, NodeProcess
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.node.config import NodeConfig
 from lmcache_memkv.node.server import NodeServer
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import ErrorCode, Status
 from lmcache_memkv.wire.messages import ErrorFrame, PingRequest, PingResponse, PutRequest, PutResponse, encode
 
@@ -45,7 +46,7 @@ def test_sigterm_finishes_a_request_in_flight(node_factory: NodeFactory) -> None
     value = bytes(range(256)) * (32 << 12)  # 8 MiB
     sock = rawwire.connect(node.address, timeout_s=10)
     try:
-        sock.sendall(encode(PutRequest(keys=[b"inflight"], sizes=[len(value)], versions=[1]), 42) + value[: len(value) // 2])
+        sock.sendall(encode(PutRequest(keys=[b"inflight"], sizes=[len(value)], versions=CLOCK.next(1)), 42) + value[: len(value) // 2])
         time.sleep(0.1)
         node.signal(signal.SIGTERM)
         wait_refused(node)  # no new connections ...
@@ -67,7 +68,7 @@ def test_sigterm_answers_requests_pipelined_behind_the_one_in_flight(node_factor
     sock = rawwire.connect(node.address, timeout_s=10)
     try:
         # A PUT is in flight when SIGTERM comes; its remaining bytes arrive with three pings behind them.
-        sock.sendall(encode(PutRequest(keys=[b"slow"], sizes=[len(value)], versions=[1]), 1) + value[:1000])
+        sock.sendall(encode(PutRequest(keys=[b"slow"], sizes=[len(value)], versions=CLOCK.next(1)), 1) + value[:1000])
         time.sleep(0.1)
         node.signal(signal.SIGTERM)
         time.sleep(0.3)

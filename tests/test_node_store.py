@@ -32,7 +32,7 @@ def clock() -> Clock:
 def store(clock: Clock) -> Iterator[Store]:
     arena = Arena(4 * SLOT)
     try:
-        yield Store(arena, clock=clock, lease_budget_bytes=4 * SLOT)
+        yield Store(arena, wall=lambda: 0, clock=clock, lease_budget_bytes=4 * SLOT)
     finally:
         arena.close()
 
@@ -152,7 +152,7 @@ def test_node_caps_the_lease_ttl(clock: Clock) -> None:
     """A client asking for 49 days gets the node's cap (here 60 s), not 49 days."""
     arena = Arena(4 * SLOT)
     try:
-        store = Store(arena, clock=clock, max_lease_ttl_s=60)
+        store = Store(arena, wall=lambda: 0, clock=clock, max_lease_ttl_s=60)
         put(store, b"a")
         lid = lease(store, b"a", ttl=49 * 86400, owner=b"hog")
         assert lid
@@ -168,7 +168,7 @@ def test_a_lease_hog_cannot_pin_the_arena(clock: Clock) -> None:
     find room; past it a found key answers LEASE_LIMIT and is not leased."""
     arena = Arena(16 * SLOT)
     try:
-        store = Store(arena, clock=clock)
+        store = Store(arena, wall=lambda: 0, clock=clock)
         assert store.lease_budget_bytes == 8 * SLOT
         for i in range(16):
             put(store, b"k%02d" % i)
@@ -189,7 +189,7 @@ def test_a_key_leased_again_pins_its_bytes_once(clock: Clock) -> None:
     every lease is a record, and one owner's records are capped so its memory cannot grow."""
     arena = Arena(16 * SLOT)
     try:
-        store = Store(arena, clock=clock, max_leases_per_owner=10)
+        store = Store(arena, wall=lambda: 0, clock=clock, max_leases_per_owner=10)
         for i in range(4):
             put(store, b"k%d" % i)
         for _ in range(2):
@@ -207,7 +207,7 @@ def test_eviction_skips_leased_entries_in_constant_time(clock: Clock) -> None:
     n = 100_000
     arena = Arena((n + 64) * SLOT)
     try:
-        store = Store(arena, clock=clock, lease_budget_bytes=arena.capacity, max_leases_per_owner=n)
+        store = Store(arena, wall=lambda: 0, clock=clock, lease_budget_bytes=arena.capacity, max_leases_per_owner=n)
         for i in range(n):
             put(store, b"leased/%06d" % i)
         keys_ = [b"leased/%06d" % i for i in range(n)]
@@ -271,16 +271,75 @@ def test_overwrite_keeps_a_pinned_reader_intact(store: Store) -> None:
     assert store.snapshot()["value_bytes"] == SLOT
 
 
-def test_overwrite_is_idempotent_and_keeps_leases(store: Store) -> None:
+def test_overwrite_is_idempotent_and_ends_the_old_values_leases(store: Store) -> None:
+    """A lease protects the value it was granted on: an overwrite (of any size) ends it, so no
+    client can lease a small value and grow it into a pinned big one."""
     put(store, b"k", b"v")
     lid = lease(store, b"k")
+    assert store.snapshot()["leased_bytes"] == SLOT
     put(store, b"k", b"v")
-    put(store, b"k", b"v")
-    assert keys(store) == [b"k"] and store.arena.allocated == SLOT
-    for k in (b"a", b"b", b"c", b"d"):  # the lease protects the key's new value too
+    put(store, b"k", b"v", size=2 * SLOT)
+    assert keys(store) == [b"k"] and store.arena.allocated == 2 * SLOT
+    assert store.snapshot()["leased_bytes"] == 0 and store.snapshot()["leases"] == 0
+    assert store.release([lid], b"me") == [Status.NOT_LEASED]
+    for k in (b"a", b"b", b"c", b"d"):  # the new value is evictable like any other
         put(store, k)
-    assert b"k" in keys(store)
-    assert store.release([lid], b"me") == [Status.OK]
+    assert b"k" not in keys(store)
+
+
+def test_delete_and_invalidation_end_leases_and_free_the_budget(store: Store) -> None:
+    put(store, b"a", version=5)
+    put(store, b"b", version=5)
+    lease(store, b"a")
+    lease(store, b"b")
+    assert store.snapshot()["leased_bytes"] == 2 * SLOT
+    store.delete([b"a"], [6])
+    assert store.reserve(b"b", 5 * SLOT, 6, store.generation) is Status.TOO_LARGE  # drops "b"
+    snap = store.snapshot()
+    assert (snap["leases"], snap["leased_bytes"], snap["keys"]) == (0, 0, 0)
+
+
+def test_version_floor_starts_at_the_wall_clock_of_each_life(clock: Clock) -> None:
+    """Writes issued before the store started, or before a wipe, cannot land in this life."""
+    wall = [1000]
+    arena = Arena(4 * SLOT)
+    try:
+        store = Store(arena, clock=clock, wall=lambda: wall[0])
+        assert put(store, b"k", version=999) is Status.STALE
+        assert put(store, b"k", version=1001) is Status.OK
+        wall[0] = 5000
+        store.wipe()
+        assert put(store, b"k", version=4000) is Status.STALE  # issued before the wipe
+        assert put(store, b"k", version=5001) is Status.OK
+    finally:
+        arena.close()
+
+
+def test_versions_far_in_the_future_are_refused(store: Store) -> None:
+    """A client cannot push a key, or the node's floor, beyond every later writer's reach."""
+    from lmcache_memkv.versions import FUTURE_SLACK, MAX_VERSION
+
+    assert put(store, b"k", version=FUTURE_SLACK + 1) is Status.STALE
+    assert put(store, b"k", version=MAX_VERSION + 5) is Status.STALE
+    assert store.delete([b"k"], [2**64 - 1]) == [Status.STALE]
+    assert put(store, b"k", version=FUTURE_SLACK) is Status.OK
+
+
+def test_an_evicted_value_leaves_a_tombstone(store: Store) -> None:
+    """Eviction remembers the version, so a delayed older write cannot revive the key."""
+    put(store, b"old", version=100)
+    for k in (b"a", b"b", b"c", b"d"):
+        put(store, k)
+    assert b"old" not in keys(store)
+    assert put(store, b"old", version=99) is Status.STALE
+    assert put(store, b"old", version=101) is Status.OK
+
+
+def test_lock_then_unlock_churn_keeps_the_lease_heap_small(store: Store) -> None:
+    put(store, b"a")
+    for _ in range(5000):
+        store.release([lease(store, b"a", ttl=300)], b"me")
+    assert len(store._leases) == 0 and len(store._lease_heap) <= 1024 + 1
 
 
 def test_older_writes_and_deletes_are_stale(store: Store) -> None:
@@ -317,7 +376,7 @@ def test_a_refused_write_drops_the_older_value(store: Store) -> None:
 def test_tombstones_are_bounded_by_a_version_floor(clock: Clock) -> None:
     arena = Arena(4 * SLOT)
     try:
-        store = Store(arena, clock=clock, max_tombstones=3)
+        store = Store(arena, wall=lambda: 0, clock=clock, max_tombstones=3)
         assert store.delete([b"a", b"b", b"c", b"d"], [10, 11, 12, 13]) == [Status.MISS] * 4
         assert store.snapshot()["tombstones"] == 3
         # "a"'s tombstone was dropped; the floor (its version) still refuses what it refused.
@@ -389,7 +448,7 @@ def test_pin_capacity_and_hit_counters(store: Store) -> None:
 def test_list_pages_by_prefix_and_cursor() -> None:
     arena = Arena(64 * SLOT)
     try:
-        store = Store(arena)
+        store = Store(arena, wall=lambda: 0)
         for k in [b"a1", b"b1", b"b2", b"b3", b"b4", b"b5", b"c1"]:
             put(store, k, size=10)
         assert store.list(b"b", b"", 2) == ([(b"b1", 10), (b"b2", 10)], b"b2")

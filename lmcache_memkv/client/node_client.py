@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from lmcache_memkv.client.connection import Connection
-from lmcache_memkv.client.versions import CLOCK
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.transport.tcp import Buffer
-from lmcache_memkv.wire.constants import CLIENT_ID_LEN, MAX_KEY_LEN, Status
+from lmcache_memkv.versions import CLOCK
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, MAX_KEY_LEN, ErrorCode, Status
 from lmcache_memkv.wire.messages import (
     DeleteRequest,
     DeleteResponse,
@@ -142,6 +142,8 @@ class NodeClient:
         except MemKVTimeout as exc:
             raise MemKVTimeout(f"memkv node {self.endpoint}: {what} timed out after {budget:.1f}s ({exc})") from None
         except (AuthError, ServerError, ConnectError) as exc:
+            if isinstance(exc, ServerError) and exc.code == ErrorCode.FENCED:
+                self._drop_idle()  # the node dropped its data: every pooled connection is of its old life
             raise _where(exc, self.endpoint, what) from None
         except ProtocolError as exc:
             raise ProtocolError(_prefix(str(exc), self.endpoint, what), exc.code) from None
@@ -160,12 +162,15 @@ class NodeClient:
             raise ProtocolError(f"memkv node {self.endpoint}: {what}: unexpected {type(reply).__name__}")
         return reply
 
-    def close(self) -> None:
-        self._closed = True
+    def _drop_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop_idle()
 
     # ------------------------------------------------------------------ operations
 

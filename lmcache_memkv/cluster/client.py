@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import grpc
 
 from lmcache_memkv.client import NodeClient
-from lmcache_memkv.client.versions import CLOCK
 from lmcache_memkv.cluster.bootstrap import fetch_view
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
@@ -40,6 +39,7 @@ from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
 from lmcache_memkv.transport.tcp import Buffer
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import CLIENT_ID_LEN, INVALIDATING, MAX_KEY_LEN, ErrorCode, Status
 
 log = logging.getLogger("memkv.cluster")
@@ -240,7 +240,14 @@ class ClusterClient:
         """Run ``op`` on one node; on failure mark the node and return the error instead of raising."""
         m = view.members[node_id]
         try:
-            return op(self._node(m))
+            try:
+                return op(self._node(m))
+            except ServerError as exc:
+                if exc.code != ErrorCode.FENCED:
+                    raise
+                # The node dropped its data (it may have been declared DEAD) and refused a
+                # connection of its old life; a fresh connection reaches the new one.
+                return op(self._node(m))
         except _OutOfTime as exc:
             return exc  # the call's own deadline ran out (e.g. queued behind others): not the node's fault
         except (MemKVError, OSError) as exc:
@@ -384,11 +391,10 @@ class ClusterClient:
         view = self._view
         candidates = []
         for holders, replicas in zip(self._leases.holders_many(keys), self._replica_sets(view, keys)):
-            if not holders:
-                candidates.append(replicas)
-                continue
-            held = [n for n in holders if n in view.members and view.members[n].state is State.ALIVE]
-            candidates.append(held + [n for n in replicas if n not in held])
+            # A replica holding our lease is asked first; a lease on a node outside the replica
+            # set (taken before a join or during a back-off) may pin a value since replaced.
+            held = [n for n in holders if n in replicas]
+            candidates.append(held + [n for n in replicas if n not in held] if held else replicas)
         wrong: dict[str, list[tuple[bytes, int]]] = {}  # node -> [(key, version)] of wrong-size copies
         wrong_lock = threading.Lock()
 
@@ -439,17 +445,27 @@ class ClusterClient:
         candidates = self._replica_sets(view, keys)
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[tuple[int, int] | None] | Exception:
+            granted: list[int] = []
+
             def op(client: NodeClient) -> list[tuple[int, int] | None]:
                 out: list[tuple[int, int] | None] = []
                 for part in _chunks(len(idx)):
                     reply = client.lookup([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
+                    granted.extend(lease_id for lease_id in reply.lease_ids if lease_id)
                     out += [
                         (n, lease_id) if s == Status.OK else None
                         for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids)
                     ]
                 return out
 
-            return self._call(view, node_id, op)
+            granted.clear()
+            result = self._call(view, node_id, op)
+            if isinstance(result, Exception) and granted:
+                # Leases of the chunks that did answer are not recorded: give them back now
+                # rather than let them hold this client's lease budget until their TTL.
+                inc = view.members[node_id].incarnation
+                self._owed.owe([OwedRelease(lid, node_id, inc) for lid in granted], time.monotonic())
+            return result
 
         found = self._rounds(keys, candidates, run)
         if lease_ttl_s > 0:

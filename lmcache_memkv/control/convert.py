@@ -63,6 +63,8 @@ def check_figure(value: int, what: str) -> int:
 def check_member(m: Member, now: float | None = None) -> Member:
     """``m`` if every integer in it is in range; else ValueError naming the field."""
     check_incarnation(m.incarnation, f"member {m.node_id}", now)
+    if m.data_since > m.incarnation:
+        raise ValueError(f"member {m.node_id}: data_since {m.data_since} is after its incarnation {m.incarnation}")
     check_figure(m.capacity_bytes, f"member {m.node_id} capacity_bytes")
     check_figure(m.used_bytes, f"member {m.node_id} used_bytes")
     return m
@@ -82,6 +84,7 @@ def member_to_proto(m: Member) -> member_pb2.Member:
         transports=list(m.transports),
         capacity_bytes=m.capacity_bytes,
         used_bytes=m.used_bytes,
+        data_since=m.data_since,
     )
 
 
@@ -105,6 +108,7 @@ def member_from_proto(p: member_pb2.Member) -> Member:
             transports=tuple(p.transports),
             capacity_bytes=p.capacity_bytes,
             used_bytes=p.used_bytes,
+            data_since=p.data_since,
         )
     )
 

@@ -41,6 +41,7 @@ class Member:
     transports: tuple[str, ...] = field(default=("tcp",))
     capacity_bytes: int = 0
     used_bytes: int = 0
+    data_since: int = 0  # incarnation at which this node's data began (start or last wipe)
 
     @property
     def identity(self) -> tuple[object, ...]:
@@ -48,7 +49,17 @@ class Member:
         return (self.node_id, self.incarnation, self.state, self.data_endpoint, self.control_endpoint, self.transports)
 
     def supersedes(self, other: Member) -> bool:
-        """SWIM's rule: a higher incarnation wins; at equal incarnation the graver state wins."""
+        """SWIM's rule: a higher incarnation wins; at equal incarnation the graver state wins.
+
+        One exception keeps replicas honest: a DEAD verdict on incarnation i outranks a later
+        record of a life whose data began at or before i (a refuted suspicion keeps the data).
+        Writers stopped counting the node when it was declared DEAD, so until it wipes and says
+        so (a higher data_since) it must stay out of placement.
+        """
+        if self.state is State.DEAD and other.incarnation > self.incarnation and other.data_since <= self.incarnation:
+            return True
+        if other.state is State.DEAD and self.incarnation > other.incarnation and self.data_since <= other.incarnation:
+            return False
         if self.incarnation != other.incarnation:
             return self.incarnation > other.incarnation
         return self.state.rank > other.state.rank

@@ -213,8 +213,35 @@ class Membership:
         ):
             # Refute: only this node may raise its own incarnation, and doing so clears
             # the suspicion (or a stale record of an earlier life) everywhere it spreads.
-            if record.state is State.DEAD and record.incarnation >= me.incarnation and self.on_declared_dead:
-                self.on_declared_dead()  # before the refutation spreads and clients route here again
-            self._members[self.node_id] = replace(me, incarnation=record.incarnation + 1, state=State.ALIVE)
+            incarnation = max(record.incarnation, me.incarnation) + 1
+            data_since = me.data_since
+            if self._verdict_on_my_data(record, me):
+                data_since = incarnation
+            self._members[self.node_id] = replace(me, incarnation=incarnation, state=State.ALIVE, data_since=data_since)
+            return True
+        if self._verdict_on_my_data(record, me):
+            # A DEAD verdict on an earlier life whose data this node still holds (it refuted a
+            # suspicion since): writers stopped counting it back then, so wipe and say so.
+            incarnation = me.incarnation + 1
+            self._members[self.node_id] = replace(me, incarnation=incarnation, data_since=incarnation)
             return True
         return False
+
+    def _verdict_on_my_data(self, record: Member, me: Member) -> bool:
+        """True (after wiping) if ``record`` declares DEAD a life whose data this node still holds."""
+        if record.state is not State.DEAD or record.incarnation < me.data_since:
+            return False
+        if self.on_declared_dead is not None:
+            self.on_declared_dead()  # before the refutation spreads and clients route here again
+        return True
+
+    def data_restarted(self) -> None:
+        """This node dropped its data on its own (a stall): a new incarnation says so, so no
+        DEAD verdict on the old data keeps it out of placement, and none makes it wipe again."""
+        with self._cond:
+            me = self._members[self.node_id]
+            if me.state is State.LEFT:
+                return
+            incarnation = me.incarnation + 1
+            self._members[self.node_id] = replace(me, incarnation=incarnation, data_since=incarnation)
+            self._bump(0)

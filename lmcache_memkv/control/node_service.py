@@ -105,10 +105,12 @@ class ControlPlane:
         self.endpoint = format_endpoint(host, port)
         data_host, data_port = server.address
         stats = server.stats()
+        started_ms = time.time_ns() // 1_000_000
         local = Member(
             node_id=config.node_id,
             # Start time in ms: a restart outranks every record of the previous life.
-            incarnation=time.time_ns() // 1_000_000,
+            incarnation=started_ms,
+            data_since=started_ms,  # the arena starts empty
             state=State.ALIVE,
             data_endpoint=_advertised(data_host, data_port, config.advertise_host),
             control_endpoint=_advertised(host, port, config.advertise_host),
@@ -125,6 +127,7 @@ class ControlPlane:
             stall_after_s=config.suspect_after_s,  # ticks run every heartbeat interval, well below this
         )
         self.membership.on_declared_dead = lambda: server.fence.fence("the cluster declared this node DEAD")
+        server.fence.on_stall_wipe = self.membership.data_restarted
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc

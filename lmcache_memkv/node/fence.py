@@ -31,6 +31,8 @@ class Fence:
         self._lock = threading.Lock()
         self._last_beat: float | None = None  # None: no control plane beating, nothing to fence
         self._has_peers = False
+        # Told (outside the fence lock) after a stall wipe, so membership can announce the new data.
+        self.on_stall_wipe: Callable[[], None] | None = None
 
     def beat(self, has_peers: bool) -> None:
         """The heartbeat loop's pulse; ``has_peers``: some member besides us is not DEAD or LEFT."""
@@ -50,6 +52,8 @@ class Fence:
                 return  # another thread fenced while we waited
             self._wipe(f"stalled for {gap:.1f}s (peers may have declared it DEAD)")
             self._last_beat = self._clock()
+        if self.on_stall_wipe is not None:
+            self.on_stall_wipe()
 
     def fence(self, reason: str) -> None:
         with self._lock:

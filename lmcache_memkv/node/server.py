@@ -83,10 +83,10 @@ class NodeServer:
             lease_budget_bytes=config.lease_budget,
             max_tombstones=config.max_tombstones,
         )
-        # Peers declare a member DEAD after dead_after_s of silence; a stall of nearly that long
-        # (less one heartbeat, which may not have reached them) may have got us declared DEAD.
-        stall = max(config.suspect_after_s, config.dead_after_s - config.heartbeat_interval_s)
-        self.fence = Fence(self.store, stall_after_s=stall)
+        # Peers declare a member DEAD after dead_after_s of silence. A stall longer than
+        # suspect_after_s leaves a margin of (dead_after - suspect_after) for a heartbeat that was
+        # still in flight, or skipped, when the stall began: past it we may have been declared DEAD.
+        self.fence = Fence(self.store, stall_after_s=config.suspect_after_s)
         self.metrics = NodeMetrics(config.node_id, self.stats)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None

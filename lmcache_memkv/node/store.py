@@ -5,13 +5,17 @@ index entry under the lock, so an overwrite never tears a concurrent read. A rea
 the extent it found; a retired extent is freed only once its last reader unpins it.
 
 Every value carries its writer's version: a PUT or DELETE older than what the node holds for
-the key (a value or a tombstone) is refused as STALE, so replicas converge on the newest write
-whatever order requests arrive in. A PUT the node cannot store (no space, too large) drops the
-older value of its key: the replica then holds nothing stale, only a miss.
+the key (a value, or a tombstone left by a delete or an eviction) is refused as STALE, so
+replicas converge on the newest write whatever order requests arrive in. A PUT the node cannot
+store (no space, too large) drops the older value of its key: the replica then holds nothing
+stale, only a miss. The version floor starts at the wall clock when the store starts or is
+wiped, so a write issued before then (delayed in a socket, a listen backlog, a retry) cannot
+land in the new life; versions far ahead of the node's clock are refused too.
 
 Leases have ids and owners (the client id of the connection that took them), a TTL capped by
-the node, and a byte budget per owner and in all. A leased key is kept off the LRU list, so
-eviction is O(1) per victim however many entries are leased.
+the node, and a byte budget per owner and in all. A lease protects the value it was granted
+on: an overwrite, delete or invalidation of the key ends it. A leased value is kept off the LRU
+list, so eviction is O(1) per victim however many entries are leased.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from dataclasses import dataclass
 from sortedcontainers import SortedDict
 
 from lmcache_memkv.node.arena import Arena, align_up
+from lmcache_memkv.versions import FUTURE_SLACK, MAX_VERSION, wall_version
 from lmcache_memkv.wire.constants import Status
 
 DEFAULT_MAX_LEASE_TTL_S = 300.0
 DEFAULT_MAX_TOMBSTONES = 100_000
 MAX_LEASES_PER_OWNER = 1 << 16  # lease records, however few keys: bounds the node's memory
+MAX_LEASES = 1 << 20  # lease records, all owners together (owners are ids clients choose)
 
 
 class Fenced(Exception):
@@ -66,6 +72,7 @@ class _Held:
 
     count: int
     nbytes: int
+    ids: set[int] | None = None  # all owners' lease ids on the key (kept for the all-owners record only)
 
 
 @dataclass
@@ -94,9 +101,12 @@ class Store:
         lease_budget_bytes: int | None = None,
         max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
         max_leases_per_owner: int = MAX_LEASES_PER_OWNER,
+        wall: Callable[[], int] = wall_version,
     ) -> None:
+        """``wall()`` is the node's clock as a version (tests inject one)."""
         self.arena = arena
         self._clock = clock
+        self._wall = wall
         self._lock = threading.Lock()
         self.max_lease_ttl_s = max_lease_ttl_s
         # One client may lease half the arena, all clients together three quarters: at least a
@@ -123,7 +133,9 @@ class Store:
         self._owner_leases: dict[bytes, int] = {}  # owner -> lease records it holds
         self._leased_bytes = 0  # bytes of the distinct leased keys
         self._tombs: OrderedDict[bytes, int] = OrderedDict()  # key -> version it was deleted at
-        self._floor = 0  # writes at or below this version are refused (a dropped tombstone may cover them)
+        # Writes at or below the floor are refused: issued before this life began, or covered by a
+        # tombstone since dropped.
+        self._floor = self._wall()
         self.value_bytes = 0
 
     # ------------------------------------------------------------------ writes
@@ -171,14 +183,14 @@ class Store:
             self._tombs.pop(key, None)
             old = self._index.get(key)
             if old is not None:
+                self._end_leases_of(key)  # a lease protected the value it was granted on
                 self._unlist(key, old)
                 self.value_bytes -= old.extent.length
                 self._retire(old.extent)
             entry = Entry(extent=extent, version=version)
             self._index[key] = entry
             self.value_bytes += extent.length
-            if key not in self._leased_keys:  # a lease protects the key, whichever value it holds
-                self._list(key, entry)
+            self._list(key, entry)
             return Status.OK
 
     def abort(self, extent: Extent) -> None:
@@ -192,7 +204,7 @@ class Store:
         with self._lock:
             for key, version in zip(keys, versions, strict=True):
                 entry = self._index.get(key)
-                if entry is not None and entry.version > version:
+                if (entry is not None and entry.version > version) or version > MAX_VERSION or version > self._wall() + FUTURE_SLACK:
                     out.append(Status.STALE)
                     continue
                 if entry is not None:
@@ -273,6 +285,7 @@ class Store:
                     (held_by_me is None and self._owner_bytes.get(owner, 0) + nbytes > self.lease_budget_bytes)
                     or (held is None and self._leased_bytes + nbytes > self.max_leased_bytes)
                     or self._owner_leases.get(owner, 0) >= self.max_leases_per_owner
+                    or len(self._leases) >= MAX_LEASES
                 ):
                     self.counters.leases_denied += 1
                     out.append((Status.LEASE_LIMIT, length, version, 0))
@@ -281,6 +294,11 @@ class Store:
                 until = now + ttl
                 self._leases[lease_id] = Lease(key, owner, until)
                 heapq.heappush(self._lease_heap, (until, lease_id))
+                if len(self._lease_heap) > 2 * len(self._leases) + 1024:
+                    # Released leases leave their heap entries behind until their TTL: drop them
+                    # now and then, so a lock-then-unlock client cannot grow the heap.
+                    self._lease_heap = [(lease.until, i) for i, lease in self._leases.items()]
+                    heapq.heapify(self._lease_heap)
                 self._owner_leases[owner] = self._owner_leases.get(owner, 0) + 1
                 if held_by_me is None:
                     self._owner_keys.setdefault(owner, {})[key] = _Held(1, nbytes)
@@ -289,10 +307,12 @@ class Store:
                     held_by_me.count += 1
                 if held is None:
                     self._unlist(key, entry)
-                    self._leased_keys[key] = _Held(1, nbytes)
+                    self._leased_keys[key] = _Held(1, nbytes, {lease_id})
                     self._leased_bytes += nbytes
                 else:
                     held.count += 1
+                    assert held.ids is not None
+                    held.ids.add(lease_id)
                 self.counters.leases_granted += 1
                 out.append((Status.OK, length, version, lease_id))
         return out
@@ -360,7 +380,7 @@ class Store:
             raise Fenced("the store was wiped since this connection was opened")
 
     def _stale(self, key: bytes, version: int) -> bool:
-        if version <= self._floor:
+        if version <= self._floor or version > MAX_VERSION or version > self._wall() + FUTURE_SLACK:
             return True
         tomb = self._tombs.get(key)
         if tomb is not None and version <= tomb:
@@ -411,6 +431,8 @@ class Store:
                 self._owner_bytes[lease.owner] = left
         held = self._leased_keys[lease.key]
         held.count -= 1
+        assert held.ids is not None
+        held.ids.discard(lease_id)
         if held.count:
             return
         del self._leased_keys[lease.key]
@@ -418,6 +440,12 @@ class Store:
         entry = self._index.get(lease.key)
         if entry is not None:
             self._list(lease.key, entry)  # evictable again, newest end: it was just in use
+
+    def _end_leases_of(self, key: bytes) -> None:
+        held = self._leased_keys.get(key)
+        if held is not None and held.ids:
+            for lease_id in list(held.ids):
+                self._end_lease(lease_id, self._leases[lease_id])
 
     def _expire_leases(self, now: float) -> None:
         heap = self._lease_heap
@@ -440,12 +468,14 @@ class Store:
                 continue
             del self._index[key]
             self._drop(key, entry)
+            self._tombstone(key, entry.version)  # a delayed older write must not revive what was evicted
             self.counters.evictions += 1
             self.counters.evicted_bytes += entry.extent.length
             return True
         return False
 
     def _drop(self, key: bytes, entry: Entry) -> None:
+        self._end_leases_of(key)
         self._unlist(key, entry)
         self.value_bytes -= entry.extent.length
         self._retire(entry.extent)

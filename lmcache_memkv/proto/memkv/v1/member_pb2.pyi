@@ -21,7 +21,7 @@ MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
 
 class Member(_message.Message):
-    __slots__ = ("node_id", "incarnation", "state", "data_endpoint", "control_endpoint", "transports", "capacity_bytes", "used_bytes")
+    __slots__ = ("node_id", "incarnation", "state", "data_endpoint", "control_endpoint", "transports", "capacity_bytes", "used_bytes", "data_since")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Member(_message.Message):
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SINCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     state: MemberState
@@ -38,7 +39,8 @@ class Member(_message.Message):
     transports: _containers.RepeatedScalarFieldContainer[str]
     capacity_bytes: int
     used_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., data_endpoint: _Optional[str] = ..., control_endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    data_since: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., data_endpoint: _Optional[str] = ..., control_endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., data_since: _Optional[int] = ...) -> None: ...
 
 class View(_message.Message):
     __slots__ = ("epoch", "members")
