@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from lmcache_memkv.node.arena import Arena, align_up
+from lmcache_memkv.node.arena import ALIGN, Arena, align_up
 from lmcache_memkv.versions import FUTURE_SLACK, MAX_VERSION, wall_version
 from lmcache_memkv.wire.constants import Status
 
@@ -39,6 +39,9 @@ DEFAULT_MAX_LEASE_TTL_S = 300.0
 DEFAULT_MAX_TOMBSTONES = 100_000
 MAX_LEASES_PER_OWNER = 1 << 16  # lease records, however few keys: bounds the node's memory
 MAX_LEASES = 1 << 20  # lease records, all owners together (owners are ids clients choose)
+
+
+_MISS = (Status.MISS, 0, 0, 0)
 
 
 class Fenced(Exception):
@@ -264,57 +267,77 @@ class Store:
         now = self._clock()
         ttl = min(lease_ttl_s, self.max_lease_ttl_s)
         with self._lock:
-            if ttl > 0:
-                self._expire_leases(now)
+            index_get = self._index.get
+            if ttl <= 0:
+                lru = self._lru
+                for key in keys:
+                    entry = index_get(key)
+                    if entry is None:
+                        out.append(_MISS)
+                        continue
+                    if key in lru:
+                        lru.move_to_end(key)
+                    out.append((Status.OK, entry.extent.length, entry.version, 0))
+                return out
+            self._expire_leases(now)
+            # The hot path of every LMCache lookup: locals, and the owner's figures written back once.
+            until = now + ttl
+            leases, heap, leased_keys, ids = self._leases, self._lease_heap, self._leased_keys, self._lease_ids
+            mine = self._owner_keys.get(owner)
+            owner_bytes = self._owner_bytes.get(owner, 0)
+            owner_count = self._owner_leases.get(owner, 0)
+            budget, max_total, max_own = self.lease_budget_bytes, self.max_leased_bytes, self.max_leases_per_owner
+            granted = denied = 0
             for key in keys:
-                entry = self._index.get(key)
+                entry = index_get(key)
                 if entry is None:
-                    out.append((Status.MISS, 0, 0, 0))
+                    out.append(_MISS)
                     continue
                 length, version = entry.extent.length, entry.version
-                if ttl <= 0:
-                    if key in self._lru:
-                        self._lru.move_to_end(key)
-                    out.append((Status.OK, length, version, 0))
-                    continue
-                nbytes = align_up(max(length, 1))
-                mine = self._owner_keys.get(owner)
-                held_by_me = mine.get(key) if mine else None
-                held = self._leased_keys.get(key)
+                nbytes = (length + ALIGN - 1) // ALIGN * ALIGN or ALIGN
+                held_by_me = mine.get(key) if mine is not None else None
+                held = leased_keys.get(key)
                 if (
-                    (held_by_me is None and self._owner_bytes.get(owner, 0) + nbytes > self.lease_budget_bytes)
-                    or (held is None and self._leased_bytes + nbytes > self.max_leased_bytes)
-                    or self._owner_leases.get(owner, 0) >= self.max_leases_per_owner
-                    or len(self._leases) >= MAX_LEASES
+                    (held_by_me is None and owner_bytes + nbytes > budget)
+                    or (held is None and self._leased_bytes + nbytes > max_total)
+                    or owner_count >= max_own
+                    or len(leases) >= MAX_LEASES
                 ):
-                    self.counters.leases_denied += 1
+                    denied += 1
                     out.append((Status.LEASE_LIMIT, length, version, 0))
                     continue
-                lease_id = next(self._lease_ids)
-                until = now + ttl
-                self._leases[lease_id] = Lease(key, owner, until)
-                heapq.heappush(self._lease_heap, (until, lease_id))
-                if len(self._lease_heap) > 2 * len(self._leases) + 1024:
-                    # Released leases leave their heap entries behind until their TTL: drop them
-                    # now and then, so a lock-then-unlock client cannot grow the heap.
-                    self._lease_heap = [(lease.until, i) for i, lease in self._leases.items()]
-                    heapq.heapify(self._lease_heap)
-                self._owner_leases[owner] = self._owner_leases.get(owner, 0) + 1
+                lease_id = next(ids)
+                leases[lease_id] = Lease(key, owner, until)
+                heapq.heappush(heap, (until, lease_id))
+                owner_count += 1
                 if held_by_me is None:
-                    self._owner_keys.setdefault(owner, {})[key] = _Held(1, nbytes)
-                    self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
+                    if mine is None:
+                        mine = self._owner_keys[owner] = {}
+                    mine[key] = _Held(1, nbytes)
+                    owner_bytes += nbytes
                 else:
                     held_by_me.count += 1
                 if held is None:
-                    self._unlist(key, entry)
-                    self._leased_keys[key] = _Held(1, nbytes, {lease_id})
+                    if self._lru.pop(key, 0) is None:  # off the LRU list while leased
+                        self._lru_bytes -= nbytes
+                    leased_keys[key] = _Held(1, nbytes, {lease_id})
                     self._leased_bytes += nbytes
                 else:
                     held.count += 1
-                    assert held.ids is not None
-                    held.ids.add(lease_id)
-                self.counters.leases_granted += 1
+                    held.ids.add(lease_id)  # type: ignore[union-attr]
+                granted += 1
                 out.append((Status.OK, length, version, lease_id))
+            if owner_count:
+                self._owner_leases[owner] = owner_count
+            if owner_bytes:
+                self._owner_bytes[owner] = owner_bytes
+            self.counters.leases_granted += granted
+            self.counters.leases_denied += denied
+            if len(heap) > 2 * len(leases) + 1024:
+                # Released leases leave their heap entries behind until their TTL: drop them now
+                # and then, so a lock-then-unlock client cannot grow the heap.
+                self._lease_heap = [(lease.until, i) for i, lease in leases.items()]
+                heapq.heapify(self._lease_heap)
         return out
 
     def release(self, lease_ids: Iterable[int], owner: bytes = b"") -> list[Status]:
@@ -416,30 +439,33 @@ class Store:
 
     def _end_lease(self, lease_id: int, lease: Lease) -> None:
         del self._leases[lease_id]
-        count = self._owner_leases.pop(lease.owner) - 1
-        if count:
-            self._owner_leases[lease.owner] = count
-        mine = self._owner_keys[lease.owner]
-        held_by_me = mine[lease.key]
+        owner, key = lease.owner, lease.key
+        counts = self._owner_leases
+        left = counts[owner] - 1
+        if left:
+            counts[owner] = left
+        else:
+            del counts[owner]
+        mine = self._owner_keys[owner]
+        held_by_me = mine[key]
         held_by_me.count -= 1
         if not held_by_me.count:
-            del mine[lease.key]
+            del mine[key]
             if not mine:
-                del self._owner_keys[lease.owner]
-            left = self._owner_bytes.pop(lease.owner) - held_by_me.nbytes
-            if left:
-                self._owner_bytes[lease.owner] = left
-        held = self._leased_keys[lease.key]
+                del self._owner_keys[owner]
+            remaining = self._owner_bytes.pop(owner) - held_by_me.nbytes
+            if remaining:
+                self._owner_bytes[owner] = remaining
+        held = self._leased_keys[key]
         held.count -= 1
-        assert held.ids is not None
-        held.ids.discard(lease_id)
+        held.ids.discard(lease_id)  # type: ignore[union-attr]
         if held.count:
             return
-        del self._leased_keys[lease.key]
+        del self._leased_keys[key]
         self._leased_bytes -= held.nbytes
-        entry = self._index.get(lease.key)
-        if entry is not None:
-            self._list(lease.key, entry)  # evictable again, newest end: it was just in use
+        if key in self._index:  # evictable again, newest end: it was just in use
+            self._lru[key] = None
+            self._lru_bytes += held.nbytes
 
     def _end_leases_of(self, key: bytes) -> None:
         held = self._leased_keys.get(key)

@@ -19,6 +19,16 @@ _U64 = struct.Struct("!Q")
 # Per key of GET responses: status, length, version; of EXISTS: the same plus a lease id.
 _RECORDS = {2: struct.Struct("!BQQ"), 3: struct.Struct("!BQQQ")}
 _STATUS = {s.value: s for s in Status}
+_STATUS_BY_CODE = tuple(_STATUS[i] for i in range(max(_STATUS) + 1))
+
+
+def _statuses(codes: bytes | tuple[int, ...]) -> list[Status]:
+    """Status codes to Status members (a C-level map); an unknown code is a ProtocolError."""
+    try:
+        return list(map(_STATUS_BY_CODE.__getitem__, codes))
+    except IndexError:
+        bad = next(c for c in codes if c >= len(_STATUS_BY_CODE))
+        raise ProtocolError(f"unknown status code {bad}", ErrorCode.BAD_FRAME) from None
 _MAX_ERROR_MESSAGE = 4096
 
 
@@ -143,33 +153,21 @@ class _Reader:
         return [v for (v,) in _U64.iter_unpack(raw)]
 
     def statuses(self, limits: Limits) -> list[Status]:
-        n = self.count(limits)
-        raw = self._take(n)
-        try:
-            return [_STATUS[b] for b in raw]
-        except KeyError as exc:
-            raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
+        return _statuses(bytes(self._take(self.count(limits))))
 
     def records(self, limits: Limits, fields: int) -> tuple[list[Status], list[int], list[list[int]]]:
         """Per key a status, a value length (bounded by the value limit) and ``fields - 1`` more u64s."""
         n = self.count(limits)
         rec = _RECORDS[fields]
         raw = self._take(rec.size * n)
-        statuses: list[Status] = []
-        lengths: list[int] = []
-        extra: list[list[int]] = [[] for _ in range(fields - 1)]
-        cap = limits.max_value_len
-        try:
-            for code, length, *more in rec.iter_unpack(raw):
-                statuses.append(_STATUS[code])
-                if length > cap:
-                    raise ProtocolError(f"value of {length} bytes exceeds the limit of {cap}", ErrorCode.LIMIT)
-                lengths.append(length)
-                for col, v in zip(extra, more):
-                    col.append(v)
-        except KeyError as exc:
-            raise ProtocolError(f"unknown status code {exc.args[0]}", ErrorCode.BAD_FRAME) from None
-        return statuses, lengths, extra
+        # One struct call for the whole batch, then strided slices: no Python loop per key.
+        flat = struct.unpack("!" + rec.format.lstrip("!") * n, raw) if n else ()
+        width = fields + 1
+        lengths = list(flat[1::width])
+        if lengths and max(lengths) > limits.max_value_len:
+            bad = max(lengths)
+            raise ProtocolError(f"value of {bad} bytes exceeds the limit of {limits.max_value_len}", ErrorCode.LIMIT)
+        return _statuses(flat[0::width]), lengths, [list(flat[i::width]) for i in range(2, width)]
 
     @staticmethod
     def _check_key_len(n: int, limits: Limits) -> None:
@@ -424,12 +422,17 @@ def _encode_keyed(w: _Writer, keys: Sequence[bytes], *cols: Sequence[int]) -> No
 
 
 def _encode_records(w: _Writer, statuses: Sequence[Status], *cols: Sequence[int]) -> None:
+    n = len(statuses)
     for col in cols:
-        if len(col) != len(statuses):
+        if len(col) != n:
             raise ValueError("every per-key field needs one value per status")
-    w.u32(len(statuses))
-    pack = _RECORDS[len(cols)].pack
-    w.buf += b"".join([pack(s, *vals) for s, *vals in zip(statuses, *cols, strict=True)])
+    w.u32(n)
+    flat: list[int] = [0] * (n * (len(cols) + 1))
+    width = len(cols) + 1
+    flat[0::width] = statuses
+    for i, col in enumerate(cols, 1):
+        flat[i::width] = col
+    w.buf += struct.pack("!" + _RECORDS[len(cols)].format.lstrip("!") * n, *flat)
 
 
 def _encode_meta(msg: Message) -> bytes:
