@@ -284,6 +284,21 @@ def test_config_errors() -> None:
             ClusterClient(**kwargs)  # type: ignore[arg-type]
 
 
+def test_garbage_list_cursors_are_refused_not_restarted() -> None:
+    """A cursor this client did not issue is a ValueError; before the fix garbage decoded to an
+    empty key and listing silently started again from the first page."""
+    from lmcache_memkv.cluster.client import _decode_cursor, _encode_cursor
+
+    assert _decode_cursor(_encode_cursor(b"model@1@0@abc")) == b"model@1@0@abc"
+    cc = ClusterClient(["127.0.0.1:1"])
+    try:
+        for junk in ("garbage", "v2.!!!!", "v2.", "v2.a", "v1.YWJj", "v2.YWJj=x", "v2." + "QUFB" * 200):
+            with pytest.raises(ValueError, match="cursor"):
+                cc.list_keys(cursor=junk)
+    finally:
+        cc.close()
+
+
 def test_client_before_start_misses_instead_of_failing() -> None:
     cc = ClusterClient(["127.0.0.1:1"])
     try:

@@ -520,3 +520,74 @@ def test_a_watch_stream_out_of_range_or_unproven_is_dropped(
         watcher.stop()
         pool.close()
     assert seen == []
+
+
+def _request(method: str) -> Any:
+    """A fresh, valid request for ``method`` (its own nonce, so its bytes are unique)."""
+    from lmcache_memkv.proto.memkv.v1 import session_pb2
+    from lmcache_memkv.wire.constants import VERSION
+
+    name = method.rsplit("/", 1)[1]
+    if name == "Hello":
+        return session_pb2.HelloRequest(client_id="c", protocol_version=VERSION, transports=["tcp"], client_nonce=fresh_nonce())
+    module = session_pb2 if "Session" in method else maintenance_pb2 if "Maintenance" in method else cluster_pb2
+    msg = getattr(module, f"{name}Request")()
+    if name == "Join":
+        msg.member.CopyFrom(member_to_proto(_record(f"visitor-{time.time_ns()}")))
+    elif name == "Heartbeat":
+        msg.member.CopyFrom(member_to_proto(_record(f"visitor-{time.time_ns()}")))
+    elif name == "Leave":
+        msg.node_id, msg.incarnation = "ghost", 1
+    if "nonce" in msg.DESCRIPTOR.fields_by_name:
+        msg.nonce = fresh_nonce()
+    return msg
+
+
+def _attempt(channel: grpc.Channel, method: str, body: bytes, metadata: list[tuple[str, str]]) -> grpc.StatusCode:
+    """The status a raw call ends with (OK if it was served); a stream is read to its first message."""
+    try:
+        if method.endswith("/Watch"):
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)(
+                body, metadata=metadata, timeout=2
+            )
+            next(iter(call))
+            call.cancel()
+        else:
+            channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
+                body, metadata=metadata, timeout=2
+            )
+    except grpc.RpcError as exc:
+        return _code(exc)
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/memkv.v1.Cluster/MemberList",
+        "/memkv.v1.Cluster/Join",
+        "/memkv.v1.Cluster/Leave",
+        "/memkv.v1.Cluster/Heartbeat",
+        "/memkv.v1.Cluster/Watch",
+        "/memkv.v1.Maintenance/Status",
+        "/memkv.v1.Maintenance/ClusterStats",
+        "/memkv.v1.Session/Hello",
+    ],
+)
+def test_every_method_refuses_replayed_and_forged_proofs(pair: InProcCluster, method: str) -> None:
+    """For every control method: a proof seen on the wire (one honest call to k1) is refused when
+    replayed to k1, replayed to k2, or attached to another body. Before the fix a proof bound only
+    the method, time and nonce, and replay was remembered per node: it opened every other node."""
+    k1, k2 = pair.nodes
+    honest = _request(method).SerializeToString()
+    captured = signed(KEY, method, k1.control, honest)
+    forged = _request(method).SerializeToString()
+    assert forged != honest
+    with grpc.insecure_channel(k1.control) as to_k1, grpc.insecure_channel(k2.control) as to_k2:
+        first = _attempt(to_k1, method, honest, captured)
+        assert first is not grpc.StatusCode.UNAUTHENTICATED, f"the honest call was refused: {first}"
+        assert _attempt(to_k1, method, honest, captured) is grpc.StatusCode.UNAUTHENTICATED  # replayed
+        assert _attempt(to_k2, method, honest, captured) is grpc.StatusCode.UNAUTHENTICATED  # another node
+        fresh = signed(KEY, method, k1.control, honest)  # even unused, a proof binds its body
+        assert _attempt(to_k1, method, forged, fresh) is grpc.StatusCode.UNAUTHENTICATED
+        assert _attempt(to_k1, method, honest, fresh) is not grpc.StatusCode.UNAUTHENTICATED  # and is good for it

@@ -199,3 +199,22 @@ def test_hello_announces_the_limits_a_client_splits_by(node_factory: NodeFactory
     with node.client() as c:  # 10 MiB in 20 values: split into requests the node accepts
         assert c.put([b"s/%02d" % i for i in range(20)], [b"s" * (MiB // 2)] * 20) == [Status.OK] * 20
     assert node.metric("memkv_node_ops_total", op="put", outcome="ok") >= 5
+
+
+def test_idle_and_unauthenticated_connections_are_closed_on_their_deadlines(node_factory: NodeFactory) -> None:
+    node = node_factory(capacity="8MiB", env=ENV, args=["--idle-timeout", "0.5", "--auth-timeout", "0.5"])
+    silent = socket.create_connection(node.address, timeout=5)  # never authenticates
+    idle = rawwire.connect(node.address, key=KEY)  # authenticates, then says nothing
+    try:
+        time.sleep(1.2)
+        _, hello, _ = rawwire.read_frame(silent)
+        assert isinstance(hello, Hello)
+        assert "frame not completed in time" in rawwire.expect_error(silent).message
+        rawwire.assert_closed(idle)
+    finally:
+        silent.close()
+        idle.close()
+    with NodeClient(node.data, key=KEY) as c:  # a pooled connection that went idle is replaced
+        assert c.ping() > 0
+        time.sleep(0.8)
+        assert c.ping() > 0
