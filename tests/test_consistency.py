@@ -198,3 +198,17 @@ def test_a_wrong_size_copy_is_purged_alone(three: tuple[ClusterClient, list[Node
         wait_until(f"the short copy of {k!r} purged", lambda k=k: _direct(nodes, k)[firsts[k]] is None, 5.0)
         second = client.placement(k)[1]
         assert _direct(nodes, k)[second] == _value(k, 1), "the good replica was purged too"
+
+
+def test_a_delete_that_a_newer_write_outranks_is_not_acknowledged(three: tuple[ClusterClient, list[NodeProcess]]) -> None:
+    """A node holding a newer write of the key answers STALE: the delete did not happen there, so
+    it is not reported durable for that key (other keys of the batch are)."""
+    client, nodes = three
+    keys = [b"del-race/1", b"del-race/2"]
+    assert client.put(keys, [_value(k, 1) for k in keys]) == [True, True]
+    newer = CLOCK.next()[0] + (10_000_000 << 10)  # a writer ten seconds ahead
+    first = {n.node_id: n for n in nodes}[client.placement(keys[0])[0]]
+    with NodeClient(first.data, key=KEY) as c:
+        assert c.put([keys[0]], [_value(keys[0], 2)], versions=[newer]) == [Status.OK]
+    assert client.delete(keys) == [False, True]
+    assert _direct(nodes, keys[0])[first.node_id] == _value(keys[0], 2)

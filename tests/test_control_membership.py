@@ -99,6 +99,29 @@ def test_a_peer_keeps_a_dead_member_dead_until_it_wipes(ms: Membership) -> None:
     assert ms.get("b").state is State.ALIVE  # type: ignore[union-attr]
 
 
+def test_writes_wait_until_every_live_peer_has_seen_the_current_data_life(ms: Membership) -> None:
+    """A peer holding an older record of us could declare that life DEAD without making us wipe;
+    so after a start or a wipe, writes wait until each live peer's view shows our current life."""
+    assert ms.writable()  # alone: nobody to wait for
+    ms.heard_from(member("b"))
+    ms.heard_from(member("c"))
+    assert not ms.writable()
+    ms.merge(0, [ms.local, member("b")], source="b")
+    assert not ms.writable()  # c has not shown us yet
+    ms.merge(0, [replace(ms.local, incarnation=0, data_since=0), member("c")], source="c")
+    assert not ms.writable()  # c shows an older life of ours
+    ms.merge(0, [ms.local, member("c")], source="c")
+    assert ms.writable()
+    ms.data_restarted()  # a wipe: a new data life nobody has seen
+    assert not ms.writable()
+    for peer in ("b", "c"):
+        ms.merge(0, [ms.local, member(peer)], source=peer)
+    assert ms.writable()
+    ms.merge(0, [member("c", 1, State.DEAD)])  # a dead peer is not waited for
+    ms.heard_from(member("d"))
+    assert not ms.writable()
+
+
 def test_join_adds_member_and_bumps_epoch(ms: Membership) -> None:
     e0 = ms.epoch
     assert ms.heard_from(member("b"))

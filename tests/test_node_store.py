@@ -325,6 +325,14 @@ def test_versions_far_in_the_future_are_refused(store: Store) -> None:
     assert put(store, b"k", version=FUTURE_SLACK) is Status.OK
 
 
+def test_a_write_refused_as_not_ready_drops_the_older_value(store: Store) -> None:
+    put(store, b"k", version=10)
+    assert store.refuse(b"k", 11, store.generation) is Status.NOT_READY
+    assert read(store, b"k") is None
+    assert store.refuse(b"k", 9, store.generation) is Status.STALE
+    assert put(store, b"k", version=11) is Status.OK  # the same write, once ready
+
+
 def test_an_evicted_value_leaves_a_tombstone(store: Store) -> None:
     """Eviction remembers the version, so a delayed older write cannot revive the key."""
     put(store, b"old", version=100)

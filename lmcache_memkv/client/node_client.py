@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -98,6 +99,8 @@ class NodeClient:
         self._key = key
         self._max_idle = max_idle
         self._idle: list[Connection] = []
+        self._fences = 0  # FENCED answers seen; a connection remembers the count it was opened under
+        self._opened: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -121,7 +124,8 @@ class NodeClient:
     def _checkin(self, conn: Connection) -> None:
         if not conn.broken and not self._closed:
             with self._lock:
-                if len(self._idle) < self._max_idle:
+                # A connection opened before the node last said FENCED belongs to its old life.
+                if self._opened.get(conn, -1) >= self._fences and len(self._idle) < self._max_idle:
                     self._idle.append(conn)
                     return
         conn.close()
@@ -137,13 +141,17 @@ class NodeClient:
         conn = self._checkout()
         try:
             if conn is None:
+                fences = self._fences
                 conn = Connection(self.endpoint, self._key, budget, self.client_id)
+                self._opened[conn] = fences
             yield conn, deadline
         except MemKVTimeout as exc:
             raise MemKVTimeout(f"memkv node {self.endpoint}: {what} timed out after {budget:.1f}s ({exc})") from None
         except (AuthError, ServerError, ConnectError) as exc:
             if isinstance(exc, ServerError) and exc.code == ErrorCode.FENCED:
-                self._drop_idle()  # the node dropped its data: every pooled connection is of its old life
+                with self._lock:
+                    self._fences += 1  # connections opened before now are of the node's old life
+                self._drop_idle()
             raise _where(exc, self.endpoint, what) from None
         except ProtocolError as exc:
             raise ProtocolError(_prefix(str(exc), self.endpoint, what), exc.code) from None
@@ -271,7 +279,10 @@ class NodeClient:
         Either way the node remembers the delete, so an older write arriving later is refused.
         """
         check_keys(keys, "delete")
-        reply = self._call(DeleteRequest(keys=keys, versions=versions), DeleteResponse, f"DELETE of {len(keys)} keys", timeout_s)
+        what = f"DELETE of {len(keys)} keys"
+        reply = self._call(DeleteRequest(keys=keys, versions=versions), DeleteResponse, what, timeout_s)
+        if len(reply.statuses) != len(keys):
+            raise ProtocolError(f"memkv node {self.endpoint}: {what} got {len(reply.statuses)} answers")
         return list(reply.statuses)
 
     def delete(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:

@@ -48,7 +48,8 @@ T = TypeVar("T")
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
 _HOUSEKEEPING_S = 0.2
 _CURSOR_PREFIX = "v2."
-_MAX_LIST_PAGE = 10_000  # a node's default --max-list-limit (wire.limits.Limits.max_list_limit)
+_MAX_LIST_PAGE = 10_000
+_NOT_READY_PAUSE_S = 0.05  # a node's default --max-list-limit (wire.limits.Limits.max_list_limit)
 
 
 class _OutOfTime(MemKVTimeout):
@@ -313,12 +314,23 @@ class ClusterClient:
 
         def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status] | Exception]:
             def op(client: NodeClient) -> list[Status]:
-                return client.put(
-                    [keys[i] for i in idx],
-                    [values[i] for i in idx],
-                    timeout_s=_left(deadline),
-                    versions=[versions[i] for i in idx],
-                )
+                got: dict[int, Status] = {}
+                sel = idx
+                while True:
+                    statuses = client.put(
+                        [keys[i] for i in sel],
+                        [values[i] for i in sel],
+                        timeout_s=_left(deadline),
+                        versions=[versions[i] for i in sel],
+                    )
+                    got.update(zip(sel, statuses))
+                    # NOT_READY: the node just started or wiped and its peers do not know yet
+                    # (a heartbeat or so); it dropped any older value, so the same write may be
+                    # sent again while the call's time lasts.
+                    sel = [i for i, st in zip(sel, statuses) if st == Status.NOT_READY]
+                    if not sel or deadline - time.monotonic() < 2 * _NOT_READY_PAUSE_S:
+                        return [got[i] for i in idx]
+                    time.sleep(_NOT_READY_PAUSE_S)
 
             return lambda: self._call(view, node_id, op)
 
@@ -542,9 +554,13 @@ class ClusterClient:
             return out
 
         results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
-        answered = sum(1 for r in results.values() if not isinstance(r, Exception))
-        durable = bool(must) and answered == len(must)
-        return [durable] * len(keys)
+        durable = [bool(must) and len(results) == len(must)] * len(keys)
+        for result in results.values():
+            if isinstance(result, Exception):
+                return [False] * len(keys)
+            # STALE: that node holds a newer write (or refused our version): not deleted there.
+            durable = [d and st != Status.STALE for d, st in zip(durable, result)]
+        return durable
 
     def list_keys(
         self, prefix: bytes = b"", cursor: str | None = None, limit: int = 1000

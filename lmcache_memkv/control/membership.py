@@ -52,6 +52,7 @@ class Membership:
         # Called (lock held) when gossip says this node's current life is DEAD: writers may have
         # stopped counting it, so the node must drop its data before it rejoins (see node.fence).
         self.on_declared_dead: Callable[[], None] | None = None
+        self._echo: dict[str, int] = {}  # peer -> the highest incarnation of ours its view has shown
 
     # ------------------------------------------------------------------ reading
 
@@ -98,12 +99,17 @@ class Membership:
                 self._bump(0)
             return changed
 
-    def merge(self, epoch: int, records: Iterable[Member]) -> bool:
-        """Merge another node's view (gossip); True if this view changed.
+    def merge(self, epoch: int, records: Iterable[Member], source: str | None = None) -> bool:
+        """Merge another node's view (gossip); True if this view changed. ``source``: the member
+        whose own view this is (it then has our record as it shows; see ``writable``).
         ValueError (nothing changed) if an integer in it is out of range (see ``convert``)."""
         records = [check_member(r) for r in records]
         check_epoch(epoch)
         with self._cond:
+            if source is not None and source != self.node_id:
+                mine = next((r for r in records if r.node_id == self.node_id), None)
+                if mine is not None and mine.incarnation > self._echo.get(source, -1):
+                    self._echo[source] = mine.incarnation
             changed = False
             for record in records:
                 changed |= self._apply(record, direct=False)
@@ -234,6 +240,22 @@ class Membership:
         if self.on_declared_dead is not None:
             self.on_declared_dead()  # before the refutation spreads and clients route here again
         return True
+
+    def writable(self) -> bool:
+        """True once every peer that is not DEAD or LEFT has shown our current data life.
+
+        Until then a peer may still hold an older record of us and declare *that* life DEAD;
+        the verdict would not make us wipe (it names data we no longer hold) and our refutation
+        would outrank it, yet its clients would have written without us meanwhile. So writes
+        wait: after a start or a wipe, for one heartbeat exchange with each peer.
+        """
+        with self._cond:
+            since = self._members[self.node_id].data_since
+            return all(
+                self._echo.get(node_id, -1) >= since
+                for node_id, m in self._members.items()
+                if node_id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)
+            )
 
     def data_restarted(self) -> None:
         """This node dropped its data on its own (a stall): a new incarnation says so, so no

@@ -128,6 +128,7 @@ class ControlPlane:
         )
         self.membership.on_declared_dead = lambda: server.fence.fence("the cluster declared this node DEAD")
         server.fence.on_stall_wipe = self.membership.data_restarted
+        server.write_gate = self.membership.writable
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc
@@ -219,7 +220,7 @@ class ControlPlane:
             for m in members:  # the seed's own record in its view: we just heard from it
                 if m.node_id == reply.header.node_id:
                     self.membership.heard_from(m)
-            self.membership.merge(epoch, members)
+            self.membership.merge(epoch, members, source=reply.header.node_id)
         except ValueError as exc:  # ReplyRefused, a malformed view, an integer out of range
             if self._refusals_logged.allow(seed):
                 log.warning("ignoring the answer of seed %s: %s", seed, exc)
@@ -278,7 +279,7 @@ class ControlPlane:
             record = member_from_proto(reply.member)
             epoch, members = view_from_proto(reply.view)
             self.membership.heard_from(record)
-            self.membership.merge(epoch, members)
+            self.membership.merge(epoch, members, source=record.node_id)
         except ValueError as exc2:  # ReplyRefused, a malformed record or view, an integer out of range
             if self._refusals_logged.allow(endpoint):
                 log.warning("ignoring the heartbeat answer of %s: %s", endpoint, exc2)

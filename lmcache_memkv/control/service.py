@@ -149,7 +149,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         except ValueError as exc:
             _invalid(context, f"Heartbeat: {exc}")
         _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
-        _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members))
+        _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
         return cluster_pb2.HeartbeatResponse(
             header=_header(self._m), member=member_to_proto(self._m.local), view=self._view()
         )

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
@@ -87,6 +88,8 @@ class NodeServer:
         # suspect_after_s leaves a margin of (dead_after - suspect_after) for a heartbeat that was
         # still in flight, or skipped, when the stall began: past it we may have been declared DEAD.
         self.fence = Fence(self.store, stall_after_s=config.suspect_after_s)
+        # Whether writes may be taken now (the control plane: every peer knows our data life).
+        self.write_gate: Callable[[], bool] = lambda: True
         self.metrics = NodeMetrics(config.node_id, self.stats)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -367,10 +370,11 @@ class NodeServer:
         statuses: list[Status] = []
         view = self.arena.view
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
+        ready = self.write_gate()
         for key, size, version in zip(msg.keys, msg.sizes, msg.versions, strict=True):
             if size:
                 wait_for_data(sock, deadline)
-            slot = self.store.reserve(key, size, version, generation)
+            slot = self.store.reserve(key, size, version, generation) if ready else self.store.refuse(key, version, generation)
             if isinstance(slot, Extent):
                 try:
                     recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)

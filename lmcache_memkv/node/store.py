@@ -173,6 +173,17 @@ class Store:
                     self._invalidate(key, version)
                     return Status.NO_SPACE
 
+    def refuse(self, key: bytes, version: int, generation: int) -> Status:
+        """Refuse a write that may not be taken now (NOT_READY), dropping the key's older value
+        like any refused write; STALE if the node holds something newer anyway."""
+        with self._lock:
+            self._check_generation(generation)
+            if self._stale(key, version):
+                self.counters.stale += 1
+                return Status.STALE
+            self._invalidate(key, version)
+            return Status.NOT_READY
+
     def publish(self, key: bytes, extent: Extent, version: int, generation: int) -> Status:
         """Make ``extent`` the value of ``key`` unless something newer arrived meanwhile (STALE)."""
         with self._lock:

@@ -41,11 +41,12 @@ class Status(enum.IntEnum):
     STALE = 5  # PUT/DELETE older than what the node holds for the key (a newer value or a delete)
     WRONG_SIZE = 6  # exact-size GET: the stored value's length differs from the buffer (nothing sent)
     LEASE_LIMIT = 7  # EXISTS found the key but this client's lease budget is spent: not leased
+    NOT_READY = 8  # PUT refused until every peer knows this node's current data life (after a start or wipe)
 
 
 # PUT statuses after which the node holds no value of the key older than the PUT's version:
 # the node invalidated it, so the replica counts as consistent with the write.
-INVALIDATING = frozenset({Status.NO_SPACE, Status.TOO_LARGE})
+INVALIDATING = frozenset({Status.NO_SPACE, Status.TOO_LARGE, Status.NOT_READY})
 
 
 class ErrorCode(enum.IntEnum):
