@@ -317,6 +317,25 @@ def test_readme_warns_about_the_admin_port() -> None:
     assert "GET /env" in readme and "MEMKV_AUTH_KEY_FILE" in readme and "127.0.0.1" in readme
 
 
+def test_dockerfile_installs_the_project_from_its_own_source() -> None:
+    """Built from the repository root: COPY the source, `pip install` it; no index lookup of lmcache-memkv."""
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    instructions = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    copies = [line.split()[1:-1] for line in instructions.splitlines() if line.startswith("COPY ")]
+    copied = {src for srcs in copies for src in srcs}
+    for src in copied:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository (the build context) lacks"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    needed = {"pyproject.toml", "lmcache_memkv"} | set(re.findall(r'^readme = "([^"]+)"', pyproject, re.M))
+    needed |= {f for f in re.findall(r'"([^"]+)"', (re.findall(r"^license-files = \[(.*)\]", pyproject, re.M) or [""])[0])}
+    assert needed <= copied, f"the build needs {sorted(needed - copied)}"
+    installs = [seg for line in instructions.splitlines() if line.startswith("RUN ") for seg in line.split("&&") if "pip install" in seg]
+    assert any(re.search(r"pip install [^&]*\"?/src(\$\{EXTRAS\})?\"?", seg) for seg in installs), installs
+    assert not any(re.search(r"lmcache-memkv|lmcache_memkv", seg) for seg in installs), "no index lookup of our package"
+    assert 'EXTRAS="[sidecar]"' in text, "the default image runs `lmcache server` and `memkv demo`"
+    assert "docker build -f deploy/docker/Dockerfile" in (DEPLOY / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------- kubernetes
 
 
