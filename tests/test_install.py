@@ -184,6 +184,10 @@ def test_memory_host_install_has_no_torch_or_lmcache_and_runs_a_node(dist: tuple
     assert _run(venv, "python", "-c", "pass").stderr == "", "the .pth hook must be silent without lmcache"
     help_ = _run(venv, "memkv", "--help", timeout=60)
     assert help_.returncode == 0 and "node" in help_.stdout, help_.stderr
+    for command in ("demo", "bench"):  # the sidecar side says which extra it needs, in one line
+        proc = _run(venv, "memkv", command, timeout=60)
+        assert proc.returncode == 2 and "lmcache-memkv[sidecar]" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
     key = _run(venv, "memkv", "keygen", timeout=60).stdout.strip()
     assert HEX64.match(key), key
     key_file = venv / "auth-key"
@@ -208,6 +212,7 @@ def test_memory_host_install_has_no_torch_or_lmcache_and_runs_a_node(dist: tuple
 
 @pytest.mark.install
 @pytest.mark.slow_install
+@pytest.mark.timeout(1200)  # installs torch and lmcache: about 3.5 minutes on two cores, teardown included
 def test_full_install_runs_the_demo(dist: tuple[Path, Path], venv: Path) -> None:
     """torch (the pinned CPU build) + the wheel with its sidecar extra, then `memkv demo` end to end."""
     wheel, _ = dist

@@ -142,7 +142,10 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds the whole benchmark may take.")] = 600.0,
 ) -> None:
+    from lmcache_memkv.cli.extras import require_lmcache
     from lmcache_memkv.cli.stats import UsageError, one_line, resolve_servers, wide_console
+
+    require_lmcache("bench")
     from lmcache_memkv.sizes import format_size, parse_size
 
     try:
