@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 KEY_BYTES = 32
@@ -26,20 +27,34 @@ def parse_key(text: str, *, source: str = "MEMKV_AUTH_KEY") -> bytes:
         raise ValueError(f"{source}: the auth key must be hex digits only (0-9, a-f)") from None
 
 
-def load_key(key_file: str | Path | None = None, env: dict[str, str] | None = None) -> bytes | None:
-    """Key from a file (if given), else ``MEMKV_AUTH_KEY``, else None (no auth)."""
-    if key_file:
-        path = Path(key_file)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ValueError(f"--auth-key-file: cannot read {path}: {exc.strerror}") from None
-        return parse_key(text, source=f"auth key file {path}")
+def load_key(key_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> bytes | None:
+    """Key from a file (``key_file``, else ``MEMKV_AUTH_KEY_FILE``), else ``MEMKV_AUTH_KEY``, else None (no auth).
+
+    Prefer the file: LMCache's admin port (``GET /env``) shows a sidecar's environment to
+    anyone who can reach it, so a key passed in ``MEMKV_AUTH_KEY`` can leak there.
+    """
     environ = os.environ if env is None else env
+    source = "--auth-key-file"
+    if not key_file and environ.get("MEMKV_AUTH_KEY_FILE", "").strip():
+        key_file, source = environ["MEMKV_AUTH_KEY_FILE"].strip(), "MEMKV_AUTH_KEY_FILE"
+    if key_file:
+        return read_key_file(key_file, source=source)
     value = environ.get("MEMKV_AUTH_KEY", "")
     if not value.strip():
         return None
     return parse_key(value)
+
+
+def read_key_file(key_file: str | Path, *, source: str = "--auth-key-file") -> bytes:
+    """Read and decode a key file; errors name ``source`` (the flag, variable or field) and the path."""
+    path = Path(key_file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{source}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: {path} is not a text file holding a 64-hex key") from None
+    return parse_key(text, source=f"{source} {path}")
 
 
 def new_key_hex() -> str:

@@ -7,6 +7,7 @@ and against what `memkv node --help` and the node's metrics registry really offe
 
 from __future__ import annotations
 
+import ast
 import collections
 import functools
 import json
@@ -79,7 +80,7 @@ GAUGES = {
 }
 
 ADAPTER_FIELDS = {"servers", "prefix", "replicas", "transport", "num_workers", "timeout_s", "lease_ttl_s"}
-CONFIG_FILE_FIELDS = ADAPTER_FIELDS | {"auth_key"}
+CONFIG_FILE_FIELDS = ADAPTER_FIELDS | {"auth_key", "auth_key_file"}
 SIDECAR_ENV = {
     "MEMKV_CONFIG",
     "MEMKV_SERVERS",
@@ -89,11 +90,12 @@ SIDECAR_ENV = {
     "MEMKV_NUM_WORKERS",
     "MEMKV_TIMEOUT_S",
     "MEMKV_LEASE_TTL_S",
-    "MEMKV_AUTH_KEY",
+    "MEMKV_AUTH_KEY_FILE",
     "MEMKV_TLS_CA",
     "MEMKV_RDMA_DEVICES",
 }
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+SECRET = ("memkv-auth", "auth-key")  # the Secret and its key that every pod mounts as a file
 ADVERTISE_FLAG = "--advertise-host"
 
 
@@ -263,7 +265,7 @@ def real_node_flags() -> set[str]:
 
 def node_env_vars() -> set[str]:
     """MEMKV_* names `memkv node` reads itself: the ones --help lists, plus the auth key."""
-    return set(re.findall(r"env var:\s*(MEMKV_[A-Z_]+)", node_help())) | {"MEMKV_AUTH_KEY"}
+    return set(re.findall(r"env var:\s*(MEMKV_[A-Z_]+)", node_help())) | {"MEMKV_AUTH_KEY", "MEMKV_AUTH_KEY_FILE"}
 
 
 def check_flags_are_real(flags: set[str], where: str) -> None:
@@ -299,6 +301,41 @@ def test_readme_mentions_every_file() -> None:
     assert not missing, f"deploy/README.md does not mention: {missing}"
 
 
+def test_readme_sidecar_commands_name_an_eviction_policy() -> None:
+    """LMCache 0.5.6 refuses `lmcache server` without --eviction-policy."""
+    readme = (DEPLOY / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    commands = [c for b in blocks for c in b.replace("\\\n", " ").splitlines() if "lmcache server" in c]
+    assert commands
+    for command in commands:
+        assert "--eviction-policy" in command, command
+        assert "MEMKV_AUTH_KEY=" not in command, f"pass the key as a file: {command}"
+
+
+def test_readme_warns_about_the_admin_port() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    assert "GET /env" in readme and "MEMKV_AUTH_KEY_FILE" in readme and "127.0.0.1" in readme
+
+
+def test_dockerfile_installs_the_project_from_its_own_source() -> None:
+    """Built from the repository root: COPY the source, `pip install` it; no index lookup of lmcache-memkv."""
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    instructions = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    copies = [line.split()[1:-1] for line in instructions.splitlines() if line.startswith("COPY ")]
+    copied = {src for srcs in copies for src in srcs}
+    for src in copied:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository (the build context) lacks"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    needed = {"pyproject.toml", "lmcache_memkv"} | set(re.findall(r'^readme = "([^"]+)"', pyproject, re.M))
+    needed |= {f for f in re.findall(r'"([^"]+)"', (re.findall(r"^license-files = \[(.*)\]", pyproject, re.M) or [""])[0])}
+    assert needed <= copied, f"the build needs {sorted(needed - copied)}"
+    installs = [seg for line in instructions.splitlines() if line.startswith("RUN ") for seg in line.split("&&") if "pip install" in seg]
+    assert any(re.search(r"pip install [^&]*\"?/src(\$\{EXTRAS\})?\"?", seg) for seg in installs), installs
+    assert not any(re.search(r"lmcache-memkv|lmcache_memkv", seg) for seg in installs), "no index lookup of our package"
+    assert 'EXTRAS="[sidecar]"' in text, "the default image runs `lmcache server` and `memkv demo`"
+    assert "docker build -f deploy/docker/Dockerfile" in (DEPLOY / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------- kubernetes
 
 
@@ -322,6 +359,70 @@ def test_kustomize_builds() -> None:
     }
     (override,) = [i for i in kustomization()["images"] if i["name"] == "lmcache-memkv"]
     assert images == {f"{override['newName']}:{override['newTag']}"}
+
+
+# Native sidecars (restartPolicy: Always on an init container) need 1.29; 1.37 is the newest bundled.
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+
+
+def test_manifests_validate_against_kubernetes_schemas() -> None:
+    """Every manifest (NetworkPolicy included) against the bundled, strict Kubernetes JSON schemas, offline."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -r requirements-dev.txt")
+    from kubernetes_validate.utils import ValidationError
+
+    docs = [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml" for doc in load_docs(path)]
+    assert {doc["kind"] for _, doc in docs} >= {"StatefulSet", "Deployment", "Service", "NetworkPolicy", "Secret"}
+    for version in K8S_VERSIONS:
+        for name, doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except ValidationError as exc:
+                raise AssertionError(f"{name} {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): {exc}") from None
+    # The validator is really checking: a misspelt field fails in strict mode.
+    broken = json.loads(json.dumps(resources()[("NetworkPolicy", "memkv-nodes")]))
+    broken["spec"]["ingres"] = broken["spec"].pop("ingress")
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return of_kind("NetworkPolicy")
+
+
+def policy_for(pod_labels: dict[str, str]) -> dict[str, Any]:
+    (policy,) = [p for p in network_policies() if p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    return policy
+
+
+def test_network_policy_admits_only_memkv_pods_and_workers_to_node_ports() -> None:
+    node_labels = statefulset()["spec"]["template"]["metadata"]["labels"]
+    worker_labels = worker_pod()["metadata"]["labels"]
+    node_ports = ports_of(node_container())
+    rules = policy_for(node_labels)["spec"]["ingress"]
+    open_ports: dict[str, list[list[dict[str, Any]] | None]] = collections.defaultdict(list)
+    for rule in rules:
+        for port in rule["ports"]:
+            assert port["port"] in node_ports, f"NetworkPolicy names {port['port']}, not a node container port"
+            open_ports[port["port"]].append(rule.get("from"))
+    for name in ("data", "control"):
+        (peers,) = open_ports[name]
+        assert peers, f"{name}: a rule without `from` admits everyone"
+        selectors = [p["podSelector"]["matchLabels"] for p in peers]
+        assert all(set(p) == {"podSelector"} for p in peers), "no namespace- or IP-wide peers on the data plane"
+        assert any(sel.items() <= node_labels.items() for sel in selectors), f"{name}: peers (other nodes) shut out"
+        assert any(sel.items() <= worker_labels.items() for sel in selectors), f"{name}: workers shut out"
+        for sel in selectors:
+            assert sel.items() <= node_labels.items() or sel.items() <= worker_labels.items(), sel
+    assert set(open_ports) == {"data", "control", "metrics"}
+
+
+def test_network_policy_keeps_the_sidecars_admin_port_private() -> None:
+    worker_labels = worker_pod()["metadata"]["labels"]
+    rules = policy_for(worker_labels)["spec"]["ingress"]
+    admitted = {port["port"] for rule in rules for port in rule["ports"]}
+    assert admitted == {"http"} and ports_of(vllm())["http"] == 8000, admitted
+    assert "admin" not in admitted and ports_of(sidecar())["admin"] not in admitted
 
 
 def test_service_is_headless_and_selects_the_statefulset_pods() -> None:
@@ -412,6 +513,10 @@ def test_probes_use_declared_ports() -> None:
                 probe = c.get(kind)
                 if not probe:
                     continue
+                if "exec" in probe:  # a loopback-only port, probed from inside the container
+                    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/", " ".join(probe["exec"]["command"]))
+                    assert int(url) in ports.values(), f"{c['name']} {kind}: {url} is not a declared port"
+                    continue
                 action = probe.get("tcpSocket") or probe.get("httpGet")
                 assert action, f"{c['name']} {kind}"
                 port = action["port"]
@@ -442,9 +547,12 @@ def test_prometheus_annotations_point_at_metrics_ports() -> None:
     assert int(sts_ann["prometheus.io/port"]) == endpoint(one(parse_flags(node_args()), "--metrics-listen"))[1]
     worker_ann = worker_pod()["metadata"]["annotations"]
     flags = sidecar_flags()
+    assert int(one(flags, "--http-port")) == ports_of(sidecar())["admin"]
+    # The admin API is unauthenticated and `GET /env` returns the environment: loopback only,
+    # so the pod's scrape target is vLLM's own port.
+    assert one(flags, "--http-host") == "127.0.0.1"
     assert worker_ann["prometheus.io/scrape"] == "true"
-    assert int(worker_ann["prometheus.io/port"]) == int(one(flags, "--http-port")) == ports_of(sidecar())["admin"]
-    assert one(flags, "--http-host") == "0.0.0.0", "Prometheus cannot scrape a loopback-only admin port"
+    assert int(worker_ann["prometheus.io/port"]) == ports_of(vllm())["http"]
 
 
 def test_secret_and_configmap_references_resolve() -> None:
@@ -478,13 +586,43 @@ def test_secret_and_configmap_references_resolve() -> None:
                         assert item["key"] in have, f"volume {vol['name']}: no key {item['key']}"
                     seen += 1
     assert seen >= 3
-    for c in (node_container(), sidecar()):
-        ref = env_of(c)["MEMKV_AUTH_KEY"]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == ("memkv-auth", "auth-key")
+    for spec, c in ((statefulset()["spec"]["template"]["spec"], node_container()), (worker_pod()["spec"], sidecar())):
+        assert key_file_path(spec, c) == mounted_secret_path(spec, c)
     secret_text = (K8S / "secret.yaml").read_text()
     assert "memkv keygen" in secret_text
     placeholder = res[("Secret", "memkv-auth")]["stringData"]["auth-key"]
     assert not re.fullmatch(r"[0-9a-fA-F]{64}", placeholder), "ship a placeholder that fails closed, not a key"
+
+
+def key_file_path(spec: dict[str, Any], c: dict[str, Any]) -> Path:
+    """Where the container is told the key file is (MEMKV_AUTH_KEY_FILE or --auth-key-file)."""
+    env = env_of(c)
+    flags = parse_flags(list(c.get("command", [])) + list(c.get("args", [])))
+    named = [env[n]["value"] for n in ("MEMKV_AUTH_KEY_FILE",) if n in env] + list(flags.get("--auth-key-file", []))
+    assert len(named) == 1, f"{c['name']}: name the key file once (MEMKV_AUTH_KEY_FILE or --auth-key-file): {named}"
+    assert named[0] is not None
+    return Path(named[0])
+
+
+def mounted_secret_path(spec: dict[str, Any], c: dict[str, Any]) -> Path:
+    """The file of the memkv-auth Secret's key as mounted (read-only, not world-readable) in ``c``."""
+    (vol,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == SECRET[0]]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount.get("readOnly") is True
+    mode = vol["secret"].get("defaultMode", 0o644)
+    assert mode & 0o007 == 0, f"volume {vol['name']}: the key file must not be world-readable ({mode:o})"
+    items = {i["key"]: i.get("path", i["key"]) for i in vol["secret"].get("items", [])} or {SECRET[1]: SECRET[1]}
+    return Path(mount["mountPath"]) / items[SECRET[1]]
+
+
+def test_no_auth_key_in_any_environment() -> None:
+    """The key reaches pods only as a mounted file: LMCache's admin port serves `GET /env` unauthenticated."""
+    for spec in pod_specs():
+        for c in all_containers(spec):
+            assert "MEMKV_AUTH_KEY" not in env_of(c), f"{c['name']}: pass the key as a file, not MEMKV_AUTH_KEY"
+            for e in c.get("env", []):
+                assert "secretKeyRef" not in e.get("valueFrom", {}), f"{c['name']}: env {e['name']} holds a secret"
+            assert not any("secretRef" in src for src in c.get("envFrom", [])), c["name"]
 
 
 def test_sidecar_uses_the_memkv_adapter_and_the_control_ports() -> None:
@@ -544,7 +682,7 @@ def test_sidecar_starts_before_and_stops_after_the_worker() -> None:
     spec = worker_pod()["spec"]
     (c,) = [c for c in spec.get("initContainers", []) if c["name"] == sidecar()["name"]]
     assert c["restartPolicy"] == "Always", "a native sidecar"
-    assert c["startupProbe"]["httpGet"]["port"] == "admin"
+    assert f"127.0.0.1:{ports_of(c)['admin']}/" in " ".join(c["startupProbe"]["exec"]["command"])
     assert spec["terminationGracePeriodSeconds"] >= 30
 
 
@@ -582,7 +720,7 @@ def check_memkv_config(cfg: dict[str, Any], where: str) -> None:
     if "servers" in cfg:
         for server in str(cfg["servers"]).split(","):
             assert endpoint(server.strip())[1] == 9901, f"{where}: servers are control endpoints (:9901)"
-    assert "auth_key" not in cfg, f"{where}: keep the auth key in MEMKV_AUTH_KEY / a Secret, not in the example"
+    assert "auth_key" not in cfg, f"{where}: keep the auth key in a file (auth_key_file / a Secret), not in the example"
 
 
 def test_memkv_config_example() -> None:
@@ -599,7 +737,12 @@ def test_adapter_accepts_the_examples(tmp_path: Path) -> None:
     """The adapter's own resolution chain takes the example file and the sidecar's JSON + env + ConfigMap."""
     settings = pytest.importorskip("lmcache_memkv.adapter.settings")
     key = "ab" * 32
-    example = settings.resolve({"type": "memkv"}, env={"MEMKV_CONFIG": str(CONFIG_EXAMPLE), "MEMKV_AUTH_KEY": key})
+    key_file = tmp_path / "auth-key"
+    key_file.write_text(key + "\n")
+    example = settings.resolve(
+        {"type": "memkv"}, env={"MEMKV_CONFIG": str(CONFIG_EXAMPLE), "MEMKV_AUTH_KEY_FILE": str(key_file)}
+    )
+    assert example.auth_key == bytes.fromhex(key)
     cfg = yaml.safe_load(CONFIG_EXAMPLE.read_text())
     assert list(example.servers) == cfg["servers"].split(",")
     assert (example.replicas, example.transport, example.prefix) == (cfg["replicas"], cfg["transport"], cfg["prefix"])
@@ -608,7 +751,8 @@ def test_adapter_accepts_the_examples(tmp_path: Path) -> None:
     mounted = tmp_path / "memkv.yaml"
     mounted.write_text(cm["data"]["memkv.yaml"])
     env = {n: e["value"] for n, e in env_of(sidecar()).items() if "value" in e}
-    env |= {"MEMKV_CONFIG": str(mounted), "MEMKV_AUTH_KEY": key}
+    assert "MEMKV_AUTH_KEY_FILE" in env  # the pod's path; here the same key in a local file
+    env |= {"MEMKV_CONFIG": str(mounted), "MEMKV_AUTH_KEY_FILE": str(key_file)}
     resolved = settings.resolve(json.loads(one(sidecar_flags(), "--l2-adapter")), env=env)
     assert list(resolved.servers) == env["MEMKV_SERVERS"].split(",")
     assert resolved.replicas == yaml.safe_load(mounted.read_text())["replicas"]
@@ -736,6 +880,9 @@ def note(text):
     with open(log, "a") as f:
         f.write(text + "\\n")
 note("sidecar start " + " ".join(args) + " servers=" + os.environ.get("MEMKV_SERVERS", ""))
+key_file = os.environ.get("MEMKV_AUTH_KEY_FILE", "")
+with open(log + ".key", "w") as f:
+    f.write(repr((os.environ.get("MEMKV_AUTH_KEY"), key_file, open(key_file).read() if key_file else None)))
 with open(log + ".pid", "w") as f:
     f.write(str(os.getpid()))
 time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
@@ -863,6 +1010,33 @@ def test_launch_script_stops_the_worker_when_the_sidecar_dies(tmp_path: Path) ->
     rc, out = finish(proc)
     assert rc != 0, out
     assert "worker TERM" in launch.lines(), out
+
+
+def test_launch_script_keeps_the_key_out_of_the_sidecars_environment(tmp_path: Path) -> None:
+    key = "cd" * 32
+    launch = Launch(tmp_path, MEMKV_AUTH_KEY=key)
+    rc, out = finish(launch.start("exit", "0"))
+    assert rc == 0, out
+    env_key, key_file, content = ast.literal_eval(Path(f"{launch.log}.key").read_text())
+    assert env_key is None, "the sidecar's /env would show MEMKV_AUTH_KEY"
+    assert content.strip() == key
+    assert not Path(key_file).exists(), "the private key file is removed on exit"
+    assert "prefer MEMKV_AUTH_KEY_FILE" in out
+
+
+def test_launch_script_passes_a_key_file_through(tmp_path: Path) -> None:
+    key_file = tmp_path / "auth-key"
+    key_file.write_text("ef" * 32)
+    launch = Launch(tmp_path, MEMKV_AUTH_KEY_FILE=str(key_file))
+    rc, out = finish(launch.start("exit", "0"))
+    assert rc == 0, out
+    assert ast.literal_eval(Path(f"{launch.log}.key").read_text()) == (None, str(key_file), "ef" * 32)
+    assert key_file.exists()
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    launch = Launch(missing, MEMKV_AUTH_KEY_FILE=str(tmp_path / "nope"))
+    rc, out = finish(launch.start("exit", "0"))
+    assert rc == 2 and "MEMKV_AUTH_KEY_FILE" in out
 
 
 def test_launch_script_needs_servers(tmp_path: Path) -> None:

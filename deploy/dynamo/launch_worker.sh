@@ -7,14 +7,19 @@
 # first), so a supervisor restarts the pair.
 #
 # Usage:
-#   MEMKV_SERVERS=mem1:9901,mem2:9901 MEMKV_AUTH_KEY=... MODEL=Qwen/Qwen3-0.6B \
+#   MEMKV_SERVERS=mem1:9901,mem2:9901 MEMKV_AUTH_KEY_FILE=/etc/memkv/auth-key MODEL=Qwen/Qwen3-0.6B \
 #     deploy/dynamo/launch_worker.sh
 #   deploy/dynamo/launch_worker.sh -- vllm serve Qwen/Qwen3-0.6B --kv-transfer-config "$CFG"
 #
 # Environment (all optional unless noted):
-#   MEMKV_SERVERS, MEMKV_AUTH_KEY, MEMKV_CONFIG, MEMKV_REPLICAS, MEMKV_PREFIX,
+#   MEMKV_SERVERS, MEMKV_AUTH_KEY_FILE, MEMKV_CONFIG, MEMKV_REPLICAS, MEMKV_PREFIX,
 #   MEMKV_TRANSPORT, ...   read by the memkv adapter inside the sidecar (passed through).
 #                          MEMKV_SERVERS or MEMKV_CONFIG is required.
+#   MEMKV_AUTH_KEY_FILE    file holding the 64-hex key (`memkv keygen`); keep it mode 0600.
+#   MEMKV_AUTH_KEY         accepted, but never handed to the sidecar: LMCache's admin port
+#                          answers `GET /env` with the environment, unauthenticated. The
+#                          script moves the key into a private file (MEMKV_AUTH_KEY_FILE)
+#                          that it deletes on exit.
 #   MODEL                  model for the default worker command (required without "--").
 #   LMCACHE_HOST           sidecar ZMQ host               (default 127.0.0.1)
 #   LMCACHE_PORT           sidecar ZMQ port               (default 5555)
@@ -52,6 +57,9 @@ if [[ -z "${MEMKV_SERVERS:-}" && -z "${MEMKV_CONFIG:-}" ]]; then
 fi
 if [[ -n "${MEMKV_CONFIG:-}" && ! -r "${MEMKV_CONFIG}" ]]; then
     die "MEMKV_CONFIG=${MEMKV_CONFIG} is not a readable file"
+fi
+if [[ -n "${MEMKV_AUTH_KEY_FILE:-}" && ! -r "${MEMKV_AUTH_KEY_FILE}" ]]; then
+    die "MEMKV_AUTH_KEY_FILE=${MEMKV_AUTH_KEY_FILE} is not a readable file"
 fi
 for name in LMCACHE_PORT LMCACHE_HTTP_PORT SIDECAR_WAIT_S STOP_TIMEOUT_S; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || die "${name} must be a whole number, got '${!name}'"
@@ -91,6 +99,20 @@ sidecar_cmd=(
     ${extra_args[@]+"${extra_args[@]}"}
 )
 
+# Keep the key out of every child's environment (the sidecar's /env would show it).
+key_tmpdir=""
+if [[ -n "${MEMKV_AUTH_KEY:-}" ]]; then
+    if [[ -z "${MEMKV_AUTH_KEY_FILE:-}" ]]; then
+        key_tmpdir="$(mktemp -d)"
+        (umask 077 && printf '%s\n' "${MEMKV_AUTH_KEY}" >"${key_tmpdir}/auth-key")
+        export MEMKV_AUTH_KEY_FILE="${key_tmpdir}/auth-key"
+        log "moved MEMKV_AUTH_KEY into a private file; prefer MEMKV_AUTH_KEY_FILE"
+    else
+        log "MEMKV_AUTH_KEY ignored: MEMKV_AUTH_KEY_FILE is set"
+    fi
+    unset MEMKV_AUTH_KEY
+fi
+
 sidecar_pid=""
 worker_pid=""
 stopping=0
@@ -120,6 +142,9 @@ cleanup() {
     trap - EXIT INT TERM HUP
     stop_process "${worker_pid}" worker
     stop_process "${sidecar_pid}" "lmcache server"
+    if [[ -n "${key_tmpdir}" ]]; then
+        rm -rf -- "${key_tmpdir}"
+    fi
 }
 
 # shellcheck disable=SC2317  # reached through traps

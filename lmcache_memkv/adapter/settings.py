@@ -29,12 +29,13 @@ _ENV = {
     "timeout_s": "MEMKV_TIMEOUT_S",
     "lease_ttl_s": "MEMKV_LEASE_TTL_S",
     "auth_key": "MEMKV_AUTH_KEY",
+    "auth_key_file": "MEMKV_AUTH_KEY_FILE",
     "tls_ca": "MEMKV_TLS_CA",
     "rdma_devices": "MEMKV_RDMA_DEVICES",
 }
 # JSON may name a key file but never carry the key itself (it would show in `ps`).
-_JSON_ONLY = frozenset({"auth_key_file"})
-FIELDS = tuple(_ENV) + tuple(_JSON_ONLY)
+# (``auth_key`` stays listed so the JSON check can refuse it by name.)
+FIELDS = tuple(_ENV)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,16 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def _read_key_file(value: tuple[Any, str]) -> str:
+    path, source = str(value[0]).strip(), value[1]
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"memkv adapter: 'auth_key_file' {path}{_where(source)}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"memkv adapter: 'auth_key_file' {path}{_where(source)}: not a text file") from None
+
+
 def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AdapterSettings:
     """Merge defaults, MEMKV_CONFIG, MEMKV_* and ``fields`` (the adapter JSON) and validate."""
     environ = os.environ if env is None else env
@@ -112,25 +123,24 @@ def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
     if unknown:
         raise ConfigError(f"memkv adapter: unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     if "auth_key" in fields:
-        raise ConfigError("memkv adapter: do not put 'auth_key' in the JSON; use MEMKV_AUTH_KEY or 'auth_key_file'")
+        raise ConfigError(
+            "memkv adapter: do not put 'auth_key' in the JSON; use 'auth_key_file' or MEMKV_AUTH_KEY_FILE (a file)"
+        )
 
     raw: dict[str, tuple[Any, str]] = {}
+    # Levels, lowest first. A key file read at one level overrides a key from a lower level and,
+    # at the same level, wins over MEMKV_AUTH_KEY / 'auth_key' (the file is the safer channel).
+    levels: list[tuple[dict[str, tuple[Any, str]], str]] = []
     config_path = environ.get("MEMKV_CONFIG", "").strip()
     if config_path:
-        for k, v in _load_yaml(config_path).items():
-            raw[k] = (v, f"MEMKV_CONFIG {config_path}")
-    for k, var in _ENV.items():
-        if environ.get(var, "").strip():
-            raw[k] = (environ[var], var)
-    for k, v in fields.items():
-        if k in _ENV:
-            raw[k] = (v, "adapter JSON")
-    if "auth_key_file" in fields:
-        path = fields["auth_key_file"]
-        try:
-            raw["auth_key"] = (Path(str(path)).read_text(), f"auth_key_file {path}")
-        except OSError as exc:
-            raise ConfigError(f"memkv adapter: 'auth_key_file' {path}: {exc.strerror}") from None
+        levels.append(({k: (v, f"MEMKV_CONFIG {config_path}") for k, v in _load_yaml(config_path).items()}, "yaml"))
+    levels.append(({k: (environ[var], var) for k, var in _ENV.items() if environ.get(var, "").strip()}, "env"))
+    levels.append(({k: (v, "adapter JSON") for k, v in fields.items() if k in _ENV}, "json"))
+    for level, _ in levels:
+        key_file = level.pop("auth_key_file", None)
+        raw.update(level)
+        if key_file is not None and str(key_file[0]).strip():
+            raw["auth_key"] = (_read_key_file(key_file), f"auth_key_file {str(key_file[0]).strip()} (from {key_file[1]})")
 
     def get(name: str) -> tuple[Any, str] | None:
         return raw.get(name)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 HELP = "Benchmark a MemKV cluster with LMCache's own `lmcache bench l2` (store, lookup, load, byte-exact check)."
 EXAMPLE = (
     "Example: memkv bench --servers 10.0.0.5:9901 --value-size 1MiB --keys 32 --in-flight 4 --rounds 5   "
-    "(or MEMKV_SERVERS=...; the auth key comes from MEMKV_AUTH_KEY)"
+    "(or MEMKV_SERVERS=...; the auth key comes from --auth-key-file / MEMKV_AUTH_KEY_FILE, else MEMKV_AUTH_KEY)"
 )
 
 _MIB = 1 << 20
@@ -137,12 +137,15 @@ def bench(
         str, typer.Option(help="Extra memkv adapter fields as JSON, e.g. '{\"num_workers\": 8}'.")
     ] = "",
     auth_key_file: Annotated[
-        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).")
+        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).", envvar="MEMKV_AUTH_KEY_FILE")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds the whole benchmark may take.")] = 600.0,
 ) -> None:
+    from lmcache_memkv.cli.extras import require_lmcache
     from lmcache_memkv.cli.stats import UsageError, one_line, resolve_servers, wide_console
+
+    require_lmcache("bench")
     from lmcache_memkv.sizes import format_size, parse_size
 
     try:

@@ -131,6 +131,9 @@ def demo(
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of tables.")] = False,
     timeout: Annotated[int, typer.Option(help="Give up (and stop everything) after this many seconds.")] = 300,
 ) -> None:
+    from lmcache_memkv.cli.extras import require_lmcache
+
+    require_lmcache("demo")
     from lmcache_memkv.sizes import parse_size
 
     try:

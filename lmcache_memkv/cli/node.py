@@ -23,7 +23,7 @@ def node(
         str | None, typer.Option(help="Serve Prometheus /metrics on HOST:PORT.", envvar="MEMKV_METRICS_LISTEN")
     ] = None,
     auth_key_file: Annotated[
-        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).")
+        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).", envvar="MEMKV_AUTH_KEY_FILE")
     ] = None,
     control_listen: Annotated[
         str | None, typer.Option(help="gRPC control address HOST:PORT (default: data port + 1).")

@@ -33,7 +33,7 @@ class UsageError(ValueError):
 
 
 def resolve_servers(servers: str, auth_key_file: str | None, command: str) -> tuple[list[str], bytes | None]:
-    """Control endpoints and auth key from the options (or MEMKV_SERVERS / MEMKV_AUTH_KEY)."""
+    """Control endpoints and auth key from the options (or MEMKV_SERVERS / MEMKV_AUTH_KEY_FILE / MEMKV_AUTH_KEY)."""
     from lmcache_memkv.auth import load_key
     from lmcache_memkv.endpoints import parse_endpoint, split_servers
 
@@ -200,7 +200,7 @@ def stats(
         bool, typer.Option("--json", help="Print JSON instead of a table (one object per line with --watch).")
     ] = False,
     auth_key_file: Annotated[
-        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).")
+        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).", envvar="MEMKV_AUTH_KEY_FILE")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a node to answer.")] = 5.0,
 ) -> None:

@@ -20,7 +20,7 @@ def status(
     ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     auth_key_file: Annotated[
-        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).")
+        str | None, typer.Option(help="File holding the 64-hex auth key (else MEMKV_AUTH_KEY; unset: no auth).", envvar="MEMKV_AUTH_KEY_FILE")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a node to answer.")] = 5.0,
 ) -> None:
