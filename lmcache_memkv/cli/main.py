@@ -14,6 +14,7 @@ from lmcache_memkv.cli import node as node_cmd
 from lmcache_memkv.cli import stats as stats_cmd
 from lmcache_memkv.cli import status as status_cmd
 
+
 def _no_flag_type(display: Any) -> Any:
     """Typer shows flags (--json, --help) with a ``<bool>`` metavar, as if they took a value."""
 

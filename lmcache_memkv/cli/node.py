@@ -166,29 +166,48 @@ def _settings_sources(ctx: typer.Context, config_file: str | None) -> dict[str, 
         return {}
     if not isinstance(doc, dict):
         raise ValueError(f"--config {config_file}: expected a mapping of setting names to values, got {type(doc).__name__}")
-    # typer vendors its own click: go by attribute names, not click's classes.
-    params: dict[str, Any] = {
-        p.name: p for p in ctx.command.params if p.param_type_name == "option" and p.name not in (None, "config_file")
-    }
+    params = {p.name for p in ctx.command.params if p.param_type_name == "option" and p.name not in (None, "config_file")}
     out: dict[str, tuple[Any, str]] = {}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
-        param = params.get(name)
-        if param is None:
+        if name not in params:
             known = ", ".join(sorted(_flag(n)[2:] for n in params if n != "help"))
             raise ValueError(f"--config {config_file}: unknown setting {key!r}; settings are: {known}")
         if _source(ctx, name) not in ("DEFAULT", "DEFAULT_MAP"):
             continue  # the environment or a flag set it: they win
         where = f"{config_file} ({key})"
-        if param.multiple and not isinstance(value, list):
-            value = [value]
-        if value is not None and not param.multiple and isinstance(value, (list, dict)):
-            raise ValueError(f"{where}: expected a single value, got {value!r}")
-        try:
-            out[name] = (param.type_cast_value(ctx, value), where)
-        except typer.BadParameter as exc:
-            raise ValueError(f"{where}: {exc.message}") from None
+        out[name] = (_convert(_kind(name), value, where), where)
     return out
+
+
+def _kind(name: str) -> type:
+    """The Python type of ``node``'s parameter ``name`` (the base of ``Annotated[T | None, ...]``)."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(node)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else []
+    hint = args[0] if args else hint
+    return list if typing.get_origin(hint) is list else hint
+
+
+def _convert(kind: type, value: Any, where: str) -> Any:
+    """A config file value as the flag's type; ValueError naming ``where`` otherwise."""
+    if value is None:
+        return None
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (list, dict)) for v in items):
+            raise ValueError(f"{where}: expected endpoints HOST:PORT, got {value!r}")
+        return [str(v) for v in items]
+    if isinstance(value, (list, dict, bool)):
+        raise ValueError(f"{where}: expected a single {kind.__name__} value, got {value!r}")
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not a valid {'integer' if kind is int else 'number'}") from None
+    return str(value)
 
 
 def _flag_named(ctx: typer.Context, message: str) -> str:
