@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from typing import Annotated, Any
 
 import typer
@@ -249,14 +249,14 @@ def _size(flag: str, text: str) -> int:
 
 def run_node(config: object) -> int:
     """Start data and control planes, wait for SIGTERM/SIGINT, drain, exit 0."""
-    from lmcache_memkv.node.arena import PrefaultInterrupted
+    from lmcache_memkv.node.arena import PrefaultInterrupted, StopFlag
     from lmcache_memkv.node.config import NodeConfig
     from lmcache_memkv.node.server import NodeServer
     from lmcache_memkv.sizes import format_size
 
     assert isinstance(config, NodeConfig)
     log = logging.getLogger("memkv.node")
-    stop = threading.Event()
+    stop = StopFlag()
     # Installed before the arena is faulted in, which takes seconds per GiB: a SIGTERM then
     # stops the pre-fault between chunks instead of waiting for all of it.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -289,7 +289,8 @@ def run_node(config: object) -> int:
     if server.metrics_address:
         ready += f" metrics={server.metrics_address[0]}:{server.metrics_address[1]}"
     print(ready, flush=True)
-    stop.wait()
+    while not stop.is_set():  # polled: the handler only flips a flag (see StopFlag)
+        time.sleep(0.1)
     server.serving.clear()  # /readyz: 503 from now on
     server.stop_accepting()  # first: no new client should land on a node that is leaving
     log.info("shutting down: no new connections, finishing in-flight requests")

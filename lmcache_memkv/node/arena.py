@@ -17,6 +17,20 @@ _PAGE = mmap.PAGESIZE
 HEADROOM = 256 << 20
 
 
+class StopFlag:
+    """A stop request set from a signal handler. Deliberately lock-free: a handler that takes a lock
+    (``threading.Event.set``) deadlocks if the signal lands while the main thread holds that lock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class PrefaultInterrupted(Exception):
     """The stop event was set while the arena was being faulted in."""
 
@@ -55,7 +69,7 @@ def align_up(n: int) -> int:
 class Arena:
     """``capacity`` bytes of DRAM, faulted in at start so the first PUT does not page-fault."""
 
-    def __init__(self, capacity: int, stop: threading.Event | None = None) -> None:
+    def __init__(self, capacity: int, stop: StopFlag | threading.Event | None = None) -> None:
         """Map and fault in ``capacity`` bytes; raise ``PrefaultInterrupted`` if ``stop`` is set meanwhile."""
         if capacity < ALIGN:
             raise ValueError(f"capacity must be at least {ALIGN} bytes, got {capacity}")
@@ -75,7 +89,7 @@ class Arena:
         self._free_by_size: SortedList = SortedList([(self.capacity, 0)])
         self.allocated = 0
 
-    def _prefault(self, stop: threading.Event | None) -> None:
+    def _prefault(self, stop: StopFlag | threading.Event | None) -> None:
         """Fault every page in, a chunk at a time, so the first PUT does not page-fault and a
         stop request (SIGTERM during start-up) is honoured within one chunk."""
         populate = True

@@ -138,11 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
 
     def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a probe that gave up: nothing to tell it, nothing worth a traceback in the log
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes and probes every few seconds would drown the node's log

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.node.arena import Arena
+from lmcache_memkv.node.arena import Arena, StopFlag
 from lmcache_memkv.node.config import NodeConfig, default_node_id
 from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
@@ -74,7 +74,7 @@ class _Conn:
 
 
 class NodeServer:
-    def __init__(self, config: NodeConfig, stop: threading.Event | None = None) -> None:
+    def __init__(self, config: NodeConfig, stop: StopFlag | threading.Event | None = None) -> None:
         """``stop`` set during start-up interrupts the arena's pre-fault (``PrefaultInterrupted``)."""
         self.config = config
         self.arena = Arena(config.capacity, stop)
