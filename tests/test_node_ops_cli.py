@@ -216,3 +216,20 @@ def test_tls_without_a_ca_says_what_to_set(node_factory: NodeFactory, tmp_path: 
     assert "set MEMKV_TLS_CA" in out.stderr, out.stderr
     out = memkv("status", "--servers", str(node.control), env={**env, "MEMKV_TLS_CA": cert})
     assert out.returncode == 0, out.stderr
+
+
+def test_prefault_stops_at_once_when_asked_and_falls_back_without_madvise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmcache_memkv.node import arena as arena_mod
+
+    stop = arena_mod.StopFlag()
+    stop.set()
+    with pytest.raises(arena_mod.PrefaultInterrupted, match="after faulting in 0 of"):
+        arena_mod.Arena(256 << 20, stop)
+    # A kernel without MADV_POPULATE_WRITE answers EINVAL: the arena touches every page instead.
+    monkeypatch.setattr(arena_mod, "_MADV_POPULATE_WRITE", 0x7FFF)
+    a = arena_mod.Arena(8 << 20, arena_mod.StopFlag())
+    try:
+        assert a.capacity == 8 << 20 and a.alloc(4096) == 0
+        assert bytes(a.view[:16]) == bytes(16)
+    finally:
+        a.close()
