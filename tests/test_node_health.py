@@ -59,10 +59,15 @@ def test_grpc_health_needs_no_key_but_memkv_methods_do(node_factory: NodeFactory
         with pytest.raises(grpc.RpcError) as err:
             cluster_pb2_grpc.ClusterStub(channel).MemberList(cluster_pb2.MemberListRequest(), timeout=5)
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        # Watch holds a server thread per stream: unproven callers do not get one.
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)))
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
         # A made-up method is refused too, and counted without growing the label set.
         with pytest.raises(grpc.RpcError):
             channel.unary_unary("/memkv.v1.Cluster/Nope")(b"", timeout=5)
     assert node.metric("memkv_node_control_auth_failures_total", method="/memkv.v1.Cluster/MemberList") == 1
+    assert node.metric("memkv_node_control_auth_failures_total", method="/grpc.health.v1.Health/Watch") == 1
     assert node.metric("memkv_node_control_auth_failures_total", method="unknown") == 1
 
 

@@ -9,9 +9,10 @@ The handler receives the request's raw bytes (``request_deserializer=None``), so
    gRPC's generic INTERNAL ("Exception deserializing request"), which reads as a node bug;
 3. every answer (each message of a stream) gets the node's proof (``response_auth``).
 
-The standard health service (``grpc.health.v1.Health`` Check and Watch) is exempt: Kubernetes
-and load-balancer probes cannot sign, and its answer (SERVING or NOT_SERVING) tells a caller
-nothing the open port does not.
+``/grpc.health.v1.Health/Check`` is exempt: Kubernetes and load-balancer probes cannot sign,
+and its answer (SERVING or NOT_SERVING) tells a caller nothing the open port does not. ``Watch``
+is not: each stream holds a server thread for its lifetime, so unproven callers could use it to
+exhaust the control plane's workers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lmcache_memkv.control.auth import ProofChecker, ProofError, body_digest, he
 from lmcache_memkv.control.response_auth import sign_reply
 
 OnRefused = Callable[[str, str, str], None]  # (method, reason, peer)
-UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 def _decoder(handler: grpc.RpcMethodHandler, method: str) -> Callable[[bytes, grpc.ServicerContext], Any]:

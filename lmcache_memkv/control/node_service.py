@@ -54,7 +54,7 @@ _METHODS = frozenset(
     for module in (cluster_pb2, maintenance_pb2, session_pb2)
     for service in module.DESCRIPTOR.services_by_name.values()
     for m in service.methods
-)
+) | {"/grpc.health.v1.Health/Watch"}
 _TAKEN = "is already taken"  # the seed's refusal of a joiner whose --node-id it holds itself (service._own_record)
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
