@@ -6,6 +6,11 @@ from __future__ import annotations
 def parse_endpoint(text: str, *, field: str = "endpoint") -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` too); raise ValueError naming ``field``."""
     raw = text.strip()
+    scheme, sep, rest = raw.partition("://")
+    if sep:
+        raise ValueError(f"{field}: {text!r} has a URL scheme; give HOST:PORT without {scheme + '://'!r}, e.g. {rest!r}")
+    if "/" in raw or any(c.isspace() for c in raw):
+        raise ValueError(f"{field}: invalid address {text!r}, expected HOST:PORT (no path, no spaces)")
     if raw.startswith("["):
         host, sep, rest = raw[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""

@@ -50,7 +50,7 @@ def run_node_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--capacity", "100KiB"], "--capacity must be at least 1MiB"),
         (["--capacity", "12 parsecs"], "invalid size unit"),
         (["--metrics-listen", "x"], "--metrics-listen: invalid address"),
-        (["--frame-timeout", "0"], "frame_timeout_s must be positive"),
+        (["--frame-timeout", "0"], "--frame-timeout must be positive"),
     ],
 )
 def test_invalid_flags_fail_at_start(args: list[str], message: str) -> None:

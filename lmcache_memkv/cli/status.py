@@ -82,16 +82,30 @@ def status(
     from lmcache_memkv.sizes import format_size
 
     table = Table(title=f"MemKV cluster: epoch {epoch}, {up} of {len(members)} members up (view of {source})")
-    for column in ("node", "state", "data", "control", "used / capacity", "incarnation"):
-        table.add_column(column, justify="right" if column in ("used / capacity", "incarnation") else "left")
+    # Readable at 80 columns: each endpoint pair on two lines (never folded mid-address), node ids
+    # fold, and the incarnation (a start time in ms) shown as the UTC start minute; --json has it raw.
+    table.add_column("node", overflow="fold")
+    table.add_column("state")
+    table.add_column("data\ncontrol", no_wrap=True)
+    table.add_column("used /\ncapacity", justify="right")
+    table.add_column("started\n(UTC)", justify="right")
     for m in members:
         style = _STYLE.get(str(m.state), "")
         table.add_row(
             m.node_id,
             f"[{style}]{m.state}[/{style}]" if style else str(m.state),
-            m.data_endpoint,
-            m.control_endpoint,
-            f"{format_size(m.used_bytes)} / {format_size(m.capacity_bytes)}",
-            str(m.incarnation),
+            f"{m.data_endpoint}\n{m.control_endpoint}",
+            f"{format_size(m.used_bytes)} /\n{format_size(m.capacity_bytes)}",
+            _started(m.incarnation),
         )
-    Console(width=160).print(table)
+    Console().print(table)  # the terminal's width (COLUMNS when not a terminal; 80 by default)
+
+
+def _started(incarnation_ms: int) -> str:
+    import datetime
+
+    try:
+        when = datetime.datetime.fromtimestamp(incarnation_ms / 1000, tz=datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(incarnation_ms)
+    return when.strftime("%m-%d %H:%M")

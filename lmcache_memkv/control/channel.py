@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from lmcache_memkv.control.auth import ClientAuthInterceptor
 from lmcache_memkv.control.response_auth import check_reply
-from lmcache_memkv.control.tls import channel_credentials, server_name_override
+from lmcache_memkv.control.tls import CA_ENV, ca_from_env, channel_credentials, server_name_override
 
 MAX_MESSAGE = 16 << 20
 # A restarted node must be reachable again within a heartbeat or two, not after gRPC's
@@ -83,5 +83,11 @@ def describe_rpc_error(exc: BaseException) -> str:
         detail = exc.details() or ""
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return f"UNAUTHENTICATED: {detail} (check MEMKV_AUTH_KEY)"
+        if code is grpc.StatusCode.UNAVAILABLE and "Socket closed" in detail and ca_from_env() is None:
+            # What a plaintext call to a TLS port looks like: the node hangs up on the handshake.
+            return (
+                f"UNAVAILABLE: {detail} (if the node serves TLS (--tls-cert), set {CA_ENV} to the PEM file of "
+                "the CA that signed its certificate)"
+            )
         return f"{code.name}: {detail}" if detail else code.name
     return f"{type(exc).__name__}: {exc}"

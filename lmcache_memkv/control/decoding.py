@@ -8,6 +8,11 @@ The handler receives the request's raw bytes (``request_deserializer=None``), so
 2. the bytes are decoded; bytes that do not parse are INVALID_ARGUMENT naming the method, not
    gRPC's generic INTERNAL ("Exception deserializing request"), which reads as a node bug;
 3. every answer (each message of a stream) gets the node's proof (``response_auth``).
+
+``/grpc.health.v1.Health/Check`` is exempt: Kubernetes and load-balancer probes cannot sign,
+and its answer (SERVING or NOT_SERVING) tells a caller nothing the open port does not. ``Watch``
+is not: each stream holds a server thread for its lifetime, so unproven callers could use it to
+exhaust the control plane's workers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lmcache_memkv.control.auth import ProofChecker, ProofError, body_digest, he
 from lmcache_memkv.control.response_auth import sign_reply
 
 OnRefused = Callable[[str, str, str], None]  # (method, reason, peer)
+UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 def _decoder(handler: grpc.RpcMethodHandler, method: str) -> Callable[[bytes, grpc.ServicerContext], Any]:
@@ -67,6 +73,8 @@ class StrictDecoding(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = str(handler_call_details.method)
+        if method in UNAUTHENTICATED_METHODS and handler is not None:
+            return handler
         key = self._checker.key if self._checker is not None else None
         guard = self._guard(method, header_value(handler_call_details.invocation_metadata))
         if handler is None:

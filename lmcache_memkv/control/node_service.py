@@ -16,6 +16,7 @@ from concurrent import futures
 from functools import partial
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lmcache_memkv import __version__
 from lmcache_memkv.control.auth import NodeNames, ProofChecker
@@ -38,6 +39,7 @@ from lmcache_memkv.proto.memkv.v1 import (
     maintenance_pb2,
     maintenance_pb2_grpc,
     member_pb2,
+    session_pb2,
     session_pb2_grpc,
 )
 from lmcache_memkv.wire.constants import VERSION
@@ -47,6 +49,13 @@ _MAX_WATCHERS = 32
 _WORKERS = _MAX_WATCHERS + 16  # watches hold a thread each; the rest serve unary calls
 _DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
 _LEAVE_WAIT_S = 1.0
+_METHODS = frozenset(
+    f"/{service.full_name}/{m.name}"
+    for module in (cluster_pb2, maintenance_pb2, session_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for m in service.methods
+) | {"/grpc.health.v1.Health/Watch"}
+_TAKEN = "is already taken"  # the seed's refusal of a joiner whose --node-id it holds itself (service._own_record)
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
 
@@ -82,6 +91,11 @@ class ControlPlane:
         self._auth_refusals_logged = LogThrottle()
         # The names proofs may target are known once bound (below); no call arrives before start().
         self._checker = ProofChecker(config.auth_key, NodeNames(config.node_id))
+        self._id_clash: str | None = None  # set by a seed refusing our --node-id: start() fails
+        # Standard grpc.health.v1, for load balancers and Kubernetes gRPC probes: NOT_SERVING
+        # until joined, and again from SIGTERM on (draining).
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="memkv-control"),
             interceptors=[StrictDecoding(self._checker, self._auth_failed)],
@@ -137,6 +151,7 @@ class ControlPlane:
             MaintenanceService(self.membership, self.status, self._peers), self._grpc
         )
         session_pb2_grpc.add_SessionServicer_to_server(SessionService(self.membership, config.auth_key), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,11 +159,26 @@ class ControlPlane:
         self._grpc.start()
         log.info("node %s serving control on %s", self._config.node_id, self.endpoint)
         self._join_seeds(timeout_s=min(2.0, self._config.dead_after_s), wait=True)
+        if self._id_clash is not None:
+            self._grpc.stop(0).wait()
+            self._peers.close()
+            raise RuntimeError(self._id_clash)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="memkv-heartbeat", daemon=True)
         self._thread.start()
 
+    def draining(self) -> None:
+        """From now on health checks answer NOT_SERVING (SIGTERM: the node is going away)."""
+        self.health.enter_graceful_shutdown()
+
     def stop(self, grace_s: float = 0.5) -> None:
         """Leave gracefully: peers see LEFT at once instead of finding this node DEAD later."""
+        self.leave()
+        self.close(grace_s)
+
+    def leave(self) -> None:
+        """Tell the peers this node is LEFT and stop heartbeating; the gRPC server (health) still answers."""
+        self.draining()
         me = self.membership.leave()
         request = cluster_pb2.LeaveRequest(node_id=me.node_id, incarnation=me.incarnation, nonce=fresh_nonce())
         told = [
@@ -161,6 +191,9 @@ class ControlPlane:
         if self._thread is not None:
             self._thread.join()
         self.membership.close()
+
+    def close(self, grace_s: float = 0.5) -> None:
+        """Stop the gRPC server (after ``leave``)."""
         self._grpc.stop(grace_s).wait()
         self._peers.close()
 
@@ -182,6 +215,9 @@ class ControlPlane:
     # ------------------------------------------------------------------ membership traffic
 
     def _auth_failed(self, method: str, reason: str, peer: str) -> None:
+        # Only this project's methods and "unknown" get a label: a prober must not grow the metric.
+        label = method if method in _METHODS else "unknown"
+        self._server.metrics.control_auth_failures.labels(self._config.node_id, label).inc()
         host = peer.rpartition(":")[0] or peer  # per host: a caller's port changes with each connection
         if self._auth_refusals_logged.allow(host):
             log.warning(
@@ -204,14 +240,22 @@ class ControlPlane:
             sent.append(future)
         if not wait or not sent:
             return
-        if not any(f.exception() is None for f in wait_all(sent, timeout_s + 0.5)):
+        if not any(f.exception() is None for f in wait_all(sent, timeout_s + 0.5)) and self._id_clash is None:
             log.warning("no seed answered (%s); serving alone until one does", ", ".join(seeds))
 
     def _on_join_reply(self, seed: str, request: cluster_pb2.JoinRequest, future: grpc.Future) -> None:
         if future.cancelled():
             return
-        if future.exception() is not None:
-            log.debug("seed did not answer: %s", describe_rpc_error(future.exception()))
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, grpc.Call) and exc.code() is grpc.StatusCode.FAILED_PRECONDITION and _TAKEN in (exc.details() or ""):
+                self._id_clash = f"seed {seed} refused to let this node join: {exc.details()}"
+                if self._refusals_logged.allow(seed):
+                    log.error("--node-id %s clashes: %s", self._config.node_id, exc.details())
+            elif isinstance(exc, grpc.Call) and exc.code() in _REFUSALS and self._refusals_logged.allow(seed):
+                log.error("seed %s refused our join: %s", seed, describe_rpc_error(exc))
+            else:
+                log.debug("seed did not answer: %s", describe_rpc_error(exc))
             return
         reply: cluster_pb2.JoinResponse = future.result()
         try:

@@ -3,11 +3,63 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
+import threading
 
 from sortedcontainers import SortedDict, SortedList
 
 ALIGN = 256  # small enough not to waste space on odd sizes, large enough to keep the free lists short
+_PREFAULT_CHUNK = 64 << 20  # between chunks a SIGTERM gets its turn (MAP_POPULATE would block for minutes)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+; Python names it only from 3.13
+_PAGE = mmap.PAGESIZE
+# Left to the process itself (Python, gRPC, connection buffers) when checking --capacity.
+HEADROOM = 256 << 20
+
+
+class StopFlag:
+    """A stop request set from a signal handler. Deliberately lock-free: a handler that takes a lock
+    (``threading.Event.set``) deadlocks if the signal lands while the main thread holds that lock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class PrefaultInterrupted(Exception):
+    """The stop event was set while the arena was being faulted in."""
+
+
+def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes, or None where the kernel does not say (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_capacity(capacity: int, available: int | None = None) -> None:
+    """Refuse a ``--capacity`` this host cannot back, before any of it is allocated."""
+    from lmcache_memkv.sizes import format_size
+
+    available = mem_available() if available is None else available
+    if available is None:
+        return
+    if capacity + HEADROOM > available:
+        raise ValueError(
+            f"--capacity {format_size(capacity)} does not fit in this host's available memory: "
+            f"MemAvailable is {format_size(available)} and the node needs {format_size(HEADROOM)} besides its arena; "
+            f"use at most --capacity {format_size(max(0, available - HEADROOM))}"
+        )
 
 
 def align_up(n: int) -> int:
@@ -17,16 +69,43 @@ def align_up(n: int) -> int:
 class Arena:
     """``capacity`` bytes of DRAM, faulted in at start so the first PUT does not page-fault."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, stop: StopFlag | threading.Event | None = None) -> None:
+        """Map and fault in ``capacity`` bytes; raise ``PrefaultInterrupted`` if ``stop`` is set meanwhile."""
         if capacity < ALIGN:
             raise ValueError(f"capacity must be at least {ALIGN} bytes, got {capacity}")
         self.capacity = capacity - capacity % ALIGN
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        self._map = mmap.mmap(-1, self.capacity, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        try:
+            self._map = mmap.mmap(-1, self.capacity, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise MemoryError(f"--capacity {self.capacity} bytes: cannot map the arena: {exc.strerror}") from None
+        try:
+            self._prefault(stop)
+        except PrefaultInterrupted:
+            self._map.close()
+            raise
         self.view = memoryview(self._map)
         self._free_by_offset: SortedDict = SortedDict({0: self.capacity})
         self._free_by_size: SortedList = SortedList([(self.capacity, 0)])
         self.allocated = 0
+
+    def _prefault(self, stop: StopFlag | threading.Event | None) -> None:
+        """Fault every page in, a chunk at a time, so the first PUT does not page-fault and a
+        stop request (SIGTERM during start-up) is honoured within one chunk."""
+        populate = True
+        for offset in range(0, self.capacity, _PREFAULT_CHUNK):
+            if stop is not None and stop.is_set():
+                raise PrefaultInterrupted(f"stopped after faulting in {offset} of {self.capacity} bytes")
+            length = min(_PREFAULT_CHUNK, self.capacity - offset)
+            if populate:
+                try:
+                    self._map.madvise(_MADV_POPULATE_WRITE, offset, length)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise MemoryError(f"--capacity: cannot fault in the arena: {exc.strerror}") from None
+                    populate = False  # kernel older than 5.14: touch one byte per page instead
+            self._map[offset : offset + length : _PAGE] = bytes(-(-length // _PAGE))
 
     @property
     def address(self) -> int:

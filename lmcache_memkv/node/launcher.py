@@ -40,6 +40,13 @@ _SCRUBBED_ENV = (
     "MEMKV_NODE_ID",
     "MEMKV_METRICS_LISTEN",
     "MEMKV_CONFIG",
+    "MEMKV_NODE_CONFIG",
+    "MEMKV_SEED",
+    "MEMKV_CONTROL_LISTEN",
+    "MEMKV_LOG_LEVEL",
+    "MEMKV_ADVERTISE_HOST",
+    "MEMKV_TLS_CERT",
+    "MEMKV_TLS_KEY",
 )
 _LIVE: set[subprocess.Popen[bytes]] = set()
 

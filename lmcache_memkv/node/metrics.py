@@ -1,14 +1,29 @@
-"""Prometheus metrics of a node, on its own registry (served by ``--metrics-listen``)."""
+"""Prometheus metrics of a node, on its own registry, and the node's HTTP port (``--metrics-listen``):
+``/metrics``, ``/healthz`` (the process is up) and ``/readyz`` (serving; 503 while starting or draining).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lmcache_memkv import __version__
 from lmcache_memkv.endpoints import parse_endpoint
+from lmcache_memkv.wire.constants import VERSION
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -77,11 +92,60 @@ class NodeMetrics:
         self.protocol_errors = Counter(
             "memkv_node_protocol_errors", "Connections closed for bad input, by reason.", [*node, "reason"], registry=r
         )
+        self.control_auth_failures = Counter(
+            "memkv_node_control_auth_failures",
+            "Control-plane (gRPC) calls refused for a missing or wrong auth proof, by method.",
+            [*node, "method"],
+            registry=r,
+        )
+        build = Gauge("memkv_build_info", "Version of this node and of its data-plane protocol.", ["version", "protocol"], registry=r)
+        build.labels(__version__, str(VERSION)).set(1)
+        ProcessCollector(registry=r)  # memkv_... would hide them from the usual process_* dashboards
+        PlatformCollector(registry=r)
         r.register(_StoreCollector(node_id, snapshot))
         self.node_id = node_id
 
-    def serve(self, listen: str) -> tuple[str, int]:
+    def serve(self, listen: str, ready: Callable[[], bool] = lambda: True) -> tuple[str, int]:
+        """Serve /metrics, /healthz and /readyz on ``listen``; ``ready`` answers /readyz."""
         host, port = parse_endpoint(listen, field="--metrics-listen")
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        handler = type("Handler", (_Handler,), {"registry": self.registry, "ready": staticmethod(ready)})
+        try:
+            server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"--metrics-listen {listen}: cannot bind: {exc.strerror}") from None
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="memkv-http", daemon=True).start()
         bound = server.server_address
         return str(bound[0]), int(bound[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    ready: Callable[[], bool]
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._reply(200, b"ok\n")
+        elif path == "/readyz":
+            if self.ready():
+                self._reply(200, b"ready\n")
+            else:
+                self._reply(503, b"not ready: starting or draining\n")
+        else:
+            self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a probe that gave up: nothing to tell it, nothing worth a traceback in the log
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # scrapes and probes every few seconds would drown the node's log

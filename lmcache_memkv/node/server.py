@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.node.arena import Arena
+from lmcache_memkv.node.arena import Arena, StopFlag
 from lmcache_memkv.node.config import NodeConfig, default_node_id
 from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
@@ -75,9 +75,10 @@ class _Conn:
 
 
 class NodeServer:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, stop: StopFlag | threading.Event | None = None) -> None:
+        """``stop`` set during start-up interrupts the arena's pre-fault (``PrefaultInterrupted``)."""
         self.config = config
-        self.arena = Arena(config.capacity)
+        self.arena = Arena(config.capacity, stop)
         self.store = Store(
             self.arena,
             max_lease_ttl_s=config.max_lease_ttl_s,
@@ -98,6 +99,8 @@ class NodeServer:
         self._unauth_by_host: Counter[str] = Counter()
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()  # draining: connections finish what has arrived, then close
+        # Set by the launcher once both planes serve, cleared on SIGTERM: what /readyz reports.
+        self.serving = threading.Event()
         self._accept_closed = threading.Event()
         self.started_at = time.time()
         self.address: tuple[str, int] = ("", 0)
@@ -126,7 +129,9 @@ class NodeServer:
             self._m_node = self.config.node_id
             self.metrics = NodeMetrics(self.config.node_id, self.stats)
         if self.config.metrics_listen:
-            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+            self.metrics_address = self.metrics.serve(
+                self.config.metrics_listen, lambda: self.serving.is_set() and not self._stopping.is_set()
+            )
         self._accept_thread = threading.Thread(target=self._accept_loop, name="memkv-accept", daemon=True)
         self._accept_thread.start()
         log.info("node %s serving data on %s", self.config.node_id, self.endpoint)
