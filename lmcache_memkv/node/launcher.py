@@ -35,6 +35,7 @@ _READY_RE = re.compile(r"^memkv node (?P<node_id>.+?) ready (?P<fields>.*)$")
 # callers who want one pass it explicitly through ``env``.
 _SCRUBBED_ENV = (
     "MEMKV_AUTH_KEY",
+    "MEMKV_AUTH_KEY_FILE",
     "MEMKV_LISTEN",
     "MEMKV_CAPACITY",
     "MEMKV_NODE_ID",
