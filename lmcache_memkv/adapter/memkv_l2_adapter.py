@@ -53,20 +53,22 @@ def _setup_logging(env: Mapping[str, str] | None = None) -> logging.Handler | No
     loggers handlers, so without this our warnings (an unreachable cluster!) went nowhere.
 
     Level from MEMKV_LOG_LEVEL (default INFO). When the process already logs through the root
-    logger, ours just propagate there; otherwise a stderr handler in LMCache's layout is added
-    and propagation stopped, so a root handler configured later cannot print every line twice.
-    Returns the handler added, if any.
+    logger, ours just propagate there (at the host's level unless MEMKV_LOG_LEVEL is set);
+    otherwise a stderr handler in LMCache's layout is added and propagation stopped, so a root
+    handler configured later cannot print every line twice. Returns the handler added, if any.
     """
     environ = os.environ if env is None else env
     logger = logging.getLogger("memkv")
-    raw = environ.get("MEMKV_LOG_LEVEL", "").strip().upper() or "INFO"
-    level = logging.getLevelName(raw)
+    raw = environ.get("MEMKV_LOG_LEVEL", "").strip().upper()
+    level = logging.getLevelName(raw or "INFO")
     if not isinstance(level, int):
         log.warning("MEMKV_LOG_LEVEL=%r is not a log level (DEBUG, INFO, WARNING, ERROR); using INFO", raw)
         level = logging.INFO
-    logger.setLevel(level)
     if logger.handlers or logging.getLogger().handlers:
+        if raw:
+            logger.setLevel(level)
         return None
+    logger.setLevel(level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logger.addHandler(handler)
