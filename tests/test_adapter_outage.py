@@ -20,7 +20,7 @@ from lmcache_memkv.adapter import memkv_l2_adapter as mod
 from lmcache_memkv.adapter.memkv_l2_adapter import MemKVL2Adapter, MemKVL2AdapterConfig, _store_outcome
 from lmcache_memkv.cluster import ClusterClient
 from lmcache_memkv.cluster.bootstrap import KeyRefused, control_endpoints, probe_data_port
-from lmcache_memkv.errors import ConnectError
+from lmcache_memkv.errors import ConfigError, ConnectError
 from lmcache_memkv.sidecar.process import free_loopback_port
 
 KEY = bytes(range(32))
@@ -205,3 +205,27 @@ def test_with_root_handlers_memkv_lines_propagate_there(bare_memkv_logger: loggi
     assert mod._setup_logging({"MEMKV_LOG_LEVEL": "INFO"}) is None and bare_memkv_logger.level == logging.INFO
     logging.getLogger("memkv.cluster").info("routed to root")
     assert root_stream.getvalue().count("routed to root") == 1
+
+
+def test_the_adapter_names_the_key_not_the_servers_and_fail_fast_raises(node_factory: NodeFactory) -> None:
+    from lmcache_memkv.adapter.metrics import get_metrics
+    from lmcache_memkv.adapter.settings import resolve
+
+    node = node_factory(capacity="8MiB", metrics=False, env={"MEMKV_AUTH_KEY": KEY.hex()})
+    env = {"MEMKV_AUTH_KEY": OTHER_KEY.hex()}
+    strict = resolve({"servers": node.control, "timeout_s": 2.0, "fail_fast": True}, env=env)
+    with pytest.raises(ConnectError) as caught:
+        mod._connect(strict, get_metrics())
+    assert "refused this sidecar's key" in str(caught.value) and "MEMKV_AUTH_KEY_FILE" in str(caught.value)
+    assert "MEMKV_SERVERS" not in str(caught.value)
+
+    lenient = resolve({"servers": node.control, "timeout_s": 2.0}, env={**env, "MEMKV_FAIL_FAST": "0"})
+    client = mod._connect(lenient, get_metrics())  # degraded: starts, keeps trying in the background
+    try:
+        assert not client.connected and client.members() == [] and client.reachable() == 0
+        assert client.put([b"k"], [b"v"]) == [False] and client.exists([b"k"]) == [None]
+    finally:
+        client.close()
+    assert resolve({"servers": "h:1"}, env={"MEMKV_FAIL_FAST": "true"}).fail_fast
+    with pytest.raises(ConfigError, match="'fail_fast' must be true or false"):
+        resolve({"servers": "h:1", "fail_fast": "maybe"}, env={})
