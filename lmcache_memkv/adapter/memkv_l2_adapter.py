@@ -580,11 +580,8 @@ def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
     except KeyRefused as exc:
         problem = f"memkv adapter: the MemKV cluster refused this sidecar's key: {exc}"
     except ConnectError as exc:
-        problem = (
-            f"memkv adapter cannot reach the MemKV cluster: {exc}. Tried: {', '.join(s.servers)} "
-            f"(from {s.sources.get('servers', 'config')}). Check that `memkv node` runs there and that "
-            "'servers' / MEMKV_SERVERS / MEMKV_CONFIG name its control endpoint (data port + 1) or data port."
-        )
+        # The error names every endpoint asked and why each failed, and what 'servers' must list.
+        problem = f"memkv adapter cannot reach the MemKV cluster (servers from {s.sources.get('servers', 'config')}): {exc}"
     if s.fail_fast:
         client.close()
         raise ConnectError(problem) from None

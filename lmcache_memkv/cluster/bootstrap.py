@@ -3,8 +3,9 @@ proves the key (with a key configured: a node without it cannot hand this client
 
 A configured endpoint may also be a node's data port, as MinIO's ``MEMKV_SERVERS`` spells it
 (``:9900``): the data plane greets every connection with a HELLO frame (``MK``...), the control
-plane (gRPC) says nothing until spoken to, so a short probe tells them apart and a data port is
-asked at port + 1, the control endpoint's default place.
+plane does not (plaintext gRPC sends its HTTP/2 settings at once, TLS waits for the client until
+the probe's short timeout), so a probe tells them apart and a data port is asked at port + 1,
+the control endpoint's default place.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from lmcache_memkv.wire.constants import MAGIC
 
 R = TypeVar("R")
 SERVERS_HINT = (
-    'check MEMKV_SERVERS / the adapter\'s "servers" field: it lists control endpoints HOST:PORT '
-    "of `memkv node` (by default the data port + 1) or their data ports"
+    "check that `memkv node` runs there and that MEMKV_SERVERS / the adapter's \"servers\" field "
+    "names its control endpoint HOST:PORT (by default the data port + 1) or its data port"
 )
 KEY_HINT = (
     "the nodes refused this client's key: MEMKV_AUTH_KEY / MEMKV_AUTH_KEY_FILE / the adapter's "
-    '"auth_key_file" must hold the same 64-hex key as the nodes\' --auth-key-file (or none if they have none)'
+    '"auth_key_file" must hold the nodes\' 64-hex key (their MEMKV_AUTH_KEY / --auth-key-file), or none if they have none'
 )
-# A data port answers at once; a control port stays silent, so this bounds what a probe costs.
+# A data port greets at once; this bounds what a silent (TLS) control port costs a probe.
 _PROBE_S = 0.25
 
 
@@ -59,7 +60,7 @@ def probe_data_port(endpoint: str, timeout_s: float = _PROBE_S) -> bool | None:
         try:
             sock.settimeout(timeout_s)
             return sock.recv(len(MAGIC)) == MAGIC
-        except OSError:  # silent: a gRPC server waits for the client to speak first
+        except OSError:  # silent: a TLS server waits for the client to speak first
             return False
 
 
@@ -85,12 +86,14 @@ def first_answer(
     call: Callable[[grpc.Channel, float], grpc.Future],
     accept: Callable[[Any], R],
     timeout_s: float,
+    known: MutableMapping[str, str] | None = None,
 ) -> tuple[R, str]:
     """Ask every control endpoint at once (``call``) and return the first reply ``accept`` takes
     (it raises ValueError to refuse one, ``ReplyRefused`` for an answer that does not prove the
-    key), with the endpoint that gave it. If none does within
-    ``timeout_s``: ConnectError naming every endpoint tried and why."""
-    servers = list(dict.fromkeys(servers))  # a repeated endpoint is asked once
+    key), with the endpoint that gave it. If none does within ``timeout_s``: ConnectError naming
+    every endpoint tried and why (KeyRefused when every one refused the key). Data-port servers
+    are asked at port + 1 (``control_endpoints``; ``known`` keeps what was found)."""
+    servers = list(dict.fromkeys(control_endpoints(servers, known)))  # a repeated endpoint is asked once
     done = threading.Event()
     lock = threading.Lock()
     errors: dict[str, str] = {}
@@ -146,7 +149,6 @@ def fetch_view(
     """Epoch, members and the endpoint that answered first; ConnectError naming every server if
     none did (KeyRefused when all refused the key). Data-port servers are asked at port + 1 (see
     ``control_endpoints``; ``known`` keeps what was found)."""
-    servers = control_endpoints(servers, known)
 
     request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
 
@@ -157,5 +159,5 @@ def fetch_view(
         pool.check_reply(MEMBER_LIST, request, reply)
         return view_from_proto(reply.view)
 
-    (epoch, members), endpoint = first_answer(pool, servers, call, accept, timeout_s)
+    (epoch, members), endpoint = first_answer(pool, servers, call, accept, timeout_s, known)
     return epoch, members, endpoint
