@@ -229,3 +229,22 @@ def test_the_adapter_names_the_key_not_the_servers_and_fail_fast_raises(node_fac
     assert resolve({"servers": "h:1"}, env={"MEMKV_FAIL_FAST": "true"}).fail_fast
     with pytest.raises(ConfigError, match="'fail_fast' must be true or false"):
         resolve({"servers": "h:1", "fail_fast": "maybe"}, env={})
+
+
+def test_replicas_above_live_nodes_with_a_real_cluster(
+    node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(mod, "_USAGE_REFRESH_S", 0.1)
+    monkeypatch.setattr(logging.getLogger("memkv"), "propagate", True)  # caplog listens on the root logger
+    caplog.set_level(logging.INFO, logger="memkv")
+    node = node_factory(capacity="8MiB", metrics=False)
+    adapter = MemKVL2Adapter(MemKVL2AdapterConfig.from_dict({"servers": node.control, "replicas": 2, "timeout_s": 2.0}))
+    try:
+        deadline = time.monotonic() + 10
+        while REGISTRY.get_sample_value("memkv_l2_replicas_unmet") != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert REGISTRY.get_sample_value("memkv_l2_replicas_unmet") == 1
+        assert adapter.report_status()["replicas_unmet"] == 1 and not adapter.report_status()["degraded"]
+        assert any("replicas=2 but only 1 member(s)" in r.getMessage() for r in caplog.records)
+    finally:
+        adapter.close()

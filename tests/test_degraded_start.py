@@ -118,6 +118,7 @@ def test_servers_may_name_a_data_port_as_minio_does(node_factory: NodeFactory, s
     sidecar = sidecar_factory(SidecarConfig(l2_adapters=[adapter], l1_size_gb=64 * MIB_GB))
     status = _memkv_status(sidecar)
     assert status["members_up"] == 1 and not status["degraded"]
+    assert f"memkv adapter up: servers={node.data}" in sidecar.log_path.read_text()
     with Workload(sidecar, WorkloadConfig(seed=81)) as wl:
         assert wl.store(2, 1024).ok
         sidecar.wait_store_drained(30)

@@ -486,7 +486,8 @@ class MemKVL2Adapter(L2AdapterInterface):
             "degraded": not self._connected(),
             "type": TYPE_NAME,
             # ``lmcache describe`` prints "backend", the object count and used/capacity: say it all there.
-            "backend": f"memkv over {self._transport}; servers {servers}; view epoch {epoch}; "
+            "backend": f"memkv over {self._transport}; servers {servers}; "
+            f"{'DEGRADED (no node answered yet, retrying); ' if not self._connected() else ''}view epoch {epoch}; "
             f"members {up} up / {len(members) - up} down; replicas {self._settings.replicas}",
             "stored_object_count": self._keys,
             "max_capacity_bytes": usage.total_capacity_bytes,

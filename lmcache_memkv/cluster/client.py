@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from lmcache_memkv.client import NodeClient
-from lmcache_memkv.cluster.bootstrap import fetch_view
+from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.cluster.view import ClusterView
@@ -249,7 +249,8 @@ class ClusterClient:
         alive = [m.control_endpoint for m in self._view.members.values() if m.state is State.ALIVE]
         random.shuffle(alive)
         order: list[str] = []
-        for endpoint in [*alive, *(self._control.get(s, s) for s in self.servers)]:
+        # Configured servers as control endpoints (a data port probed now if not yet known).
+        for endpoint in [*alive, *control_endpoints(self.servers, self._control)]:
             if endpoint not in order and endpoint != failed:
                 order.append(endpoint)
         if failed is not None:
