@@ -588,7 +588,7 @@ def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
         raise ConnectError(problem) from None
     metrics.connected.set(0)
     log.warning(
-        "%s -- starting DEGRADED (fail_fast is off): lookups miss and stores fail until a node answers; "
+        "%s -- starting DEGRADED (fail_fast / MEMKV_FAIL_FAST is off): lookups miss and stores fail until a node answers; "
         "retrying in the background",
         problem,
     )
