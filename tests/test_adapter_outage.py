@@ -248,3 +248,9 @@ def test_replicas_above_live_nodes_with_a_real_cluster(
         assert any("replicas=2 but only 1 member(s)" in r.getMessage() for r in caplog.records)
     finally:
         adapter.close()
+
+
+def test_help_says_what_auto_and_servers_really_do() -> None:
+    text = MemKVL2AdapterConfig.help()
+    assert "auto uses TCP" in text and "picks RDMA" not in text
+    assert "data endpoints (:9900" in text and "fail_fast" in text and "MEMKV_FAIL_FAST" in text
