@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,7 +31,7 @@ from lmcache.v1.platform import create_event_notifier
 
 from lmcache_memkv.adapter.coalesce import Coalescer
 from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, model_prefix
-from lmcache_memkv.adapter.metrics import get_metrics
+from lmcache_memkv.adapter.metrics import AdapterMetrics, get_metrics
 from lmcache_memkv.adapter.settings import FIELDS, AdapterSettings, resolve
 from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError
 
@@ -43,6 +45,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("memkv.adapter")
 TYPE_NAME = "memkv"
 _USAGE_REFRESH_S = 5.0
+_LOG_FORMAT = "[%(asctime)s] memkv %(levelname)s: %(message)s (%(filename)s:%(lineno)d:%(name)s)"
+
+
+def _setup_logging(env: Mapping[str, str] | None = None) -> logging.Handler | None:
+    """Make the ``memkv.*`` lines reach ``lmcache server``'s log: LMCache gives only its own
+    loggers handlers, so without this our warnings (an unreachable cluster!) went nowhere.
+
+    Level from MEMKV_LOG_LEVEL (default INFO). When the process already logs through the root
+    logger, ours just propagate there (at the host's level unless MEMKV_LOG_LEVEL is set);
+    otherwise a stderr handler in LMCache's layout is added and propagation stopped, so a root
+    handler configured later cannot print every line twice. Returns the handler added, if any.
+    """
+    environ = os.environ if env is None else env
+    logger = logging.getLogger("memkv")
+    raw = environ.get("MEMKV_LOG_LEVEL", "").strip().upper()
+    level = logging.getLevelName(raw or "INFO")
+    if not isinstance(level, int):
+        log.warning("MEMKV_LOG_LEVEL=%r is not a log level (DEBUG, INFO, WARNING, ERROR); using INFO", raw)
+        level = logging.INFO
+    if logger.handlers or logging.getLogger().handlers:
+        if raw:
+            logger.setLevel(level)
+        return None
+    logger.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.propagate = False
+    return handler
 
 
 class MemKVL2AdapterConfig(L2AdapterConfigBase):
@@ -60,12 +91,14 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
         return (
             "MemKV L2 adapter config fields (all optional when MEMKV_CONFIG or MEMKV_* supply them;\n"
             "precedence: defaults < MEMKV_CONFIG yaml < MEMKV_* env < these JSON fields):\n"
-            "- servers (str|list): control endpoints HOST:PORT of MemKV nodes, comma-separated; any one\n"
-            "  suffices, the rest are found through the cluster view [MEMKV_SERVERS] (required)\n"
+            "- servers (str|list): MemKV nodes HOST:PORT, comma-separated: control endpoints (:9901) or, as\n"
+            "  MinIO's MEMKV_SERVERS, data endpoints (:9900; the control endpoint port+1 is found on its own);\n"
+            "  any one suffices, the rest are found through the cluster view [MEMKV_SERVERS] (required)\n"
             "- prefix (str): namespace prefix for every key (default '') [MEMKV_PREFIX]\n"
             "- replicas (int 1..8): nodes each chunk is written to (default 1) [MEMKV_REPLICAS]\n"
-            "- transport (auto|tcp|rdma): data plane; auto picks RDMA when both ends can (default auto)\n"
-            "  [MEMKV_TRANSPORT]\n"
+            "- transport (auto|tcp|rdma): data plane (default auto). This release moves bytes over TCP only:\n"
+            "  auto uses TCP (RDMA devices are only noted); rdma fails at start-up until the verbs data\n"
+            "  path is built [MEMKV_TRANSPORT]\n"
             "- num_workers (int 1..64): I/O threads per operation kind (default 4) [MEMKV_NUM_WORKERS]\n"
             "- timeout_s (float): bound on every remote call; a dead node becomes misses after it\n"
             "  (default 5.0) [MEMKV_TIMEOUT_S]\n"
@@ -74,6 +107,8 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
             "- auth_key_file (str): file with the 64-hex shared key [or MEMKV_AUTH_KEY]\n"
             "- tls_ca (str): CA bundle for a TLS control plane [MEMKV_TLS_CA]\n"
             "- rdma_devices (str|list): RDMA devices to use [MEMKV_RDMA_DEVICES]\n"
+            "- fail_fast (bool): refuse to start when no node answers, instead of starting degraded\n"
+            "  (misses, failed stores) and connecting in the background (default false) [MEMKV_FAIL_FAST]\n"
             'Example: {"type": "memkv", "servers": "10.0.0.5:9901,10.0.0.6:9901", "replicas": 2}'
         )
 
@@ -108,8 +143,9 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._transport = _choose_transport(s)
         # l1_memory_desc (the L1 pool's address range) is what a verbs data path registers once;
         # the TCP data plane reads and writes L1 pages through MemoryObj views and needs nothing from it.
-        self._cluster = cluster if cluster is not None else _connect(s)
         self._m = get_metrics()
+        self._replicas_unmet = 0
+        self._cluster = cluster if cluster is not None else _connect(s, self._m)
 
         self._store_efd = create_event_notifier()
         self._lookup_efd = create_event_notifier()
@@ -133,7 +169,14 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._usage_stop = threading.Event()
         self._usage_thread = threading.Thread(target=self._refresh_usage_loop, name="memkv-usage", daemon=True)
         self._usage_thread.start()
-        log.info("memkv adapter up: servers=%s transport=%s replicas=%d", ",".join(s.servers), self._transport, s.replicas)
+        log.info(
+            "memkv adapter up%s: servers=%s transport=%s replicas=%d",
+            "" if self._connected() else " (degraded: no cluster yet, connecting in the background)",
+            ",".join(s.servers), self._transport, s.replicas,
+        )  # fmt: skip
+
+    def _connected(self) -> bool:
+        return bool(getattr(self._cluster, "connected", True))
 
     @property
     def cluster(self) -> ClusterClient:
@@ -207,7 +250,7 @@ class MemKVL2Adapter(L2AdapterInterface):
                 outcome = "closed"  # close() is under way: fail fast, no network call
             else:
                 oks = self._cluster.put(self._wire(keys), views) if keys else []
-                outcome = "ok" if all(oks) else "partial"
+                outcome = _store_outcome(oks, self._reachable())
         except MemKVError as exc:
             log.warning("memkv store of %d keys failed: %s", len(keys), exc)
             outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
@@ -227,6 +270,11 @@ class MemKVL2Adapter(L2AdapterInterface):
             self._tell_listeners(self._notify_keys_stored, stored, stored_sizes)
         self._finish("store", started)
         self._signal(self._store_efd)
+
+    def _reachable(self) -> int:
+        """Nodes a write could land on now (after the call: a node that just failed is in back-off)."""
+        reachable = getattr(self._cluster, "reachable", None)
+        return int(reachable()) if reachable is not None else 1
 
     def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
         with self._lock:
@@ -392,9 +440,29 @@ class MemKVL2Adapter(L2AdapterInterface):
                 states: Counter[str] = Counter(m.state for m in self._cluster.members())
                 for state in ("ALIVE", "SUSPECT", "DEAD", "LEFT"):
                     self._m.members.labels(state).set(states.get(state, 0))
+                self._m.connected.set(1 if self._connected() else 0)
+                self._check_replicas(states.get("ALIVE", 0) + states.get("SUSPECT", 0))
             except Exception as exc:
                 log.debug("usage refresh failed: %s", exc)
             self._usage_stop.wait(_USAGE_REFRESH_S)
+
+    def _check_replicas(self, placeable: int) -> None:
+        """Gauge and warn (once per change) when ``replicas`` exceeds the members in placement:
+        every chunk then has fewer copies than configured."""
+        want = self._settings.replicas
+        unmet = max(0, want - placeable) if self._connected() else 0
+        self._m.replicas_unmet.set(unmet)
+        if unmet == self._replicas_unmet:
+            return
+        self._replicas_unmet = unmet
+        if unmet:
+            log.warning(
+                "memkv: replicas=%d but only %d member(s) in placement: each chunk is written to %d node(s) "
+                "until more nodes join (memkv_l2_replicas_unmet=%d)",
+                want, placeable, placeable, unmet,
+            )  # fmt: skip
+        else:
+            log.info("memkv: %d members in placement again; replicas=%d met", placeable, want)
 
     def _read_usage(self) -> AdapterUsage:
         stats = self._cluster.node_stats()
@@ -415,9 +483,11 @@ class MemKVL2Adapter(L2AdapterInterface):
         servers = ",".join(self._settings.servers)
         return {
             "is_healthy": up > 0,
+            "degraded": not self._connected(),
             "type": TYPE_NAME,
             # ``lmcache describe`` prints "backend", the object count and used/capacity: say it all there.
-            "backend": f"memkv over {self._transport}; servers {servers}; view epoch {epoch}; "
+            "backend": f"memkv over {self._transport}; servers {servers}; "
+            f"{'DEGRADED (no node answered yet, retrying); ' if not self._connected() else ''}view epoch {epoch}; "
             f"members {up} up / {len(members) - up} down; replicas {self._settings.replicas}",
             "stored_object_count": self._keys,
             "max_capacity_bytes": usage.total_capacity_bytes,
@@ -425,6 +495,7 @@ class MemKVL2Adapter(L2AdapterInterface):
             "servers": list(self._settings.servers),
             "transport": self._transport,
             "replicas": self._settings.replicas,
+            "replicas_unmet": self._replicas_unmet,
             "prefix": self._prefix,
             "view_epoch": epoch,
             "members_up": up,
@@ -477,10 +548,24 @@ def _choose_transport(s: AdapterSettings) -> str:
     return "tcp"
 
 
-def _connect(s: AdapterSettings) -> ClusterClient:
-    from lmcache_memkv.cluster import ClusterClient
+def _store_outcome(oks: list[bool], reachable: int) -> str:
+    """``ok``: every key stored; ``partial``: some; ``unavailable``: none, and no node could be
+    reached (the cluster is down or not yet found); ``failed``: none, though nodes answered."""
+    if all(oks):
+        return "ok"
+    if any(oks):
+        return "partial"
+    return "unavailable" if reachable == 0 else "failed"
 
-    errors = get_metrics().node_errors
+
+def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
+    """The cluster client, started. With no node answering: fail_fast raises (``lmcache server``
+    exits); otherwise the adapter starts degraded (misses, failed stores) and the client keeps
+    trying in the background, so a memory-tier outage never stops inference workers."""
+    from lmcache_memkv.cluster import ClusterClient
+    from lmcache_memkv.cluster.bootstrap import KeyRefused
+
+    errors = metrics.node_errors
     client = ClusterClient(
         list(s.servers),
         key=s.auth_key,
@@ -491,13 +576,28 @@ def _connect(s: AdapterSettings) -> ClusterClient:
     )
     try:
         client.start()
+        metrics.connected.set(1)
+        return client
+    except KeyRefused as exc:
+        problem = f"memkv adapter: the MemKV cluster refused this sidecar's key: {exc}"
     except ConnectError as exc:
+        # The error names every endpoint asked and why each failed, and what 'servers' must list.
+        problem = f"memkv adapter cannot reach the MemKV cluster (servers from {s.sources.get('servers', 'config')}): {exc}"
+    if s.fail_fast:
         client.close()
-        raise ConnectError(
-            f"memkv adapter cannot reach the MemKV cluster: {exc}. Tried: {', '.join(s.servers)} "
-            f"(from {s.sources.get('servers', 'config')}). Check that `memkv node` runs there and that "
-            "'servers' / MEMKV_SERVERS / MEMKV_CONFIG name its control endpoint (data port + 1)."
-        ) from None
+        raise ConnectError(problem) from None
+    metrics.connected.set(0)
+    log.warning(
+        "%s -- starting DEGRADED (fail_fast / MEMKV_FAIL_FAST is off): lookups miss and stores fail until a node answers; "
+        "retrying in the background",
+        problem,
+    )
+
+    def connected(endpoint: str) -> None:
+        metrics.connected.set(1)
+        log.info("memkv adapter connected to the MemKV cluster through %s: leaving degraded mode", endpoint)
+
+    client.start_in_background(connected)
     return client
 
 
@@ -516,6 +616,7 @@ def _register() -> None:
     register_l2_adapter_factory(TYPE_NAME, _create)
 
 
+_setup_logging()
 _register()
 
 __all__ = ["FIELDS", "MemKVL2Adapter", "MemKVL2AdapterConfig"]

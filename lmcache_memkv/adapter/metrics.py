@@ -25,6 +25,8 @@ class AdapterMetrics:
     view_epoch: Gauge
     members: Gauge
     leases_held: Gauge
+    replicas_unmet: Gauge
+    connected: Gauge
 
 
 _lock = threading.Lock()
@@ -44,5 +46,13 @@ def get_metrics() -> AdapterMetrics:
                 view_epoch=Gauge("memkv_l2_view_epoch", "Epoch of the cluster view the adapter routes by."),
                 members=Gauge("memkv_l2_members", "Cluster members by state.", ["state"]),
                 leases_held=Gauge("memkv_l2_leases_held", "Leases this adapter holds (locked keys not yet unlocked)."),
+                replicas_unmet=Gauge(
+                    "memkv_l2_replicas_unmet",
+                    "Configured replicas minus the members in placement (ALIVE or SUSPECT), when positive; 0 when met.",
+                ),
+                connected=Gauge(
+                    "memkv_l2_cluster_connected",
+                    "1 once the adapter holds a cluster view; 0 while a degraded start still retries in the background.",
+                ),
             )
         return _metrics

@@ -32,6 +32,7 @@ _ENV = {
     "auth_key_file": "MEMKV_AUTH_KEY_FILE",
     "tls_ca": "MEMKV_TLS_CA",
     "rdma_devices": "MEMKV_RDMA_DEVICES",
+    "fail_fast": "MEMKV_FAIL_FAST",
 }
 # JSON may name a key file but never carry the key itself (it would show in `ps`).
 # (``auth_key`` stays listed so the JSON check can refuse it by name.)
@@ -50,6 +51,7 @@ class AdapterSettings:
     auth_key: bytes | None = field(default=None, repr=False)
     tls_ca: str | None = None
     rdma_devices: tuple[str, ...] = ()
+    fail_fast: bool = False  # refuse to start (as before) instead of starting degraded
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
 
 
@@ -77,6 +79,17 @@ def _float(name: str, raw: Any, source: str, lo: float, hi: float) -> float:
     if value is None or not lo < value <= hi:
         raise ConfigError(f"memkv adapter: '{name}' must be a number in ({lo}, {hi}], got {raw!r}{_where(source)}")
     return value
+
+
+def _bool(name: str, raw: Any, source: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"memkv adapter: '{name}' must be true or false, got {raw!r}{_where(source)}")
 
 
 def _str_list(name: str, raw: Any, source: str) -> tuple[str, ...]:
@@ -190,4 +203,6 @@ def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
         out["tls_ca"] = str(v[0])
     if (v := get("rdma_devices")) is not None:
         out["rdma_devices"] = _str_list("rdma_devices", *v)
+    if (v := get("fail_fast")) is not None:
+        out["fail_fast"] = _bool("fail_fast", *v)
     return AdapterSettings(sources=sources, **out)

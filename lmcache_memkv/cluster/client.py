@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from lmcache_memkv.client import NodeClient
-from lmcache_memkv.cluster.bootstrap import fetch_view
+from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.cluster.view import ClusterView
@@ -47,6 +47,9 @@ R = TypeVar("R")
 T = TypeVar("T")
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
 _HOUSEKEEPING_S = 0.2
+# Degraded start: retry the first view after 0.5 s, doubling up to 5 s (cheap: one MemberList).
+_CONNECT_BACKOFF_MIN_S = 0.5
+_CONNECT_BACKOFF_MAX_S = 5.0
 _CURSOR_PREFIX = "v2."
 _MAX_LIST_PAGE = 10_000
 _NOT_READY_PAUSE_S = 0.05  # a node's default --max-list-limit (wire.limits.Limits.max_list_limit)
@@ -127,6 +130,10 @@ class ClusterClient:
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="memkv-cluster")
         self._watcher: ViewWatcher | None = None
         self._housekeeper: threading.Thread | None = None
+        self._connector: threading.Thread | None = None
+        # Configured server -> the control endpoint it turned out to be (a data port given, MinIO
+        # style, is its port + 1); filled by fetch_view, read by the watcher's fallback list.
+        self._control: dict[str, str] = {}
         self._stop = threading.Event()
         self._closed = False
 
@@ -136,7 +143,43 @@ class ClusterClient:
         """Fetch the view from the first server that answers, then keep it current in the background."""
         if self._watcher is not None:
             return
-        epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s)
+        epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control)
+        self._adopt_first_view(epoch, members, source)
+
+    def start_in_background(self, on_connected: Callable[[str], None] | None = None) -> None:
+        """Keep trying ``start`` in a background thread (exponential back-off with jitter, capped)
+        until a server answers; meanwhile the view is empty, so every call is a miss or a failed
+        write. ``on_connected(endpoint)`` runs once the first view is in."""
+        if self._watcher is not None or self._connector is not None:
+            return
+        self._connector = threading.Thread(
+            target=self._connect_loop, args=(on_connected,), name="memkv-cluster-connect", daemon=True
+        )
+        self._connector.start()
+
+    def _connect_loop(self, on_connected: Callable[[str], None] | None) -> None:
+        delay = _CONNECT_BACKOFF_MIN_S
+        while not self._stop.is_set():
+            # Full jitter: sidecars restarted together must not retry in lockstep.
+            if self._stop.wait(random.uniform(delay / 2, delay)):
+                return
+            try:
+                epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control)
+            except ConnectError as exc:
+                log.debug("memkv cluster still unreachable: %s", exc)
+                delay = min(delay * 2, _CONNECT_BACKOFF_MAX_S)
+                continue
+            except RuntimeError:  # the pool was closed under us: close() is under way
+                return
+            with self._view_lock:
+                if self._closed:
+                    return
+            self._adopt_first_view(epoch, members, source)
+            if on_connected is not None:
+                on_connected(source)
+            return
+
+    def _adopt_first_view(self, epoch: int, members: list[Member], source: str) -> None:
         self._apply(epoch, members)
         log.info("memkv cluster view from %s: epoch %d, %d members", source, epoch, len(members))
         self._watcher = ViewWatcher(self._pool, self._watch_order, self._apply)
@@ -149,6 +192,8 @@ class ClusterClient:
             return
         self._closed = True
         self._stop.set()
+        if self._connector is not None:
+            self._connector.join(timeout=self.timeout_s + 1)
         if self._watcher is not None:
             self._watcher.stop()
         if self._housekeeper is not None:
@@ -205,7 +250,8 @@ class ClusterClient:
         alive = [m.control_endpoint for m in self._view.members.values() if m.state is State.ALIVE]
         random.shuffle(alive)
         order: list[str] = []
-        for endpoint in [*alive, *self.servers]:
+        # Configured servers as control endpoints (a data port probed now if not yet known).
+        for endpoint in [*alive, *control_endpoints(self.servers, self._control)]:
             if endpoint not in order and endpoint != failed:
                 order.append(endpoint)
         if failed is not None:
@@ -639,11 +685,22 @@ class ClusterClient:
             }
         return out
 
+    @property
+    def connected(self) -> bool:
+        """Whether a first view is in (False while a background start is still trying)."""
+        return self._watcher is not None
+
+    def reachable(self) -> int:
+        """Placeable members not in local back-off: where a write could land right now."""
+        return len(self._healthy_set(self._view))
+
     def health(self) -> dict[str, Any]:
         view = self._view
         watcher = self._watcher
         up = len(view.alive)
         return {
+            "connected": watcher is not None,
+            "placeable": len(view.placeable),
             "epoch": view.epoch,
             "members": len(view.members),
             "members_up": up,

@@ -237,10 +237,12 @@ class SidecarAdmin:
                 raise TimeoutError(f"L1 usage {used}/{total} not below {ratio:.2f} within {timeout_s}s")
             time.sleep(poll_s)
 
-    def ready(self) -> bool:
-        """Whether ``/status`` answers and reports a healthy engine."""
+    def ready(self, require_healthy: bool = True) -> bool:
+        """Whether ``/status`` answers (and, with ``require_healthy``, reports a healthy engine:
+        a degraded memkv adapter, still looking for its cluster, reports unhealthy but serves)."""
         try:
-            return bool(json.loads(self._get("/status", timeout_s=2.0)).get("is_healthy"))
+            status = json.loads(self._get("/status", timeout_s=2.0))
+            return bool(status.get("is_healthy")) or (not require_healthy and isinstance(status, dict))
         except (OSError, ValueError, AttributeError):
             return False
 
@@ -323,9 +325,13 @@ class SidecarProcess:
         log_dir: Path | str | None = None,
         ready_timeout_s: float = 90.0,
         command: Sequence[str] | None = None,
+        require_healthy: bool = True,
     ) -> None:
+        """``require_healthy=False``: ready once ``/status`` answers, healthy or not (a sidecar
+        started before its MemKV cluster serves, degraded)."""
         self.config = config or SidecarConfig()
         self.ready_timeout_s = ready_timeout_s
+        self.require_healthy = require_healthy
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._command = list(command) if command is not None else lmcache_command()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -392,7 +398,7 @@ class SidecarProcess:
             rc = self._proc.poll()
             if rc is not None:
                 raise SidecarStartError(f"lmcache server exited with {rc} before ready; log tail:\n{self.log_tail()}")
-            if self._admin.ready():
+            if self._admin.ready(self.require_healthy):
                 return
             if time.monotonic() >= deadline:
                 raise SidecarStartError(
