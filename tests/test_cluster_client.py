@@ -219,6 +219,13 @@ def test_watch_follows_joins_and_leaves(cluster: InProcCluster) -> None:
 
 def test_concurrent_callers(client: ClusterClient) -> None:
     """Several threads at once, as LMCache's store, fetch and lookup pools call it."""
+    # A member an earlier test stopped must have left this client's placement: until then a
+    # write placed on it is rightly not acknowledged.
+    wait_until(
+        "placement holds only ALIVE members",
+        lambda: set(client.placement(b"x")) == {m.node_id for m in client.members() if m.state == "ALIVE"},
+        10,
+    )
     errors: list[BaseException] = []
 
     def worker(t: int) -> None:

@@ -521,8 +521,11 @@ def test_probes_use_declared_ports() -> None:
                 assert action, f"{c['name']} {kind}"
                 port = action["port"]
                 assert port in ports if isinstance(port, str) else port in ports.values(), f"{c['name']} {kind}"
-    for kind in ("readinessProbe", "livenessProbe"):
-        assert node_container()[kind]["tcpSocket"]["port"] == "control"
+    # The node's probes use its health endpoints on the metrics port (the node serves them there).
+    node = node_container()
+    assert node["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert node["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert any(a.startswith("--metrics-listen=0.0.0.0:") for a in node["args"])
 
 
 def test_node_memory_covers_the_arena() -> None:
