@@ -102,24 +102,16 @@ def test_node_and_status_take_the_key_file_from_the_environment(
     node = node_factory(env={"MEMKV_AUTH_KEY_FILE": str(path)}, args=["--control-listen", "127.0.0.1:0"])
     assert node.client(key=bytes.fromhex(key)).stats()["keys"] == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMKV_")}
-    proc = subprocess.run(
-        [*_memkv(), "status", "--servers", str(node.control), "--json"],
-        env={**env, "MEMKV_AUTH_KEY_FILE": str(path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def status(key_file: Path) -> subprocess.CompletedProcess[str]:
+        cmd = [*_memkv(), "status", "--servers", str(node.control), "--json"]
+        return subprocess.run(cmd, env={**env, "MEMKV_AUTH_KEY_FILE": str(key_file)}, capture_output=True, text=True, timeout=60)
+
+    proc = status(path)
     assert proc.returncode == 0, proc.stderr
     wrong = path.parent / "wrong"
     wrong.write_text(new_key_hex())
-    proc = subprocess.run(
-        [*_memkv(), "status", "--servers", str(node.control), "--json"],
-        env={**env, "MEMKV_AUTH_KEY_FILE": str(wrong)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
+    assert status(wrong).returncode != 0
 
 
 def _memkv() -> list[str]:

@@ -101,18 +101,12 @@ def _str_list(name: str, raw: Any, source: str) -> tuple[str, ...]:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml  # only when MEMKV_CONFIG is set
+    from lmcache_memkv.yamlfile import load_mapping
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"MEMKV_CONFIG: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"MEMKV_CONFIG: {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"MEMKV_CONFIG: {path} must hold a mapping of settings, got {type(data).__name__}")
+        data = load_mapping(path, "MEMKV_CONFIG")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     unknown = sorted(set(data) - set(_ENV))
     if unknown:
         raise ConfigError(f"MEMKV_CONFIG: {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_ENV)}")

@@ -151,21 +151,11 @@ def _flag(name: str) -> str:
 def _settings_sources(ctx: typer.Context, config_file: str | None) -> dict[str, tuple[Any, str]]:
     """Settings the config file supplies: name -> (value, where from). Precedence: defaults <
     config file < environment < flags, so a key is taken only where the flag came from its default."""
-    import yaml
+    from lmcache_memkv.yamlfile import load_mapping
 
     if not config_file:
         return {}
-    try:
-        with open(config_file) as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"--config: cannot read {config_file}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--config {config_file}: not valid YAML: {' '.join(str(exc).split())}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"--config {config_file}: expected a mapping of setting names to values, got {type(doc).__name__}")
+    doc = load_mapping(config_file, "--config")
     params = {p.name for p in ctx.command.params if p.param_type_name == "option" and p.name not in (None, "config_file")}
     out: dict[str, tuple[Any, str]] = {}
     for key, value in doc.items():
