@@ -47,6 +47,9 @@ def node(
     dead_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is DEAD.", envvar="MEMKV_DEAD_AFTER")] = 3.0,
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate for the control plane (enables TLS).", envvar="MEMKV_TLS_CERT")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.", envvar="MEMKV_TLS_KEY")] = None,
+    max_watchers: Annotated[
+        int, typer.Option(help="Most view watchers (sidecars) served at once; each costs memory, not a thread.", envvar="MEMKV_MAX_WATCHERS")
+    ] = 10_000,
     max_batch: Annotated[int, typer.Option(help="Most keys in one request.", envvar="MEMKV_MAX_BATCH")] = 1024,
     max_value: Annotated[str, typer.Option(help="Largest value accepted.", envvar="MEMKV_MAX_VALUE")] = "1GiB",
     max_meta: Annotated[str, typer.Option(help="Largest frame meta (keys and sizes) accepted.", envvar="MEMKV_MAX_META")] = "1MiB",
@@ -95,6 +98,7 @@ def node(
         values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host")
     )
     max_lease_ttl, lease_budget, max_tombstones = (values[k] for k in ("max_lease_ttl", "lease_budget", "max_tombstones"))
+    max_watchers = values["max_watchers"]
     auth_key_file, log_level = values["auth_key_file"], values["log_level"]
     # MEMKV_SEED and config files may list several endpoints in one comma-separated string.
     seeds = [part.strip() for entry in values["seed"] or [] for part in str(entry).split(",") if part.strip()]
@@ -131,6 +135,7 @@ def node(
             dead_after_s=dead_after,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            max_watchers=max_watchers,
         )
         check_capacity(config.capacity)
     except ValueError as exc:

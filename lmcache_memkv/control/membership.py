@@ -53,6 +53,7 @@ class Membership:
         # stopped counting it, so the node must drop its data before it rejoins (see node.fence).
         self.on_declared_dead: Callable[[], None] | None = None
         self._echo: dict[str, int] = {}  # peer -> the highest incarnation of ours its view has shown
+        self._listeners: list[Callable[[], None]] = []  # see add_listener
 
     # ------------------------------------------------------------------ reading
 
@@ -117,7 +118,7 @@ class Membership:
                 self._bump(epoch)
             elif epoch > self._epoch and self._same_view(records):
                 self._epoch = epoch  # equal views, equal epochs: lets epochs converge
-                self._cond.notify_all()
+                self._notify()
             return changed
 
     def tick(self) -> list[tuple[str, State]]:
@@ -177,17 +178,31 @@ class Membership:
         """Wake every waiter for good (shutdown)."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._notify()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    # ------------------------------------------------------------------ change listeners
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever the epoch changes and on close. It runs with the lock
+        held, on whichever thread changed the view, so it must only hand the news on (the
+        control plane's event loop: ``loop.call_soon_threadsafe``), never call back in here."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
+
     # ------------------------------------------------------------------ internals (lock held)
 
     def _bump(self, seen_epoch: int) -> None:
         self._epoch = max(self._epoch, seen_epoch) + 1
-        self._cond.notify_all()
+        self._notify()
 
     def _same_view(self, records: list[Member]) -> bool:
         return {m.identity for m in self._members.values()} == {r.identity for r in records}

@@ -3,6 +3,12 @@
 Every heartbeat interval the node times out silent members, then sends each member its own
 record and its whole view (fine at tens of nodes); the answer carries the peer's record and
 view back. Members that are DEAD are still probed now and then, so a partition heals.
+
+The gRPC server is grpc.aio on one event loop of its own (``LoopThread``): membership calls and
+watches run on it as coroutines (a watcher costs no thread), and handlers that may block
+(statistics, the ClusterStats fan-out) run in a small executor beside it, so a heartbeat never
+queues behind them. Outgoing calls to peers (heartbeats, joins, leaves) stay on the sync gRPC
+stack, driven by the heartbeat thread.
 """
 
 from __future__ import annotations
@@ -12,17 +18,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from lmcache_memkv import __version__
 from lmcache_memkv.control.auth import NodeNames, ProofChecker
+from lmcache_memkv.control.changes import ViewChanges
 from lmcache_memkv.control.channel import MAX_MESSAGE, ChannelPool, describe_rpc_error
 from lmcache_memkv.control.convert import member_from_proto, member_to_proto, view_from_proto, view_to_proto
 from lmcache_memkv.control.decoding import StrictDecoding
+from lmcache_memkv.control.loop_thread import LoopThread
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import LogThrottle, Peers, wait_all
@@ -45,8 +54,10 @@ from lmcache_memkv.proto.memkv.v1 import (
 from lmcache_memkv.wire.constants import VERSION
 
 log = logging.getLogger("memkv.control")
-_MAX_WATCHERS = 32
-_WORKERS = _MAX_WATCHERS + 16  # watches hold a thread each; the rest serve unary calls
+# Handlers that may block (statistics, the ClusterStats fan-out to peers): a few at a time is
+# plenty for operators' tools, and they never share a thread with heartbeats or watches.
+_BLOCKING_WORKERS = 4
+_LOOP_CALL_S = 10.0  # bound on one hand-over to the loop (it only sets up or tears down)
 _DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
 _LEAVE_WAIT_S = 1.0
 _METHODS = frozenset(
@@ -92,26 +103,29 @@ class ControlPlane:
         # The names proofs may target are known once bound (below); no call arrives before start().
         self._checker = ProofChecker(config.auth_key, NodeNames(config.node_id))
         self._id_clash: str | None = None  # set by a seed refusing our --node-id: start() fails
+        # The cluster id in every answer's header (NodeConfig.cluster_id arrives with the SWIM
+        # work; until then a node names no cluster).
+        self._cluster_id = str(getattr(config, "cluster_id", None) or "")
+        self._blocking = ThreadPoolExecutor(max_workers=_BLOCKING_WORKERS, thread_name_prefix="memkv-control-blocking")
+        self._loop = LoopThread("memkv-control-loop")
+        try:
+            self._build(server, config, clock)
+        except BaseException:
+            self._loop.close()
+            self._blocking.shutdown(wait=False)
+            raise
+
+    def _build(self, server: NodeServer, config: NodeConfig, clock: Callable[[], float]) -> None:
         # Standard grpc.health.v1, for load balancers and Kubernetes gRPC probes: NOT_SERVING
         # until joined, and again from SIGTERM on (draining).
-        self.health = health.HealthServicer()
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="memkv-control"),
-            interceptors=[StrictDecoding(self._checker, self._auth_failed)],
-            options=[
-                ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-            ],
-        )
+        self.health = health_aio.HealthServicer()
+        self._loop.run(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING), _LOOP_CALL_S)
+        interceptor = StrictDecoding(self._checker, self._auth_failed, self._blocking)
+        self._grpc = self._loop.run(self._new_server(interceptor), _LOOP_CALL_S)
         listen = config.control_listen or "127.0.0.1:0"
         host, _ = parse_endpoint(listen, field="--control-listen")
         try:
-            if config.tls_cert and config.tls_key:
-                port = self._grpc.add_secure_port(listen, server_credentials(config.tls_cert, config.tls_key))
-            else:
-                port = self._grpc.add_insecure_port(listen)
+            port = self._loop.run(self._bind(listen), _LOOP_CALL_S)
         except RuntimeError as exc:
             raise OSError(f"--control-listen {listen}: cannot bind: {exc}") from None
         if not port:
@@ -144,32 +158,55 @@ class ControlPlane:
         server.fence.on_stall_wipe = self.membership.data_restarted
         server.write_gate = self.membership.writable
         keepalive_s = max(1.0, config.heartbeat_interval_s)
-        cluster_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc
+        changes = ViewChanges(self.membership, self._loop.loop)
+        self._cluster = ClusterService(self.membership, keepalive_s, changes, config.max_watchers, self._cluster_id)
+        maintenance = MaintenanceService(self.membership, self.status, self._peers, self._cluster_id)
+        session = SessionService(self.membership, config.auth_key, self._cluster_id)
+        self._loop.run(self._register(maintenance, session), _LOOP_CALL_S)
+
+    async def _new_server(self, interceptor: StrictDecoding) -> grpc.aio.Server:
+        return grpc.aio.server(
+            interceptors=[interceptor],
+            options=[
+                ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+            ],
         )
-        maintenance_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(self.membership, self.status, self._peers), self._grpc
-        )
-        session_pb2_grpc.add_SessionServicer_to_server(SessionService(self.membership, config.auth_key), self._grpc)
+
+    async def _bind(self, listen: str) -> int:
+        if self._config.tls_cert and self._config.tls_key:
+            return int(self._grpc.add_secure_port(listen, server_credentials(self._config.tls_cert, self._config.tls_key)))
+        return int(self._grpc.add_insecure_port(listen))
+
+    async def _register(self, maintenance: MaintenanceService, session: SessionService) -> None:
+        cluster_pb2_grpc.add_ClusterServicer_to_server(self._cluster, self._grpc)
+        maintenance_pb2_grpc.add_MaintenanceServicer_to_server(maintenance, self._grpc)
+        session_pb2_grpc.add_SessionServicer_to_server(session, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+
+    @property
+    def watchers(self) -> int:
+        """Watch streams open now."""
+        return self._cluster.watchers
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._grpc.start()
+        self._loop.run(self._grpc.start(), _LOOP_CALL_S)
         log.info("node %s serving control on %s", self._config.node_id, self.endpoint)
         self._join_seeds(timeout_s=min(2.0, self._config.dead_after_s), wait=True)
         if self._id_clash is not None:
-            self._grpc.stop(0).wait()
-            self._peers.close()
+            self._shutdown(0)
             raise RuntimeError(self._id_clash)
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._loop.run(self.health.set("", health_pb2.HealthCheckResponse.SERVING), _LOOP_CALL_S)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="memkv-heartbeat", daemon=True)
         self._thread.start()
 
     def draining(self) -> None:
         """From now on health checks answer NOT_SERVING (SIGTERM: the node is going away)."""
-        self.health.enter_graceful_shutdown()
+        if self._loop.running:
+            self._loop.run(self.health.enter_graceful_shutdown(), _LOOP_CALL_S)
 
     def stop(self, grace_s: float = 0.5) -> None:
         """Leave gracefully: peers see LEFT at once instead of finding this node DEAD later."""
@@ -190,11 +227,19 @@ class ControlPlane:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.membership.close()
+        self.membership.close()  # every watch stream ends (after sending the LEFT view)
 
     def close(self, grace_s: float = 0.5) -> None:
         """Stop the gRPC server (after ``leave``)."""
-        self._grpc.stop(grace_s).wait()
+        self._shutdown(grace_s)
+
+    def _shutdown(self, grace_s: float) -> None:
+        if self._loop.running:
+            try:
+                self._loop.run(self._grpc.stop(grace_s), grace_s + _LOOP_CALL_S)
+            finally:
+                self._loop.close()
+        self._blocking.shutdown(wait=True, cancel_futures=True)
         self._peers.close()
 
     # ------------------------------------------------------------------ statistics
@@ -204,7 +249,9 @@ class ControlPlane:
         ops = _ops_total(self._server)
         self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
         return maintenance_pb2.StatusResponse(
-            header=member_pb2.ResponseHeader(node_id=self.membership.node_id, epoch=self.membership.epoch),
+            header=member_pb2.ResponseHeader(
+                node_id=self.membership.node_id, epoch=self.membership.epoch, cluster_id=self._cluster_id
+            ),
             member=member_to_proto(self.membership.local),
             stats=node_stats(stats, ops, self._rate.sample(ops)),
             version=__version__,

@@ -3,19 +3,21 @@
 They translate between protobuf and the membership state; every record from the wire is
 validated first (INVALID_ARGUMENT on anything malformed, integers out of range included), and
 nothing is changed before that. Callers' proofs are checked, and answers signed, by the
-interceptor in ``decoding`` before and after these run.
+interceptor in ``decoding`` before and after these run. Handlers are ``async def`` (they run
+on the control plane's event loop and must not block); a handler that may block stays a plain
+``def`` and the interceptor runs it in a small executor (``MaintenanceService``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
 
 import grpc
 
 from lmcache_memkv.control import auth
+from lmcache_memkv.control.changes import ViewChanges
 from lmcache_memkv.control.channel import describe_rpc_error
 from lmcache_memkv.control.convert import (
     check_figure,
@@ -46,27 +48,28 @@ log = logging.getLogger("memkv.control")
 _MAX_NONCE = 64
 
 
-def _header(membership: Membership) -> member_pb2.ResponseHeader:
-    return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch)
+def _header(membership: Membership, cluster_id: str = "") -> member_pb2.ResponseHeader:
+    return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch, cluster_id=cluster_id)
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
+async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
     raise AssertionError("abort returned")  # pragma: no cover - abort raises
 
 
-def _invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
-    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+async def _invalid(context: Any, message: str) -> NoReturn:
+    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.ServicerContext, rpc: str) -> Member:
+async def _own_record(membership: Membership, p: member_pb2.Member, context: Any, rpc: str) -> Member:
     """The caller's record of itself, validated; a caller claiming this node's id is refused."""
     try:
         record = member_from_proto(p)
     except ValueError as exc:
-        _invalid(context, f"{rpc}: {exc}")
+        await _invalid(context, f"{rpc}: {exc}")
     if record.node_id == membership.node_id:
-        context.abort(
+        await _abort(
+            context,
             grpc.StatusCode.FAILED_PRECONDITION,
             f"node id {record.node_id!r} is already taken by the node at {membership.local.control_endpoint}; "
             "give every node its own --node-id",
@@ -74,12 +77,12 @@ def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.Serv
     return record
 
 
-def _merge(context: grpc.ServicerContext, rpc: str, apply: Callable[[], bool]) -> bool:
+async def _merge(context: Any, rpc: str, apply: Callable[[], bool]) -> bool:
     """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
     try:
         return apply()
     except ValueError as exc:
-        _invalid(context, f"{rpc}: {exc}")
+        await _invalid(context, f"{rpc}: {exc}")
 
 
 def _checked_stats(stats: maintenance_pb2.NodeStats) -> maintenance_pb2.NodeStats:
@@ -91,42 +94,60 @@ def _checked_stats(stats: maintenance_pb2.NodeStats) -> maintenance_pb2.NodeStat
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):
-    def __init__(self, membership: Membership, keepalive_s: float, max_watchers: int) -> None:
+    """Runs on the control plane's event loop: every handler is quick (membership updates under
+    a short lock), and a watch is a coroutine parked on ``changes``, not a thread."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        keepalive_s: float,
+        changes: ViewChanges,
+        max_watchers: int,
+        cluster_id: str = "",
+    ) -> None:
         self._m = membership
         self._keepalive_s = keepalive_s
-        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self._changes = changes
+        self._max_watchers = max_watchers
+        self._watchers = 0  # touched on the loop only
+        self._cluster_id = cluster_id
+
+    def _header(self) -> member_pb2.ResponseHeader:
+        return _header(self._m, self._cluster_id)
 
     def _view(self) -> member_pb2.View:
         return view_to_proto(*self._m.view())
 
-    def MemberList(
-        self, request: cluster_pb2.MemberListRequest, context: grpc.ServicerContext
-    ) -> cluster_pb2.MemberListResponse:
-        return cluster_pb2.MemberListResponse(header=_header(self._m), view=self._view())
+    @property
+    def watchers(self) -> int:
+        return self._watchers
 
-    def Join(self, request: cluster_pb2.JoinRequest, context: grpc.ServicerContext) -> cluster_pb2.JoinResponse:
-        record = _own_record(self._m, request.member, context, "Join")
+    async def MemberList(self, request: cluster_pb2.MemberListRequest, context: Any) -> cluster_pb2.MemberListResponse:
+        return cluster_pb2.MemberListResponse(header=self._header(), view=self._view())
+
+    async def Join(self, request: cluster_pb2.JoinRequest, context: Any) -> cluster_pb2.JoinResponse:
+        record = await _own_record(self._m, request.member, context, "Join")
         if record.state is not State.ALIVE:
-            _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
-        if _merge(context, "Join", lambda: self._m.heard_from(record)):
+            await _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
+        if await _merge(context, "Join", lambda: self._m.heard_from(record)):
             log.info(
                 "member %s joined (incarnation %d, control %s)",
                 record.node_id,
                 record.incarnation,
                 record.control_endpoint,
             )
-        return cluster_pb2.JoinResponse(header=_header(self._m), view=self._view())
+        return cluster_pb2.JoinResponse(header=self._header(), view=self._view())
 
-    def Leave(self, request: cluster_pb2.LeaveRequest, context: grpc.ServicerContext) -> cluster_pb2.LeaveResponse:
+    async def Leave(self, request: cluster_pb2.LeaveRequest, context: Any) -> cluster_pb2.LeaveResponse:
         if request.node_id == self._m.node_id:
-            _invalid(context, "Leave: a node leaves by stopping, not by being told to")
+            await _invalid(context, "Leave: a node leaves by stopping, not by being told to")
         known = self._m.get(request.node_id)
         if known is None:
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
         try:
             check_incarnation(request.incarnation, f"Leave {request.node_id}")
         except ValueError as exc:
-            _invalid(context, f"Leave: {exc}")
+            await _invalid(context, f"Leave: {exc}")
         if request.incarnation >= known.incarnation:  # an earlier life's goodbye must not remove a restart
             left = Member(
                 node_id=known.node_id,
@@ -136,54 +157,65 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 control_endpoint=known.control_endpoint,
                 transports=known.transports,
             )
-            if _merge(context, "Leave", lambda: self._m.heard_from(left)):
+            if await _merge(context, "Leave", lambda: self._m.heard_from(left)):
                 log.info("member %s left", request.node_id)
-        return cluster_pb2.LeaveResponse(header=_header(self._m), view=self._view())
+        return cluster_pb2.LeaveResponse(header=self._header(), view=self._view())
 
-    def Heartbeat(
-        self, request: cluster_pb2.HeartbeatRequest, context: grpc.ServicerContext
-    ) -> cluster_pb2.HeartbeatResponse:
-        record = _own_record(self._m, request.member, context, "Heartbeat")
+    async def Heartbeat(self, request: cluster_pb2.HeartbeatRequest, context: Any) -> cluster_pb2.HeartbeatResponse:
+        record = await _own_record(self._m, request.member, context, "Heartbeat")
         try:
             epoch, members = view_from_proto(request.view)
         except ValueError as exc:
-            _invalid(context, f"Heartbeat: {exc}")
-        _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
-        _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
+            await _invalid(context, f"Heartbeat: {exc}")
+        await _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
+        await _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
         return cluster_pb2.HeartbeatResponse(
-            header=_header(self._m), member=member_to_proto(self._m.local), view=self._view()
+            header=self._header(), member=member_to_proto(self._m.local), view=self._view()
         )
 
-    def Watch(
-        self, request: cluster_pb2.WatchRequest, context: grpc.ServicerContext
-    ) -> Iterator[cluster_pb2.WatchResponse]:
-        # Each watch holds a server thread for its lifetime, hence the cap.
-        if not self._watch_slots.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many watchers on this node; watch another member")
+    async def Watch(self, request: cluster_pb2.WatchRequest, context: Any) -> AsyncIterator[cluster_pb2.WatchResponse]:
+        # A stream costs a coroutine and gRPC's per-stream buffers, not a thread; the cap only
+        # bounds that memory (``--max-watchers``).
+        if self._watchers >= self._max_watchers:
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node serves at most {self._max_watchers} watchers (--max-watchers); watch another member",
+            )
+        self._watchers += 1
         keepalive_ms = int(self._keepalive_s * 1000)
         try:
             sent = request.start_epoch
-            while context.is_active() and not self._m.closed:
+            while not self._m.closed:
                 epoch, members = self._m.view()
                 if epoch != sent or sent == 0:
                     yield cluster_pb2.WatchResponse(
-                        header=_header(self._m), view=view_to_proto(epoch, members), keepalive_ms=keepalive_ms
+                        header=self._header(), view=view_to_proto(epoch, members), keepalive_ms=keepalive_ms
                     )
                     sent = epoch
                 else:
-                    yield cluster_pb2.WatchResponse(header=_header(self._m), keepalive_ms=keepalive_ms)
-                self._m.wait_changed(epoch, self._keepalive_s)
+                    yield cluster_pb2.WatchResponse(header=self._header(), keepalive_ms=keepalive_ms)
+                await self._changes.wait(epoch, self._keepalive_s)
         finally:
-            self._watch_slots.release()
+            self._watchers -= 1
 
 
 class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
+    """Both handlers stay sync on purpose: they read the data plane's statistics and fan out to
+    peers with blocking waits, so the interceptor runs them in the control plane's small
+    blocking executor, never on the loop that serves heartbeats and watches."""
+
     def __init__(
-        self, membership: Membership, status: Callable[[], maintenance_pb2.StatusResponse], peers: Peers
+        self,
+        membership: Membership,
+        status: Callable[[], maintenance_pb2.StatusResponse],
+        peers: Peers,
+        cluster_id: str = "",
     ) -> None:
         self._m = membership
         self._status = status
         self._peers = peers
+        self._cluster_id = cluster_id
 
     def Status(
         self, request: maintenance_pb2.StatusRequest, context: grpc.ServicerContext
@@ -220,7 +252,7 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
         nodes.sort(key=lambda n: n.node_id)
         up = sum(n.state == member_pb2.MEMBER_STATE_ALIVE for n in nodes)
         return maintenance_pb2.ClusterStatsResponse(
-            header=_header(self._m),
+            header=_header(self._m, self._cluster_id),
             nodes=nodes,
             total=total(n.stats for n in nodes if n.HasField("stats")),
             members_up=up,
@@ -229,29 +261,32 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
 
 
 class SessionService(session_pb2_grpc.SessionServicer):
-    def __init__(self, membership: Membership, key: bytes | None) -> None:
+    def __init__(self, membership: Membership, key: bytes | None, cluster_id: str = "") -> None:
         self._m = membership
         self._key = key
+        self._cluster_id = cluster_id
 
-    def Hello(self, request: session_pb2.HelloRequest, context: grpc.ServicerContext) -> session_pb2.HelloResponse:
+    async def Hello(self, request: session_pb2.HelloRequest, context: Any) -> session_pb2.HelloResponse:
         if request.protocol_version != VERSION:
-            context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"client speaks memkv protocol v{request.protocol_version}, this node speaks v{VERSION}",
             )
         if len(request.client_nonce) > _MAX_NONCE:
-            _invalid(context, f"Hello: client_nonce over {_MAX_NONCE} bytes")
+            await _invalid(context, f"Hello: client_nonce over {_MAX_NONCE} bytes")
         me = self._m.local
         offered = list(request.transports) or ["tcp"]
         chosen = next((t for t in offered if t in me.transports), None)
         if chosen is None:
-            context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no common transport: client offers {offered}, node {me.node_id} has {list(me.transports)}",
             )
         proof = auth.session_proof(self._key, request.client_nonce) if self._key is not None else b""
         return session_pb2.HelloResponse(
-            header=_header(self._m),
+            header=_header(self._m, self._cluster_id),
             protocol_version=VERSION,
             transport=chosen,
             data_endpoint=me.data_endpoint,

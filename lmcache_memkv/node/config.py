@@ -40,6 +40,9 @@ class NodeConfig:
     dead_after_s: float = 3.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Watch streams served at once: each costs memory (a coroutine and gRPC's stream buffers,
+    # no thread), so the cap only bounds that; far above a fleet's sidecars.
+    max_watchers: int = 10_000
     # True when node_id was derived from the listen address; with port 0 the server
     # replaces it once the real port is known (else every ephemeral node is "HOST-0").
     node_id_auto: bool = field(default=False, init=False, repr=False)
@@ -74,6 +77,7 @@ class NodeConfig:
             ("--max-unauth-connections", self.max_unauth_connections),
             ("--max-unauth-per-host", self.max_unauth_per_host),
             ("--max-tombstones", self.max_tombstones),
+            ("--max-watchers", self.max_watchers),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
