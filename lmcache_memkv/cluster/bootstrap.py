@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from lmcache_memkv.cluster.cluster_id import ClusterIdentity, WrongCluster
 from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
 from lmcache_memkv.control.convert import view_from_proto
 from lmcache_memkv.control.member import Member
@@ -114,6 +115,8 @@ def first_answer(
                 except ReplyRefused as exc:
                     errors[endpoint] = f"refused: {exc}"
                     refused.add(endpoint)
+                except WrongCluster as exc:
+                    errors[endpoint] = f"refused: {exc}"
                 except ValueError as bad:
                     errors[endpoint] = f"malformed reply: {bad}"
             if answer or len(errors) == len(servers):
@@ -144,11 +147,16 @@ def first_answer(
 
 
 def fetch_view(
-    pool: ChannelPool, servers: Sequence[str], timeout_s: float, known: MutableMapping[str, str] | None = None
+    pool: ChannelPool,
+    servers: Sequence[str],
+    timeout_s: float,
+    known: MutableMapping[str, str] | None = None,
+    cluster: ClusterIdentity | None = None,
 ) -> tuple[int, list[Member], str]:
     """Epoch, members and the endpoint that answered first; ConnectError naming every server if
     none did (KeyRefused when all refused the key). Data-port servers are asked at port + 1 (see
-    ``control_endpoints``; ``known`` keeps what was found)."""
+    ``control_endpoints``; ``known`` keeps what was found). With ``cluster``, answers from nodes
+    of another cluster are refused (and the first id seen is pinned if none is configured)."""
 
     request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
 
@@ -157,6 +165,8 @@ def fetch_view(
 
     def accept(reply: cluster_pb2.MemberListResponse) -> tuple[int, list[Member]]:
         pool.check_reply(MEMBER_LIST, request, reply)
+        if cluster is not None:
+            cluster.check(reply.header.cluster_id, f"node {reply.header.node_id!r}")
         return view_from_proto(reply.view)
 
     (epoch, members), endpoint = first_answer(pool, servers, call, accept, timeout_s, known)

@@ -26,6 +26,7 @@ import grpc
 
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
+from lmcache_memkv.cluster.cluster_id import ClusterIdentity
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.cluster.view import ClusterView
@@ -99,9 +100,11 @@ class ClusterClient:
         timeout_s: float = 5.0,
         tls_ca: str | None = None,
         on_node_error: Callable[[str, str], None] | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         """``on_node_error(node_id, kind)`` hears of every failed node call (kind: timeout,
-        connect, protocol or server) — the adapter counts them in its metrics."""
+        connect, protocol or server) — the adapter counts them in its metrics. ``cluster_id``:
+        refuse nodes naming another cluster (None: pin the first id a node names)."""
         self._on_node_error = on_node_error
         self.servers = [s.strip() for s in servers if s and s.strip()]
         if not self.servers:
@@ -136,6 +139,7 @@ class ClusterClient:
         self._control: dict[str, str] = {}
         self._stop = threading.Event()
         self._closed = False
+        self._cluster = ClusterIdentity(cluster_id)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,7 +147,7 @@ class ClusterClient:
         """Fetch the view from the first server that answers, then keep it current in the background."""
         if self._watcher is not None:
             return
-        epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control)
+        epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control, self._cluster)
         self._adopt_first_view(epoch, members, source)
 
     def start_in_background(self, on_connected: Callable[[str], None] | None = None) -> None:
@@ -164,7 +168,7 @@ class ClusterClient:
             if self._stop.wait(random.uniform(delay / 2, delay)):
                 return
             try:
-                epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control)
+                epoch, members, source = fetch_view(self._pool, self.servers, self.timeout_s, self._control, self._cluster)
             except ConnectError as exc:
                 log.debug("memkv cluster still unreachable: %s", exc)
                 delay = min(delay * 2, _CONNECT_BACKOFF_MAX_S)
@@ -180,10 +184,12 @@ class ClusterClient:
             return
 
     def _adopt_first_view(self, epoch: int, members: list[Member], source: str) -> None:
-        self._apply(epoch, members)
+        # The watcher merges every view record by record into its table, this first one too.
+        watcher = ViewWatcher(self._pool, self._watch_order, self._apply, self._cluster)
+        watcher.adopt(epoch, members)
         log.info("memkv cluster view from %s: epoch %d, %d members", source, epoch, len(members))
-        self._watcher = ViewWatcher(self._pool, self._watch_order, self._apply)
-        self._watcher.start()
+        self._watcher = watcher
+        watcher.start()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="memkv-cluster-housekeeping", daemon=True)
         self._housekeeper.start()
 

@@ -175,8 +175,9 @@ class ControlPlane:
         )
 
     async def _bind(self, listen: str) -> int:
-        if self._config.tls_cert and self._config.tls_key:
-            return int(self._grpc.add_secure_port(listen, server_credentials(self._config.tls_cert, self._config.tls_key)))
+        cert, key = self._config.tls_cert, self._config.tls_key
+        if cert and key:
+            return int(self._grpc.add_secure_port(listen, server_credentials(cert, key)))
         return int(self._grpc.add_insecure_port(listen))
 
     async def _register(self, maintenance: MaintenanceService, session: SessionService) -> None:
