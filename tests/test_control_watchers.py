@@ -9,15 +9,30 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
-from cluster_util import member_list
+import grpc
+import pytest
+from cluster_util import InProcNode, member_list
 from nodeproc import NodeFactory, node_env
 
 from lmcache_memkv.cluster.backoff import Backoff
 from lmcache_memkv.cluster.cluster_id import ClusterIdentity, WrongCluster
 from lmcache_memkv.cluster.members import MemberTable
+from lmcache_memkv.cluster.watch import ViewWatcher
+from lmcache_memkv.control.channel import ChannelPool, open_channel
+from lmcache_memkv.control.convert import member_to_proto, view_from_proto
 from lmcache_memkv.control.member import Member, State
+from lmcache_memkv.proto.memkv.v1 import (
+    cluster_pb2,
+    cluster_pb2_grpc,
+    maintenance_pb2,
+    maintenance_pb2_grpc,
+    member_pb2,
+)
 
 KEY = bytes(range(40, 72))
 WATCHERS = 1000
@@ -206,3 +221,75 @@ def test_cluster_identity_refuses_another_cluster_and_pins_the_first() -> None:
         pass
     else:
         raise AssertionError("a pinned client accepted another cluster")
+
+
+# ---------------------------------------------------------------------- no queueing behind slow calls
+
+
+def test_membership_calls_and_watches_do_not_queue_behind_slow_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = InProcNode("slow-stats")
+    release = threading.Event()
+    stats = node.server.stats
+
+    def slow_stats() -> dict[str, Any]:
+        # Only the control server's Status handlers stall (the heartbeat thread reads stats too).
+        if threading.current_thread().name.startswith("memkv-control-blocking"):
+            release.wait(30)
+        return stats()
+
+    monkeypatch.setattr(node.server, "stats", slow_stats)
+    channel = open_channel(node.control, None)
+    try:
+        maintenance = maintenance_pb2_grpc.MaintenanceStub(channel)
+        # More stalled Status calls than the blocking executor has workers (and than the 48 threads
+        # the sync server had in all): most wait in the executor's queue.
+        pending = [maintenance.Status.future(maintenance_pb2.StatusRequest(), timeout=30) for _ in range(64)]
+        time.sleep(0.3)
+        cluster = cluster_pb2_grpc.ClusterStub(channel)
+        epoch, members = view_from_proto(cluster.MemberList(cluster_pb2.MemberListRequest(), timeout=10).view)
+        assert [m.node_id for m in members] == ["slow-stats"]
+        first = next(iter(cluster.Watch(cluster_pb2.WatchRequest(), timeout=10)))
+        assert first.view.epoch == epoch
+        assert not any(f.done() for f in pending)  # answered while every statistics call still waits
+        release.set()
+        assert all(f.result().member.node_id == "slow-stats" for f in pending)
+    finally:
+        release.set()
+        channel.close()
+        node.stop()
+
+
+# ---------------------------------------------------------------------- a node of another cluster
+
+
+class _OtherCluster(cluster_pb2_grpc.ClusterServicer):
+    """Streams one good view naming cluster "other" (no node of this branch has --cluster-id yet)."""
+
+    def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        record = Member("x", 1, State.ALIVE, "127.0.0.1:1", "127.0.0.1:2")
+        view = member_pb2.View(epoch=3, members=[member_to_proto(record)])
+        yield cluster_pb2.WatchResponse(
+            header=member_pb2.ResponseHeader(node_id="x", cluster_id="other"), view=view, keepalive_ms=1000
+        )
+        time.sleep(2)
+
+
+@pytest.mark.parametrize(("configured", "accepted"), [("mine", False), ("other", True), (None, True)])
+def test_a_watcher_refuses_views_of_another_cluster(configured: str | None, accepted: bool) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    cluster_pb2_grpc.add_ClusterServicer_to_server(_OtherCluster(), server)
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    pool = ChannelPool(None)
+    seen: list[list[str]] = []
+    identity = ClusterIdentity(configured)
+    watcher = ViewWatcher(pool, lambda failed: [endpoint], lambda e, ms: seen.append([m.node_id for m in ms]), identity)
+    try:
+        watcher.start()
+        time.sleep(0.5)
+    finally:
+        watcher.stop()
+        pool.close()
+        server.stop(0)
+    assert (seen == [["x"]]) is accepted and (seen == []) is not accepted
+    assert identity.cluster_id == (configured or "other")
