@@ -78,3 +78,11 @@ def test_auth_key_file(tmp_path: Path) -> None:
     f.write_text(KEY + "\n")
     s = resolve({"servers": "h:1", "auth_key_file": str(f)}, env={})
     assert s.auth_key == bytes.fromhex(KEY)
+
+
+def test_cluster_id_from_json_or_env() -> None:
+    assert resolve({"servers": "h:1"}, env={}).cluster_id is None
+    assert resolve({"servers": "h:1", "cluster_id": "prod"}, env={}).cluster_id == "prod"
+    assert resolve({"servers": "h:1"}, env={"MEMKV_CLUSTER_ID": " blue "}).cluster_id == "blue"
+    with pytest.raises(ConfigError, match="cluster_id"):
+        resolve({"servers": "h:1", "cluster_id": "x" * 300}, env={})

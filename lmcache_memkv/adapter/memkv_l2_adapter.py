@@ -109,6 +109,8 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
             "- rdma_devices (str|list): RDMA devices to use [MEMKV_RDMA_DEVICES]\n"
             "- fail_fast (bool): refuse to start when no node answers, instead of starting degraded\n"
             "  (misses, failed stores) and connecting in the background (default false) [MEMKV_FAIL_FAST]\n"
+            "- cluster_id (str): refuse nodes that name another cluster (default: trust the first cluster\n"
+            "  id a node names) [MEMKV_CLUSTER_ID]\n"
             'Example: {"type": "memkv", "servers": "10.0.0.5:9901,10.0.0.6:9901", "replicas": 2}'
         )
 
@@ -573,6 +575,7 @@ def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
         timeout_s=s.timeout_s,
         tls_ca=s.tls_ca,
         on_node_error=lambda node_id, kind: errors.labels(node_id, kind).inc(),
+        cluster_id=s.cluster_id,
     )
     try:
         client.start()

@@ -33,6 +33,7 @@ _ENV = {
     "tls_ca": "MEMKV_TLS_CA",
     "rdma_devices": "MEMKV_RDMA_DEVICES",
     "fail_fast": "MEMKV_FAIL_FAST",
+    "cluster_id": "MEMKV_CLUSTER_ID",
 }
 # JSON may name a key file but never carry the key itself (it would show in `ps`).
 # (``auth_key`` stays listed so the JSON check can refuse it by name.)
@@ -52,6 +53,7 @@ class AdapterSettings:
     tls_ca: str | None = None
     rdma_devices: tuple[str, ...] = ()
     fail_fast: bool = False  # refuse to start (as before) instead of starting degraded
+    cluster_id: str | None = None  # refuse nodes of another cluster (None: pin the first one seen)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
 
 
@@ -199,4 +201,8 @@ def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
         out["rdma_devices"] = _str_list("rdma_devices", *v)
     if (v := get("fail_fast")) is not None:
         out["fail_fast"] = _bool("fail_fast", *v)
+    if (v := get("cluster_id")) is not None and str(v[0]).strip():
+        if not isinstance(v[0], str) or len(v[0].strip().encode()) > 255:
+            raise ConfigError(f"memkv adapter: 'cluster_id' must be a string of at most 255 bytes{_where(v[1])}")
+        out["cluster_id"] = v[0].strip()
     return AdapterSettings(sources=sources, **out)
