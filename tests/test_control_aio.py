@@ -1,5 +1,6 @@
-"""The aio interceptor with handlers left sync (as a servicer may add them): they run in the
-blocking executor, their aborts reach the caller, and their streamed answers are signed in order."""
+"""The aio interceptor with handlers left sync (as a servicer may add them): they run in an
+executor (slow methods in their own), their aborts reach the caller, and their streamed answers
+are signed in order."""
 
 from __future__ import annotations
 
@@ -23,27 +24,28 @@ KEY = bytes(range(1, 33))
 
 class _SyncCluster(cluster_pb2_grpc.ClusterServicer):
     def __init__(self) -> None:
-        self.threads: set[str] = set()
+        self.threads: dict[str, set[str]] = {"MemberList": set(), "Watch": set()}
 
     def MemberList(self, request: Any, context: Any) -> Any:
-        self.threads.add(threading.current_thread().name)
+        self.threads["MemberList"].add(threading.current_thread().name)
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "sync refusal")
 
     def Watch(self, request: Any, context: Any) -> Iterator[Any]:
         for epoch in (1, 2, 3):
-            self.threads.add(threading.current_thread().name)
+            self.threads["Watch"].add(threading.current_thread().name)
             yield cluster_pb2.WatchResponse(header=member_pb2.ResponseHeader(node_id="s", epoch=epoch))
 
 
 @pytest.fixture
 def served() -> Iterator[tuple[str, _SyncCluster]]:
     loop = LoopThread("test-aio-loop")
-    blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-blocking")
+    quick = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-sync")
+    slow = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-slow")
     servicer = _SyncCluster()
     checker = ProofChecker(KEY, NodeNames("s"))
 
     async def build() -> Any:
-        server = grpc.aio.server(interceptors=[StrictDecoding(checker, None, blocking)])
+        server = grpc.aio.server(interceptors=[StrictDecoding(checker, None, quick, slow, slow_methods={WATCH})])
         cluster_pb2_grpc.add_ClusterServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         checker.names = NodeNames("s", "127.0.0.1:0", port)
@@ -56,10 +58,11 @@ def served() -> Iterator[tuple[str, _SyncCluster]]:
     finally:
         loop.run(server.stop(0), 10)
         loop.close()
-        blocking.shutdown()
+        quick.shutdown()
+        slow.shutdown()
 
 
-def test_sync_handlers_run_in_the_blocking_executor_abort_and_stream_signed(served: tuple[str, _SyncCluster]) -> None:
+def test_sync_handlers_run_in_their_executor_abort_and_stream_signed(served: tuple[str, _SyncCluster]) -> None:
     endpoint, servicer = served
     channel = open_channel(endpoint, KEY)
     try:
@@ -74,4 +77,5 @@ def test_sync_handlers_run_in_the_blocking_executor_abort_and_stream_signed(serv
             check_reply(KEY, WATCH, request, reply, index)  # signed, each with its own index
     finally:
         channel.close()
-    assert servicer.threads and all(name.startswith("test-blocking") for name in servicer.threads)
+    assert servicer.threads["MemberList"] and all(n.startswith("test-sync") for n in servicer.threads["MemberList"])
+    assert servicer.threads["Watch"] and all(n.startswith("test-slow") for n in servicer.threads["Watch"])

@@ -233,7 +233,7 @@ def test_membership_calls_and_watches_do_not_queue_behind_slow_statistics(monkey
 
     def slow_stats() -> dict[str, Any]:
         # Only the control server's Status handlers stall (the heartbeat thread reads stats too).
-        if threading.current_thread().name.startswith("memkv-control-blocking"):
+        if threading.current_thread().name.startswith("memkv-control-slow"):
             release.wait(30)
         return stats()
 

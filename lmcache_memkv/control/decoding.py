@@ -15,8 +15,9 @@ and its answer (SERVING or NOT_SERVING) tells a caller nothing the open port doe
 open them.
 
 The server runs on one event loop. Handlers written as ``async def`` run on it; a handler left
-as a plain ``def`` (one that may block: a fan-out to peers) runs in the small ``blocking``
-executor with a ``SyncContext``, so it never holds up the loop (heartbeats, watches).
+as a plain ``def`` runs in an executor with a ``SyncContext``, so it never holds up the loop
+(heartbeats, watches): ``slow_methods`` (statistics, fan-outs to peers) in ``slow_executor``,
+any other sync handler in ``sync_executor``, so quick sync handlers never queue behind slow ones.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
 from concurrent.futures import Executor
 from typing import Any, NoReturn
 
@@ -95,11 +96,15 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
         self,
         checker: ProofChecker | None = None,
         on_refused: OnRefused | None = None,
-        blocking: Executor | None = None,
+        sync_executor: Executor | None = None,
+        slow_executor: Executor | None = None,
+        slow_methods: Container[str] = (),
     ) -> None:
         self._checker = checker
         self._on_refused = on_refused
-        self._blocking = blocking  # None: the loop's default executor
+        self._sync_executor = sync_executor  # None: the loop's default executor
+        self._slow_executor = slow_executor if slow_executor is not None else sync_executor
+        self._slow_methods = slow_methods
 
     def _guard(self, method: str, proof: str | None) -> Callable[[bytes, Any], Awaitable[bytes]]:
         """Checks the proof over the raw bytes; the request digest to sign the answer with."""
@@ -117,10 +122,11 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
 
         return guard
 
-    async def _call_sync(self, fn: Callable[..., Any], *args: Any, context: Any) -> Any:
-        """``fn(*args)`` in the blocking executor; its ``SyncContext.abort`` becomes a real abort."""
+    async def _call_sync(self, method: str, fn: Callable[..., Any], *args: Any, context: Any) -> Any:
+        """``fn(*args)`` in the method's executor; its ``SyncContext.abort`` becomes a real abort."""
+        executor = self._slow_executor if method in self._slow_methods else self._sync_executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._blocking, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except _SyncAbort as exc:
             await _abort(context, exc.code, exc.details)
 
@@ -160,7 +166,7 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             if is_async:
                 reply = await unary(request, context)
             else:
-                reply = await self._call_sync(unary, request, SyncContext(context), context=context)
+                reply = await self._call_sync(method, unary, request, SyncContext(context), context=context)
             if key is not None and reply is not None:
                 sign_reply(key, method, digest, reply)
             return reply
@@ -193,7 +199,7 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             digest = await guard(raw, context)
             request = await decode(raw, context)
             index = 0
-            async for reply in self._replies(stream, request, context):
+            async for reply in self._replies(method, stream, request, context):
                 if key is not None:
                     sign_reply(key, method, digest, reply, index)
                 index += 1
@@ -203,9 +209,9 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             unary_stream, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
-    async def _replies(self, stream: Callable[..., Any], request: Any, context: Any) -> AsyncIterator[Any]:
+    async def _replies(self, method: str, stream: Callable[..., Any], request: Any, context: Any) -> AsyncIterator[Any]:
         """The servicer's answers: an async generator's directly, a sync one's one ``next`` at a
-        time in the blocking executor (it holds a worker only while producing a message)."""
+        time in an executor (it holds a worker only while producing a message)."""
         if inspect.isasyncgenfunction(stream):
             replies: AsyncIterator[Any] = stream(request, context)
             try:
@@ -214,17 +220,19 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             finally:
                 await replies.aclose()  # type: ignore[attr-defined]  # the servicer's cleanup runs now
             return
-        sync_replies: Iterator[Any] = await self._call_sync(stream, request, SyncContext(context), context=context)
+        sync_replies: Iterator[Any] = await self._call_sync(
+            method, stream, request, SyncContext(context), context=context
+        )
         try:
             while True:
-                reply = await self._call_sync(next, sync_replies, _DONE, context=context)
+                reply = await self._call_sync(method, next, sync_replies, _DONE, context=context)
                 if reply is _DONE:
                     return
                 yield reply
         finally:
             close = getattr(sync_replies, "close", None)
             if close is not None:
-                await self._call_sync(close, context=context)
+                await self._call_sync(method, close, context=context)
 
 
 async def _abort(context: Any, code: grpc.StatusCode, reason: str) -> NoReturn:

@@ -35,7 +35,7 @@ from lmcache_memkv.control.loop_thread import LoopThread
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import LogThrottle, Peers, wait_all
-from lmcache_memkv.control.response_auth import HEARTBEAT, JOIN, fresh_nonce
+from lmcache_memkv.control.response_auth import CLUSTER_STATS, HEARTBEAT, JOIN, STATUS, fresh_nonce
 from lmcache_memkv.control.service import ClusterService, MaintenanceService, SessionService
 from lmcache_memkv.control.stats import RateMeter, node_stats
 from lmcache_memkv.control.tls import ca_from_env, server_credentials
@@ -54,9 +54,12 @@ from lmcache_memkv.proto.memkv.v1 import (
 from lmcache_memkv.wire.constants import VERSION
 
 log = logging.getLogger("memkv.control")
-# Handlers that may block (statistics, the ClusterStats fan-out to peers): a few at a time is
-# plenty for operators' tools, and they never share a thread with heartbeats or watches.
-_BLOCKING_WORKERS = 4
+# Handlers that may block (statistics, the ClusterStats fan-out to peers) run a few at a time,
+# which is plenty for operators' tools, and never share a thread with membership calls.
+_SLOW_METHODS = frozenset({STATUS, CLUSTER_STATS})
+_SLOW_WORKERS = 4
+# Any other handler a servicer leaves sync (quick ones, by contract) runs in its own executor.
+_SYNC_WORKERS = 4
 _LOOP_CALL_S = 10.0  # bound on one hand-over to the loop (it only sets up or tears down)
 _DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
 _LEAVE_WAIT_S = 1.0
@@ -106,13 +109,16 @@ class ControlPlane:
         # The cluster id in every answer's header (NodeConfig.cluster_id arrives with the SWIM
         # work; until then a node names no cluster).
         self._cluster_id = str(getattr(config, "cluster_id", None) or "")
-        self._blocking = ThreadPoolExecutor(max_workers=_BLOCKING_WORKERS, thread_name_prefix="memkv-control-blocking")
+        # Threads start on first use: a node nobody asks for statistics never has them.
+        self._slow = ThreadPoolExecutor(max_workers=_SLOW_WORKERS, thread_name_prefix="memkv-control-slow")
+        self._sync = ThreadPoolExecutor(max_workers=_SYNC_WORKERS, thread_name_prefix="memkv-control-sync")
         self._loop = LoopThread("memkv-control-loop")
         try:
             self._build(server, config, clock)
         except BaseException:
             self._loop.close()
-            self._blocking.shutdown(wait=False)
+            self._slow.shutdown(wait=False)
+            self._sync.shutdown(wait=False)
             raise
 
     def _build(self, server: NodeServer, config: NodeConfig, clock: Callable[[], float]) -> None:
@@ -120,7 +126,7 @@ class ControlPlane:
         # until joined, and again from SIGTERM on (draining).
         self.health = health_aio.HealthServicer()
         self._loop.run(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING), _LOOP_CALL_S)
-        interceptor = StrictDecoding(self._checker, self._auth_failed, self._blocking)
+        interceptor = StrictDecoding(self._checker, self._auth_failed, self._sync, self._slow, _SLOW_METHODS)
         self._grpc = self._loop.run(self._new_server(interceptor), _LOOP_CALL_S)
         listen = config.control_listen or "127.0.0.1:0"
         host, _ = parse_endpoint(listen, field="--control-listen")
@@ -240,7 +246,8 @@ class ControlPlane:
                 self._loop.run(self._grpc.stop(grace_s), grace_s + _LOOP_CALL_S)
             finally:
                 self._loop.close()
-        self._blocking.shutdown(wait=True, cancel_futures=True)
+        self._slow.shutdown(wait=True, cancel_futures=True)
+        self._sync.shutdown(wait=True, cancel_futures=True)
         self._peers.close()
 
     # ------------------------------------------------------------------ statistics

@@ -52,37 +52,71 @@ def _header(membership: Membership, cluster_id: str = "") -> member_pb2.Response
     return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch, cluster_id=cluster_id)
 
 
-async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
     raise AssertionError("abort returned")  # pragma: no cover - abort raises
 
 
-async def _invalid(context: Any, message: str) -> NoReturn:
-    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-async def _own_record(membership: Membership, p: member_pb2.Member, context: Any, rpc: str) -> Member:
-    """The caller's record of itself, validated; a caller claiming this node's id is refused."""
+def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.ServicerContext, rpc: str) -> Member:
+    """The caller's record of itself, validated; a caller claiming this node's id is refused.
+    (For sync handlers, which the interceptor runs in an executor; ``_own_record_async`` on the loop.)"""
     try:
         record = member_from_proto(p)
     except ValueError as exc:
-        await _invalid(context, f"{rpc}: {exc}")
+        _invalid(context, f"{rpc}: {exc}")
     if record.node_id == membership.node_id:
-        await _abort(
-            context,
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"node id {record.node_id!r} is already taken by the node at {membership.local.control_endpoint}; "
-            "give every node its own --node-id",
-        )
+        _abort(context, grpc.StatusCode.FAILED_PRECONDITION, _taken(membership, record.node_id))
     return record
 
 
-async def _merge(context: Any, rpc: str, apply: Callable[[], bool]) -> bool:
+def _merge(context: grpc.ServicerContext, rpc: str, apply: Callable[[], bool]) -> bool:
     """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
     try:
         return apply()
     except ValueError as exc:
-        await _invalid(context, f"{rpc}: {exc}")
+        _invalid(context, f"{rpc}: {exc}")
+
+
+def _taken(membership: Membership, node_id: str) -> str:
+    return (
+        f"node id {node_id!r} is already taken by the node at {membership.local.control_endpoint}; "
+        "give every node its own --node-id"
+    )
+
+
+# The same for ``async def`` handlers, which run on the loop (``context.abort`` is a coroutine there).
+
+
+async def _abort_async(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("abort returned")  # pragma: no cover - abort raises
+
+
+async def _invalid_async(context: Any, message: str) -> NoReturn:
+    await _abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+async def _own_record_async(membership: Membership, p: member_pb2.Member, context: Any, rpc: str) -> Member:
+    """The caller's record of itself, validated; a caller claiming this node's id is refused."""
+    try:
+        record = member_from_proto(p)
+    except ValueError as exc:
+        await _invalid_async(context, f"{rpc}: {exc}")
+    if record.node_id == membership.node_id:
+        await _abort_async(context, grpc.StatusCode.FAILED_PRECONDITION, _taken(membership, record.node_id))
+    return record
+
+
+async def _merge_async(context: Any, rpc: str, apply: Callable[[], bool]) -> bool:
+    """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
+    try:
+        return apply()
+    except ValueError as exc:
+        await _invalid_async(context, f"{rpc}: {exc}")
 
 
 def _checked_stats(stats: maintenance_pb2.NodeStats) -> maintenance_pb2.NodeStats:
@@ -126,10 +160,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         return cluster_pb2.MemberListResponse(header=self._header(), view=self._view())
 
     async def Join(self, request: cluster_pb2.JoinRequest, context: Any) -> cluster_pb2.JoinResponse:
-        record = await _own_record(self._m, request.member, context, "Join")
+        record = await _own_record_async(self._m, request.member, context, "Join")
         if record.state is not State.ALIVE:
-            await _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
-        if await _merge(context, "Join", lambda: self._m.heard_from(record)):
+            await _invalid_async(context, f"Join: a joining member must be ALIVE, got {record.state}")
+        if await _merge_async(context, "Join", lambda: self._m.heard_from(record)):
             log.info(
                 "member %s joined (incarnation %d, control %s)",
                 record.node_id,
@@ -140,14 +174,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
     async def Leave(self, request: cluster_pb2.LeaveRequest, context: Any) -> cluster_pb2.LeaveResponse:
         if request.node_id == self._m.node_id:
-            await _invalid(context, "Leave: a node leaves by stopping, not by being told to")
+            await _invalid_async(context, "Leave: a node leaves by stopping, not by being told to")
         known = self._m.get(request.node_id)
         if known is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
+            await _abort_async(context, grpc.StatusCode.NOT_FOUND, f"Leave: no member {request.node_id!r}")
         try:
             check_incarnation(request.incarnation, f"Leave {request.node_id}")
         except ValueError as exc:
-            await _invalid(context, f"Leave: {exc}")
+            await _invalid_async(context, f"Leave: {exc}")
         if request.incarnation >= known.incarnation:  # an earlier life's goodbye must not remove a restart
             left = Member(
                 node_id=known.node_id,
@@ -157,18 +191,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 control_endpoint=known.control_endpoint,
                 transports=known.transports,
             )
-            if await _merge(context, "Leave", lambda: self._m.heard_from(left)):
+            if await _merge_async(context, "Leave", lambda: self._m.heard_from(left)):
                 log.info("member %s left", request.node_id)
         return cluster_pb2.LeaveResponse(header=self._header(), view=self._view())
 
     async def Heartbeat(self, request: cluster_pb2.HeartbeatRequest, context: Any) -> cluster_pb2.HeartbeatResponse:
-        record = await _own_record(self._m, request.member, context, "Heartbeat")
+        record = await _own_record_async(self._m, request.member, context, "Heartbeat")
         try:
             epoch, members = view_from_proto(request.view)
         except ValueError as exc:
-            await _invalid(context, f"Heartbeat: {exc}")
-        await _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
-        await _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
+            await _invalid_async(context, f"Heartbeat: {exc}")
+        await _merge_async(context, "Heartbeat", lambda: self._m.heard_from(record))
+        await _merge_async(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
         return cluster_pb2.HeartbeatResponse(
             header=self._header(), member=member_to_proto(self._m.local), view=self._view()
         )
@@ -177,7 +211,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         # A stream costs a coroutine and gRPC's per-stream buffers, not a thread; the cap only
         # bounds that memory (``--max-watchers``).
         if self._watchers >= self._max_watchers:
-            await _abort(
+            await _abort_async(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this node serves at most {self._max_watchers} watchers (--max-watchers); watch another member",
@@ -202,8 +236,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
 class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
     """Both handlers stay sync on purpose: they read the data plane's statistics and fan out to
-    peers with blocking waits, so the interceptor runs them in the control plane's small
-    blocking executor, never on the loop that serves heartbeats and watches."""
+    peers with blocking waits, so the interceptor runs them in the control plane's executor for
+    slow calls, never on the loop that serves heartbeats and watches."""
 
     def __init__(
         self,
@@ -268,18 +302,18 @@ class SessionService(session_pb2_grpc.SessionServicer):
 
     async def Hello(self, request: session_pb2.HelloRequest, context: Any) -> session_pb2.HelloResponse:
         if request.protocol_version != VERSION:
-            await _abort(
+            await _abort_async(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"client speaks memkv protocol v{request.protocol_version}, this node speaks v{VERSION}",
             )
         if len(request.client_nonce) > _MAX_NONCE:
-            await _invalid(context, f"Hello: client_nonce over {_MAX_NONCE} bytes")
+            await _invalid_async(context, f"Hello: client_nonce over {_MAX_NONCE} bytes")
         me = self._m.local
         offered = list(request.transports) or ["tcp"]
         chosen = next((t for t in offered if t in me.transports), None)
         if chosen is None:
-            await _abort(
+            await _abort_async(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no common transport: client offers {offered}, node {me.node_id} has {list(me.transports)}",
