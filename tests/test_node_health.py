@@ -59,7 +59,7 @@ def test_grpc_health_needs_no_key_but_memkv_methods_do(node_factory: NodeFactory
         with pytest.raises(grpc.RpcError) as err:
             cluster_pb2_grpc.ClusterStub(channel).MemberList(cluster_pb2.MemberListRequest(), timeout=5)
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        # Watch holds a server thread per stream: unproven callers do not get one.
+        # A Watch stream costs the node memory for its lifetime: unproven callers do not get one.
         with pytest.raises(grpc.RpcError) as err:
             next(iter(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)))
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
