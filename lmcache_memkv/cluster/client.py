@@ -361,30 +361,33 @@ class ClusterClient:
         deadline: float,
         late: Callable[[str, R], None] | None = None,
     ) -> dict[str, R | Exception]:
-        """Run one task per node, each on that node's lane (the first on this thread); tasks
-        return their error rather than raise.
+        """Run one task per node, each on that node's lane; tasks return their error rather than
+        raise. Even a single task goes to its lane rather than run on the caller's thread, so a
+        node never has more than ``threads_per_node`` calls of this client in flight (and so no
+        more connections opening at once than its per-host handshake limit allows).
 
-        Waits until ``deadline`` plus ``_GRACE_S`` at most. A task still queued then is cancelled
-        (``_NodeBusy`` for its node alone); one still running past the grace answers a timeout,
-        and ``late`` gets its result when it ends (to give back leases it took).
+        Waits until ``deadline`` plus ``_GRACE_S`` at most. A task still queued at the deadline is
+        cancelled (``_NodeBusy`` for its node alone); one still running past the grace answers a
+        timeout, and ``late`` gets its result when it ends (to give back leases it took).
         """
         if self._closed:
             raise ConnectError("ClusterClient is closed")
-        items = list(tasks.items())
-        if not items:
-            return {}
         futures: dict[str, Future[R]] = {}
         try:
-            for node_id, task in items[1:]:
+            for node_id, task in tasks.items():
                 futures[node_id] = self._lanes.submit(node_id, task)
         except RuntimeError:  # closed under us
             for future in futures.values():
                 future.cancel()
             raise ConnectError("ClusterClient is closed") from None
-        out: dict[str, R | Exception] = {items[0][0]: items[0][1]()}
-        if not futures:
-            return out
-        wait(futures.values(), timeout=max(0.0, deadline + _GRACE_S - time.monotonic()))
+        out: dict[str, R | Exception] = {}
+        _, running = wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+        if running:
+            # Work that has not started by the deadline never will (its node's lane is held by
+            # slower calls): cancel it now; give the calls under way the grace to end.
+            started = [f for f in running if not f.cancel()]  # cancel fails once a task has started
+            if started:
+                wait(started, timeout=max(0.0, deadline + _GRACE_S - time.monotonic()))
         for node_id, future in futures.items():
             if future.done() and not future.cancelled():
                 out[node_id] = future.result()

@@ -6,6 +6,10 @@ and the healthy nodes' work waits in the queue until its own deadline passes: on
 starves the cluster. Here each node has its own small executor, so a frozen node holds at most
 its own lane's threads and work for every other node always finds one. Work still queued when
 its caller stops waiting is cancelled (``Future.cancel``): a miss for that node alone.
+
+Every node call of the client runs on its node's lane, so a node sees at most
+``threads_per_node`` calls of one client at once: no more connections opening together than
+the node's per-host handshake limit (``--max-unauth-per-host``, 8) admits.
 """
 
 from __future__ import annotations
