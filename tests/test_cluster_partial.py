@@ -16,6 +16,7 @@ from nodeproc import NodeProcess
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.client.protocol import Buffer, DataClient
 from lmcache_memkv.cluster import ClusterClient
+from lmcache_memkv.cluster.lanes import NodeLanes
 from lmcache_memkv.cluster.leases import LeaseBook
 from lmcache_memkv.errors import ConnectError
 from lmcache_memkv.wire.constants import Status
@@ -311,3 +312,60 @@ def test_lease_book_memory_follows_the_leases_held_under_endless_regrants() -> N
             assert records == book.count() == alive
             assert heap <= 2 * len(keys) + slack
     assert book.count() <= len(keys) * (ttl / step + 4)
+
+
+class AnswersTooLate(NodeClient):
+    """Fault injection: a transport that overruns its deadline, answering a lookup (leases
+    granted on the node) only after the caller has stopped waiting."""
+
+    def lookup(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> ExistsResponse:
+        reply = super().lookup(keys, lease_ttl_s, timeout_s)
+        time.sleep((timeout_s or self.timeout_s) + 1.0)
+        return reply
+
+
+def test_leases_answered_after_the_caller_gave_up_are_released(pair: InProcCluster) -> None:
+    slow, healthy = pair.nodes
+
+    def factory(endpoint: str, key: bytes | None, timeout_s: float, client_id: bytes) -> DataClient:
+        cls = AnswersTooLate if endpoint == slow.data else NodeClient
+        return cls(endpoint, key, timeout_s, client_id=client_id)
+
+    client = ClusterClient([pair.nodes[0].control], key=KEY, replicas=1, timeout_s=1.0, data_client_factory=factory)
+    try:
+        client.start()
+        wait_until("client sees both members", lambda: len(client.placement(b"x")) == 2, 10.0)
+        keys = [f"late-{i:03d}".encode() for i in range(60)]
+        on_slow = {k for k in keys if client.placement(k)[0] == slow.node_id}
+        assert 0 < len(on_slow) < len(keys)
+        with NodeClient(slow.data, KEY) as a, NodeClient(healthy.data, KEY) as b:
+            for nc in (a, b):
+                assert Status.STALE not in nc.put(keys, [_value(k) for k in keys])
+        began = time.monotonic()
+        found = client.exists(keys, lease_ttl_s=60)
+        took = time.monotonic() - began
+        assert took < client.timeout_s + 1.0  # it did not wait for the late answer
+        assert [k for k, n in zip(keys, found) if n is None] == [k for k in keys if k in on_slow]
+        assert client.health()["leases_held"] == len(keys) - len(on_slow)
+        # The late answer's leases are recorded nowhere: they are given back, not left to their TTL.
+        wait_until("the late answer's leases released", lambda: slow.server.stats()["leases"] == 0, 20.0)
+        client.release(keys)
+        assert healthy.server.stats()["leases"] == 0
+    finally:
+        client.close()
+
+
+def test_a_blocked_lane_leaves_the_other_nodes_threads_free() -> None:
+    lanes = NodeLanes(threads_per_node=2)
+    gate = threading.Event()
+    try:
+        stuck = [lanes.submit("frozen", lambda: gate.wait(30)) for _ in range(5)]
+        wait_until("the frozen node's lane is full", lambda: sum(f.running() for f in stuck) == 2, 5.0)
+        assert lanes.submit("healthy", lambda: 42).result(timeout=5) == 42
+        assert sum(f.running() for f in stuck) == 2  # the frozen node holds its own share, no more
+        assert lanes.retire({"healthy"}) == ["frozen"]
+        assert all(f.cancelled() for f in stuck[2:])  # queued work of a retired lane is dropped
+        assert lanes.node_ids() == ["healthy"]
+    finally:
+        gate.set()
+        lanes.close()
