@@ -16,7 +16,7 @@ from nodeproc import NodeProcess
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.client.protocol import Buffer, DataClient
 from lmcache_memkv.cluster import ClusterClient
-from lmcache_memkv.cluster.lanes import NodeLanes
+from lmcache_memkv.cluster.lanes import LaneBusy, NodeLanes
 from lmcache_memkv.cluster.leases import LeaseBook
 from lmcache_memkv.errors import ConnectError
 from lmcache_memkv.wire.constants import Status
@@ -358,11 +358,26 @@ def test_leases_answered_after_the_caller_gave_up_are_released(pair: InProcClust
 def test_a_blocked_lane_leaves_the_other_nodes_threads_free() -> None:
     lanes = NodeLanes(threads_per_node=2)
     gate = threading.Event()
+    far = time.monotonic() + 60
     try:
-        stuck = [lanes.submit("frozen", lambda: gate.wait(30)) for _ in range(5)]
+        stuck = [lanes.submit("frozen", lambda: gate.wait(30), far) for _ in range(5)]
         wait_until("the frozen node's lane is full", lambda: sum(f.running() for f in stuck) == 2, 5.0)
-        assert lanes.submit("healthy", lambda: 42).result(timeout=5) == 42
+        assert lanes.submit("healthy", lambda: 42, far).result(timeout=5) == 42
         assert sum(f.running() for f in stuck) == 2  # the frozen node holds its own share, no more
+        assert lanes.slot_here("frozen") is None  # nor may a caller's own thread add to it
+        slot = lanes.slot_here("healthy")
+        assert slot is not None
+        slot.release()
+        # Work that finds no free slot by its deadline fails as busy instead of waiting on.
+        with pytest.raises(LaneBusy):
+            blocker = lanes.slot_here("healthy")
+            other = lanes.slot_here("healthy")
+            assert blocker is not None and other is not None
+            try:
+                lanes.submit("healthy", lambda: 0, time.monotonic() + 0.05).result(timeout=5)
+            finally:
+                blocker.release()
+                other.release()
         assert lanes.retire({"healthy"}) == ["frozen"]
         assert all(f.cancelled() for f in stuck[2:])  # queued work of a retired lane is dropped
         assert lanes.node_ids() == ["healthy"]

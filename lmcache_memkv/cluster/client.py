@@ -7,8 +7,8 @@ that fails a call is skipped for a short back-off (``LocalSuspicion``) until the
 up. Every public call is bounded by ``timeout_s`` in total: when a call may need several
 rounds (fail-over), each round gets an equal share of what is left.
 
-Node calls run on per-node lanes (``lanes.py``): a frozen node holds only its own lane's threads,
-and a call never waits past its deadline (plus a short scheduling grace) for any of them. Each
+Node calls run in per-node lanes (``lanes.py``): a frozen node holds only its own lane's threads
+and slots, and a call never waits past its deadline (plus a short scheduling grace) for any. Each
 node request carries at most ``_CHUNK`` keys; when one fails, the chunks that were answered before
 it keep their results (and their leases are recorded, so they are released later).
 """
@@ -32,7 +32,7 @@ import grpc
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.client.protocol import DataClient, DataClientFactory
 from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
-from lmcache_memkv.cluster.lanes import DEFAULT_THREADS_PER_NODE, NodeLanes
+from lmcache_memkv.cluster.lanes import DEFAULT_THREADS_PER_NODE, LaneBusy, NodeLanes
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.cluster.view import ClusterView
@@ -361,26 +361,39 @@ class ClusterClient:
         deadline: float,
         late: Callable[[str, R], None] | None = None,
     ) -> dict[str, R | Exception]:
-        """Run one task per node, each on that node's lane; tasks return their error rather than
-        raise. Even a single task goes to its lane rather than run on the caller's thread, so a
-        node never has more than ``threads_per_node`` calls of this client in flight (and so no
-        more connections opening at once than its per-host handshake limit allows).
+        """Run one task per node, in parallel; tasks return their error rather than raise.
 
-        Waits until ``deadline`` plus ``_GRACE_S`` at most. A task still queued at the deadline is
-        cancelled (``_NodeBusy`` for its node alone); one still running past the grace answers a
-        timeout, and ``late`` gets its result when it ends (to give back leases it took).
+        Every task runs in a slot of its node's lane (``lanes.py``): the first whose node has a
+        slot free right now runs on this thread, the others on their lanes' threads. Waits until
+        ``deadline`` plus ``_GRACE_S`` at most. A task still queued at the deadline is cancelled
+        (``_NodeBusy`` for its node alone, as is one that found no slot); one still running past
+        the grace answers a timeout, and ``late`` gets its result when it ends (to give back
+        leases it took).
         """
         if self._closed:
             raise ConnectError("ClusterClient is closed")
         futures: dict[str, Future[R]] = {}
+        here: tuple[str, Callable[[], R], threading.BoundedSemaphore] | None = None
+        out: dict[str, R | Exception] = {}
         try:
             for node_id, task in tasks.items():
-                futures[node_id] = self._lanes.submit(node_id, task)
+                if here is None and (slot := self._lanes.slot_here(node_id)) is not None:
+                    here = (node_id, task, slot)
+                else:
+                    futures[node_id] = self._lanes.submit(node_id, task, deadline)
         except RuntimeError:  # closed under us
             for future in futures.values():
                 future.cancel()
+            if here is not None:
+                here[2].release()
             raise ConnectError("ClusterClient is closed") from None
-        out: dict[str, R | Exception] = {}
+        if here is not None:
+            try:
+                out[here[0]] = here[1]()
+            finally:
+                here[2].release()
+        if not futures:
+            return out
         _, running = wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         if running:
             # Work that has not started by the deadline never will (its node's lane is held by
@@ -390,7 +403,10 @@ class ClusterClient:
                 wait(started, timeout=max(0.0, deadline + _GRACE_S - time.monotonic()))
         for node_id, future in futures.items():
             if future.done() and not future.cancelled():
-                out[node_id] = future.result()
+                if isinstance(future.exception(), LaneBusy):
+                    out[node_id] = self._busy(node_id)
+                else:
+                    out[node_id] = future.result()  # tasks return their errors; anything else is a bug
             elif future.cancelled() or future.cancel():
                 out[node_id] = self._busy(node_id)
             else:
@@ -606,7 +622,7 @@ class ClusterClient:
                     client.delete_versions([k for k, _ in chunk], [v for _, v in chunk], timeout_s=_left(deadline))
 
             try:
-                self._lanes.submit(node_id, partial(self._call, view, node_id, op))
+                self._lanes.submit(node_id, partial(self._call, view, node_id, op), deadline)
             except RuntimeError:  # closing
                 return
 
