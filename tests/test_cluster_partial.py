@@ -384,3 +384,43 @@ def test_a_blocked_lane_leaves_the_other_nodes_threads_free() -> None:
     finally:
         gate.set()
         lanes.close()
+
+
+class ShortAnswers(NodeClient):
+    """Fault injection: a transport whose EXISTS answer has one entry fewer than keys asked
+    (a broken or hostile implementation of DataClient)."""
+
+    def lookup(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> ExistsResponse:
+        reply = super().lookup(keys, lease_ttl_s, timeout_s)
+        return ExistsResponse(
+            statuses=list(reply.statuses)[:-1],
+            lengths=list(reply.lengths)[:-1],
+            versions=list(reply.versions)[:-1],
+            lease_ids=list(reply.lease_ids)[:-1],
+        )
+
+
+def test_an_answer_of_the_wrong_length_is_a_miss_for_that_node(pair: InProcCluster) -> None:
+    broken = pair.nodes[0]
+    errors: list[tuple[str, str]] = []
+
+    def factory(endpoint: str, key: bytes | None, timeout_s: float, client_id: bytes) -> DataClient:
+        cls = ShortAnswers if endpoint == broken.data else NodeClient
+        return cls(endpoint, key, timeout_s, client_id=client_id)
+
+    client = ClusterClient(
+        [pair.nodes[0].control], key=KEY, replicas=1, timeout_s=2.0, data_client_factory=factory,
+        on_node_error=lambda node_id, kind: errors.append((node_id, kind)),
+    )
+    try:
+        client.start()
+        wait_until("client sees both members", lambda: len(client.placement(b"x")) == 2, 10.0)
+        keys = [f"short-{i:03d}".encode() for i in range(40)]
+        on_broken = {k for k in keys if client.placement(k)[0] == broken.node_id}
+        assert 0 < len(on_broken) < len(keys)
+        assert client.put(keys, [_value(k) for k in keys]) == [True] * len(keys)
+        found = client.exists(keys)
+        assert [k for k, n in zip(keys, found) if n is None] == [k for k in keys if k in on_broken]
+        assert errors == [(broken.node_id, "protocol")]
+    finally:
+        client.close()

@@ -588,7 +588,8 @@ class ClusterClient:
                     reply = client.read_into(
                         [keys[i] for i in sel], [buffers[i] for i in sel], timeout_s=_left(deadline), exact=exact
                     )
-                    _check_count(node_id, "GET", reply.statuses, len(sel))
+                    for column in (reply.statuses, reply.lengths, reply.versions):
+                        _check_count(node_id, "GET", column, len(sel))
                     for i, status, length, version in zip(sel, reply.statuses, reply.lengths, reply.versions, strict=True):
                         out.append(length if status == Status.OK else None)
                         if status == Status.WRONG_SIZE:
@@ -640,8 +641,8 @@ class ClusterClient:
                 out.clear()  # a retry after FENCED: the old life's leases went with its data
                 for part in _chunks(len(idx)):
                     reply = client.lookup([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
-                    _check_count(node_id, "EXISTS", reply.statuses, len(part))
-                    _check_count(node_id, "EXISTS leases", reply.lease_ids, len(part))
+                    for column in (reply.statuses, reply.lengths, reply.lease_ids):
+                        _check_count(node_id, "EXISTS", column, len(part))
                     out.extend(
                         (n, lease_id) if s == Status.OK else None
                         for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids, strict=True)
