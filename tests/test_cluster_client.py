@@ -352,10 +352,13 @@ def test_lease_book_keeps_every_lease_id_per_key_and_grantor() -> None:
 def test_lease_records_expire_with_their_ttl() -> None:
     book = LeaseBook()
     book.add_many([(b"a", ("n", 1), 1), (b"b", ("n", 1), 2)], until=10.0)
-    book.add(b"a", ("n", 1), 3, until=20.0)  # renewed: the key's records live to the latest grant
+    book.add(b"a", ("n", 1), 3, until=20.0)  # leased again: each lease keeps its own TTL
     assert book.expire(9.9) == 0
-    assert book.expire(10.0) == 1 and book.holders(b"b") == [] and book.count() == 2
-    assert book.expire(20.0) == 2 and book.count() == 0
+    assert book.expire(10.0) == 2 and book.holders(b"b") == [] and book.count() == 1
+    assert book.take(b"a") == (("n", 1), 3)  # the lease the node still holds
+    book.add(b"a", ("n", 1), 5, until=30.0)
+    assert book.expire(20.0) == 0 and book.count() == 1  # the lease taken early is not counted again
+    assert book.expire(30.0) == 1 and book.count() == 0
     book.add(b"c", ("n", 1), 4, until=5.0)
     assert book.take(b"c") == (("n", 1), 4)
     assert book.expire(100.0) == 0  # released before it ran out: nothing left to drop

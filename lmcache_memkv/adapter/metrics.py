@@ -42,7 +42,7 @@ def get_metrics() -> AdapterMetrics:
                 keys=Counter("memkv_l2_keys", "Keys handled by operation and outcome (hit, miss, stored, failed).", ["op", "outcome"]),
                 bytes=Counter("memkv_l2_bytes", "Value bytes moved, by direction (store, load).", ["direction"]),
                 latency=Histogram("memkv_l2_op_seconds", "Task latency from submit to completion.", ["op"], buckets=_BUCKETS),
-                node_errors=Counter("memkv_l2_node_errors", "Failed calls to a node, by kind (timeout, connect, protocol).", ["node", "kind"]),
+                node_errors=Counter("memkv_l2_node_errors", "Failed calls to a node, by kind (timeout, connect, protocol, server; busy: still queued behind that node's other calls at the deadline).", ["node", "kind"]),
                 view_epoch=Gauge("memkv_l2_view_epoch", "Epoch of the cluster view the adapter routes by."),
                 members=Gauge("memkv_l2_members", "Cluster members by state.", ["state"]),
                 leases_held=Gauge("memkv_l2_leases_held", "Leases this adapter holds (locked keys not yet unlocked)."),

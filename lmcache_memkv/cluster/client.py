@@ -6,6 +6,11 @@ parallel); reads and lookups try the replicas in order and fail over on error or
 that fails a call is skipped for a short back-off (``LocalSuspicion``) until the view catches
 up. Every public call is bounded by ``timeout_s`` in total: when a call may need several
 rounds (fail-over), each round gets an equal share of what is left.
+
+Node calls run in per-node lanes (``lanes.py``): a frozen node holds only its own lane's threads
+and slots, and a call never waits past its deadline (plus a short scheduling grace) for any. Each
+node request carries at most ``_CHUNK`` keys; when one fails, the chunks that were answered before
+it keep their results (and their leases are recorded, so they are released later).
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
 from functools import partial
 from typing import Any, TypeVar
 
 import grpc
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.client.protocol import DataClient, DataClientFactory
 from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
 from lmcache_memkv.cluster.cluster_id import ClusterIdentity
+from lmcache_memkv.cluster.lanes import DEFAULT_THREADS_PER_NODE, LaneBusy, NodeLanes
 from lmcache_memkv.cluster.leases import MAX_ATTEMPTS, LeaseBook, OwedRelease, ReleaseQueue
 from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.cluster.view import ClusterView
@@ -47,6 +54,9 @@ log = logging.getLogger("memkv.cluster")
 R = TypeVar("R")
 T = TypeVar("T")
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
+# How long past a deadline a caller waits for a node call already running: its own I/O ends at
+# the same deadline (socket timeouts), so this only covers thread scheduling on a busy host.
+_GRACE_S = 0.25
 _HOUSEKEEPING_S = 0.2
 # Degraded start: retry the first view after 0.5 s, doubling up to 5 s (cheap: one MemberList).
 _CONNECT_BACKOFF_MIN_S = 0.5
@@ -60,6 +70,11 @@ class _OutOfTime(MemKVTimeout):
     """A call's deadline passed before a node was asked."""
 
 
+class _NodeBusy(_OutOfTime):
+    """A node call was still queued on the node's lane when its deadline came (the lane's
+    threads all held by slower calls): a miss for that node alone, not a fault of the node."""
+
+
 def _left(deadline: float) -> float:
     """Seconds left before ``deadline``, for the next node request."""
     remaining = deadline - time.monotonic()
@@ -70,6 +85,25 @@ def _left(deadline: float) -> float:
 
 def _chunks(n: int) -> list[range]:
     return [range(i, min(n, i + _CHUNK)) for i in range(0, n, _CHUNK)]
+
+
+def _check_count(node_id: str, what: str, got: Sequence[object], want: int) -> None:
+    """Whatever moves the bytes, a node's answer has one entry per key asked, or it is refused."""
+    if len(got) != want:
+        raise ProtocolError(f"memkv node {node_id}: {what} of {want} got {len(got)} answers")
+
+
+def _answered(result: list[T | None] | Exception, out: list[T | None], n: int) -> list[T | None] | Exception:
+    """A node's answers for ``n`` keys: all of them, or after a failure the chunks it did answer
+    (``out``), the rest as misses, so they fail over like any miss."""
+    if not isinstance(result, Exception) or not out:
+        return result
+    return out + [None] * (n - len(out))
+
+
+def tcp_data_client(endpoint: str, key: bytes | None, timeout_s: float, client_id: bytes) -> DataClient:
+    """The default ``DataClientFactory``: ``NodeClient`` over TCP."""
+    return NodeClient(endpoint, key, timeout_s, client_id=client_id)
 
 
 def _encode_cursor(key: bytes) -> str:
@@ -101,10 +135,15 @@ class ClusterClient:
         tls_ca: str | None = None,
         on_node_error: Callable[[str, str], None] | None = None,
         cluster_id: str | None = None,
+        data_client_factory: DataClientFactory | None = None,
+        threads_per_node: int = DEFAULT_THREADS_PER_NODE,
     ) -> None:
         """``on_node_error(node_id, kind)`` hears of every failed node call (kind: timeout,
-        connect, protocol or server) — the adapter counts them in its metrics. ``cluster_id``:
-        refuse nodes naming another cluster (None: pin the first id a node names)."""
+        connect, protocol, server, or busy: queued behind that node's other calls until the
+        deadline) — the adapter counts them in its metrics. ``cluster_id``: refuse nodes naming
+        another cluster (None: pin the first id a node names). ``data_client_factory`` makes the
+        client for one node (``NodeClient`` over TCP by default). ``threads_per_node`` bounds
+        the threads one node's calls may hold, so a frozen node cannot starve the others."""
         self._on_node_error = on_node_error
         self.servers = [s.strip() for s in servers if s and s.strip()]
         if not self.servers:
@@ -118,6 +157,8 @@ class ClusterClient:
             raise ConfigError(f"replicas must be at least 1, got {replicas}")
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        if threads_per_node < 1:
+            raise ConfigError(f"threads_per_node must be at least 1, got {threads_per_node}")
         self.replicas = replicas
         self.timeout_s = timeout_s
         self.client_id = os.urandom(CLIENT_ID_LEN)  # owns this client's leases on every node
@@ -125,12 +166,13 @@ class ClusterClient:
         self._pool = ChannelPool(key, tls_ca or ca_from_env())
         self._view = ClusterView()  # replaced whole, so readers need no lock
         self._view_lock = threading.Lock()
-        self._nodes: dict[str, tuple[int, str, NodeClient]] = {}  # node_id -> (incarnation, endpoint, client)
+        self._new_client: DataClientFactory = data_client_factory or tcp_data_client
+        self._nodes: dict[str, tuple[int, str, DataClient]] = {}  # node_id -> (incarnation, endpoint, client)
         self._nodes_lock = threading.Lock()
         self._suspicion = LocalSuspicion()
         self._leases = LeaseBook()
         self._owed = ReleaseQueue()
-        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="memkv-cluster")
+        self._lanes = NodeLanes(threads_per_node)
         self._watcher: ViewWatcher | None = None
         self._housekeeper: threading.Thread | None = None
         self._connector: threading.Thread | None = None
@@ -204,7 +246,7 @@ class ClusterClient:
             self._watcher.stop()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=self.timeout_s)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._lanes.close()
         with self._nodes_lock:
             clients, self._nodes = [c for _, _, c in self._nodes.values()], {}
         for client in clients:
@@ -266,12 +308,12 @@ class ClusterClient:
 
     # ------------------------------------------------------------------ node calls
 
-    def _node(self, m: Member) -> NodeClient:
+    def _node(self, m: Member) -> DataClient:
         with self._nodes_lock:
             entry = self._nodes.get(m.node_id)
             if entry is not None and entry[0] == m.incarnation and entry[1] == m.data_endpoint:
                 return entry[2]
-            client = NodeClient(m.data_endpoint, self._key, self.timeout_s, client_id=self.client_id)
+            client = self._new_client(m.data_endpoint, self._key, self.timeout_s, self.client_id)
             self._nodes[m.node_id] = (m.incarnation, m.data_endpoint, client)
         if entry is not None:
             entry[2].close()
@@ -289,7 +331,7 @@ class ClusterClient:
             return [view.placement(key)[:r] for key in keys]
         return [[n for n in view.placement(key) if n in healthy][:r] for key in keys]
 
-    def _call(self, view: ClusterView, node_id: str, op: Callable[[NodeClient], R]) -> R | Exception:
+    def _call(self, view: ClusterView, node_id: str, op: Callable[[DataClient], R]) -> R | Exception:
         """Run ``op`` on one node; on failure mark the node and return the error instead of raising."""
         m = view.members[node_id]
         try:
@@ -299,7 +341,8 @@ class ClusterClient:
                 if exc.code != ErrorCode.FENCED:
                     raise
                 # The node dropped its data (it may have been declared DEAD) and refused a
-                # connection of its old life; a fresh connection reaches the new one.
+                # connection of its old life; a fresh connection reaches the new one. ``op``
+                # starts over: answers from the old life say nothing about the new one.
                 return op(self._node(m))
         except _OutOfTime as exc:
             return exc  # the call's own deadline ran out (e.g. queued behind others): not the node's fault
@@ -318,18 +361,81 @@ class ClusterClient:
                 log.warning("memkv node %s failed (%s); skipping it for %.1fs", node_id, exc, self._suspicion.backoff_s)
             return exc
 
-    def _fanout(self, tasks: dict[str, Callable[[], R]]) -> dict[str, R]:
-        """Run one task per node in parallel (the first on this thread); tasks must not raise."""
+    def _fanout(
+        self,
+        tasks: Mapping[str, Callable[[], R]],
+        deadline: float,
+        late: Callable[[str, R], None] | None = None,
+    ) -> dict[str, R | Exception]:
+        """Run one task per node, in parallel; tasks return their error rather than raise.
+
+        Every task runs in a slot of its node's lane (``lanes.py``): the first whose node has a
+        slot free right now runs on this thread, the others on their lanes' threads. Waits until
+        ``deadline`` plus ``_GRACE_S`` at most. A task still queued at the deadline is cancelled
+        (``_NodeBusy`` for its node alone, as is one that found no slot); one still running past
+        the grace answers a timeout, and ``late`` gets its result when it ends (to give back
+        leases it took).
+        """
         if self._closed:
             raise ConnectError("ClusterClient is closed")
-        items = list(tasks.items())
-        if not items:
-            return {}
-        futures = {node_id: self._executor.submit(task) for node_id, task in items[1:]}
-        out = {items[0][0]: items[0][1]()}
+        futures: dict[str, Future[R]] = {}
+        here: tuple[str, Callable[[], R], threading.BoundedSemaphore] | None = None
+        out: dict[str, R | Exception] = {}
+        try:
+            for node_id, task in tasks.items():
+                if here is None and (slot := self._lanes.slot_here(node_id)) is not None:
+                    here = (node_id, task, slot)
+                else:
+                    futures[node_id] = self._lanes.submit(node_id, task, deadline)
+        except RuntimeError:  # closed under us
+            for future in futures.values():
+                future.cancel()
+            if here is not None:
+                here[2].release()
+            raise ConnectError("ClusterClient is closed") from None
+        if here is not None:
+            try:
+                out[here[0]] = here[1]()
+            finally:
+                here[2].release()
+        if not futures:
+            return out
+        _, running = wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+        if running:
+            # Work that has not started by the deadline never will (its node's lane is held by
+            # slower calls): cancel it now; give the calls under way the grace to end.
+            started = [f for f in running if not f.cancel()]  # cancel fails once a task has started
+            if started:
+                wait(started, timeout=max(0.0, deadline + _GRACE_S - time.monotonic()))
         for node_id, future in futures.items():
-            out[node_id] = future.result()  # bounded: every node call carries its own deadline
+            if future.done() and not future.cancelled():
+                if isinstance(future.exception(), LaneBusy):
+                    out[node_id] = self._busy(node_id)
+                else:
+                    out[node_id] = future.result()  # tasks return their errors; anything else is a bug
+            elif future.cancelled() or future.cancel():
+                out[node_id] = self._busy(node_id)
+            else:
+                out[node_id] = MemKVTimeout(f"memkv node {node_id}: call still running {_GRACE_S}s past its deadline")
+                if late is not None:
+                    future.add_done_callback(partial(self._late, node_id, late))
         return out
+
+    def _busy(self, node_id: str) -> _NodeBusy:
+        if self._on_node_error is not None:
+            self._on_node_error(node_id, "busy")
+        log.debug("memkv node %s: call still queued at its deadline (its lane is full)", node_id)
+        return _NodeBusy(f"memkv node {node_id}: call still queued behind that node's others at its deadline")
+
+    @staticmethod
+    def _late(node_id: str, late: Callable[[str, R], None], future: Future[R]) -> None:
+        """A task's result that came after its caller stopped waiting."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        try:
+            late(node_id, future.result())
+        except Exception:  # a callback on a lane thread: nobody else would see it
+            log.exception("memkv: handling a late answer from %s failed", node_id)
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
         for key in keys:
@@ -345,7 +451,8 @@ class ClusterClient:
         ``replicas`` ALIVE or SUSPECT members) either stored this version or dropped the key's
         older value (NO_SPACE, TOO_LARGE), and at least one stored it. A replica that timed out,
         failed, is in local back-off or holds a newer version (STALE) leaves it unacknowledged:
-        once a write is acknowledged, no replica still holds the value it replaced.
+        once a write is acknowledged, no replica still holds the value it replaced. A replica
+        that failed part way counts for the chunks it answered before failing.
         """
         if len(keys) != len(values):
             raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
@@ -364,35 +471,46 @@ class ClusterClient:
                 if node_id in healthy:  # one in back-off is not asked, and so not acknowledged
                     by_node.setdefault(node_id, []).append(i)
 
-        def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status] | Exception]:
-            def op(client: NodeClient) -> list[Status]:
-                got: dict[int, Status] = {}
+        def put_on(node_id: str, idx: list[int]) -> Callable[[], list[Status | None] | Exception]:
+            got: dict[int, Status] = {}  # key index -> this node's answer, chunk by chunk
+
+            def op(client: DataClient) -> None:
+                got.clear()
                 sel = idx
                 while True:
-                    statuses = client.put(
-                        [keys[i] for i in sel],
-                        [values[i] for i in sel],
-                        timeout_s=_left(deadline),
-                        versions=[versions[i] for i in sel],
-                    )
-                    got.update(zip(sel, statuses))
+                    for part in _chunks(len(sel)):
+                        chunk = [sel[j] for j in part]
+                        statuses = client.put(
+                            [keys[i] for i in chunk],
+                            [values[i] for i in chunk],
+                            timeout_s=_left(deadline),
+                            versions=[versions[i] for i in chunk],
+                        )
+                        _check_count(node_id, "PUT", statuses, len(chunk))
+                        got.update(zip(chunk, statuses))
                     # NOT_READY: the node just started or wiped and its peers do not know yet
                     # (a heartbeat or so); it dropped any older value, so the same write may be
                     # sent again while the call's time lasts.
-                    sel = [i for i, st in zip(sel, statuses) if st == Status.NOT_READY]
+                    sel = [i for i in sel if got[i] == Status.NOT_READY]
                     if not sel or deadline - time.monotonic() < 2 * _NOT_READY_PAUSE_S:
-                        return [got[i] for i in idx]
+                        return
                     time.sleep(_NOT_READY_PAUSE_S)
 
-            return lambda: self._call(view, node_id, op)
+            def task() -> list[Status | None] | Exception:
+                result = self._call(view, node_id, op)
+                if isinstance(result, Exception) and not got:
+                    return result
+                return [got.get(i) for i in idx]  # None: not answered (the node failed first)
+
+            return task
 
         stored = [0] * len(keys)
         settled = [0] * len(keys)
-        results = self._fanout({n: put_on(n, idx) for n, idx in by_node.items()})
+        results = self._fanout({n: put_on(n, idx) for n, idx in by_node.items()}, deadline)
         for node_id, result in results.items():
             if isinstance(result, Exception):
                 continue
-            for i, status in zip(by_node[node_id], result):
+            for i, status in zip(by_node[node_id], result, strict=True):
                 if status == Status.OK:
                     stored[i] += 1
                     settled[i] += 1
@@ -405,11 +523,13 @@ class ClusterClient:
         keys: Sequence[bytes],
         candidates: list[list[str]],
         run: Callable[[str, list[int], float], list[T | None] | Exception],  # (node, key indexes, deadline)
+        late: Callable[[str, list[T | None] | Exception], None] | None = None,
     ) -> list[tuple[T, str] | None]:
         """Ask each key's candidates in turn until one has it: per key (what it answered, node) or None.
 
         Each round sends every unresolved key to its next healthy candidate, one batch per node,
-        nodes in parallel; misses and failed nodes move on to the next round.
+        nodes in parallel; misses and failed nodes move on to the next round. ``late`` gets the
+        answers of a node that came after the round stopped waiting for them.
         """
         view = self._view
         deadline = time.monotonic() + self.timeout_s
@@ -432,11 +552,11 @@ class ClusterClient:
             rounds_left = 1 + max(len(candidates[i]) - cursor[i] for i in pending)
             now = time.monotonic()
             round_deadline = now + (deadline - now) / rounds_left
-            results = self._fanout({n: partial(run, n, idx, round_deadline) for n, idx in by_node.items()})
-            for node_id, result in results.items():
+            tasks = {n: partial(run, n, idx, round_deadline) for n, idx in by_node.items()}
+            for node_id, result in self._fanout(tasks, round_deadline, late).items():
                 if isinstance(result, Exception):
                     continue
-                for i, answer in zip(by_node[node_id], result):
+                for i, answer in zip(by_node[node_id], result, strict=True):
                     if answer is not None:
                         found[i] = (answer, node_id)
             pending = [i for i in pending if found[i] is None and cursor[i] < len(candidates[i])]
@@ -463,43 +583,55 @@ class ClusterClient:
         wrong_lock = threading.Lock()
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[int | None] | Exception:
-            def op(client: NodeClient) -> list[int | None]:
-                out: list[int | None] = []
+            out: list[int | None] = []
+            bad: list[tuple[bytes, int]] = []
+
+            def op(client: DataClient) -> list[int | None]:
+                out.clear()
+                bad.clear()
                 for part in _chunks(len(idx)):
                     sel = [idx[j] for j in part]
                     reply = client.read_into(
                         [keys[i] for i in sel], [buffers[i] for i in sel], timeout_s=_left(deadline), exact=exact
                     )
-                    for i, status, length, version in zip(sel, reply.statuses, reply.lengths, reply.versions):
+                    for column in (reply.statuses, reply.lengths, reply.versions):
+                        _check_count(node_id, "GET", column, len(sel))
+                    for i, status, length, version in zip(sel, reply.statuses, reply.lengths, reply.versions, strict=True):
                         out.append(length if status == Status.OK else None)
                         if status == Status.WRONG_SIZE:
-                            with wrong_lock:
-                                wrong.setdefault(node_id, []).append((keys[i], version))
+                            bad.append((keys[i], version))
                 return out
 
-            return self._call(view, node_id, op)
+            result = self._call(view, node_id, op)
+            if bad:
+                with wrong_lock:
+                    wrong.setdefault(node_id, []).extend(bad)
+            return _answered(result, out, len(idx))
 
         found = self._rounds(keys, candidates, run)
         if wrong and not self._closed:
             log.warning("memkv: purging %d stored values whose size does not match the reader's buffer",
                         sum(len(v) for v in wrong.values()))
-            try:
-                self._executor.submit(self._purge, view, wrong)
-            except RuntimeError:  # closing
-                pass
+            self._purge(view, wrong)
         return [None if f is None else f[0] for f in found]
 
     def _purge(self, view: ClusterView, copies: dict[str, list[tuple[bytes, int]]]) -> None:
-        """Delete exactly these copies: on that node, up to that version (a newer good value stays)."""
+        """Delete exactly these copies: on that node, up to that version (a newer good value stays).
+        Queued on the nodes' lanes; nobody waits for it."""
         deadline = time.monotonic() + self.timeout_s
         for node_id, items in copies.items():
             if node_id not in view.members:
                 continue
 
-            def op(client: NodeClient, items: list[tuple[bytes, int]] = items) -> list[Status]:
-                return client.delete_versions([k for k, _ in items], [v for _, v in items], timeout_s=_left(deadline))
+            def op(client: DataClient, items: list[tuple[bytes, int]] = items) -> None:
+                for part in _chunks(len(items)):
+                    chunk = items[part.start : part.stop]
+                    client.delete_versions([k for k, _ in chunk], [v for _, v in chunk], timeout_s=_left(deadline))
 
-            self._call(view, node_id, op)
+            try:
+                self._lanes.submit(node_id, partial(self._call, view, node_id, op), deadline)
+            except RuntimeError:  # closing
+                return
 
     def exists(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0) -> list[int | None]:
         """Per key its length if any replica has it; with ``lease_ttl_s`` the answering node leases it
@@ -509,29 +641,35 @@ class ClusterClient:
         candidates = self._replica_sets(view, keys)
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[tuple[int, int] | None] | Exception:
-            granted: list[int] = []
+            out: list[tuple[int, int] | None] = []
 
-            def op(client: NodeClient) -> list[tuple[int, int] | None]:
-                out: list[tuple[int, int] | None] = []
+            def op(client: DataClient) -> list[tuple[int, int] | None]:
+                out.clear()  # a retry after FENCED: the old life's leases went with its data
                 for part in _chunks(len(idx)):
                     reply = client.lookup([keys[idx[j]] for j in part], lease_ttl_s, timeout_s=_left(deadline))
-                    granted.extend(lease_id for lease_id in reply.lease_ids if lease_id)
-                    out += [
+                    for column in (reply.statuses, reply.lengths, reply.lease_ids):
+                        _check_count(node_id, "EXISTS", column, len(part))
+                    out.extend(
                         (n, lease_id) if s == Status.OK else None
-                        for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids)
-                    ]
+                        for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids, strict=True)
+                    )
                 return out
 
-            granted.clear()
-            result = self._call(view, node_id, op)
-            if isinstance(result, Exception) and granted:
-                # Leases of the chunks that did answer are not recorded: give them back now
-                # rather than let them hold this client's lease budget until their TTL.
-                inc = view.members[node_id].incarnation
-                self._owed.owe([OwedRelease(lid, node_id, inc) for lid in granted], time.monotonic())
-            return result
+            # The chunks answered before a failure keep their answers, and so their leases are
+            # recorded below and released in time, like any other.
+            return _answered(self._call(view, node_id, op), out, len(idx))
 
-        found = self._rounds(keys, candidates, run)
+        def late(node_id: str, result: list[tuple[int, int] | None] | Exception) -> None:
+            # Answers nobody waited for: their leases are recorded nowhere, so give them back now
+            # rather than let them hold this client's lease budget until their TTL.
+            if isinstance(result, Exception) or node_id not in view.members:
+                return
+            inc = view.members[node_id].incarnation
+            granted = [OwedRelease(a[1], node_id, inc) for a in result if a is not None and a[1]]
+            if granted:
+                self._owed.owe(granted, time.monotonic())
+
+        found = self._rounds(keys, candidates, run, late)
         if lease_ttl_s > 0:
             members = view.members
             until = time.monotonic() + lease_ttl_s
@@ -563,13 +701,18 @@ class ClusterClient:
         deadline = time.monotonic() + self.timeout_s
 
         def release_on(node_id: str, items: list[OwedRelease]) -> list[bool] | Exception:
-            def op(client: NodeClient) -> list[bool]:
-                out: list[bool] = []
+            out: list[bool] = []
+
+            def op(client: DataClient) -> list[bool]:
+                out.clear()
                 for part in _chunks(len(items)):
-                    out += client.release([items[j].lease_id for j in part], timeout_s=_left(deadline))
+                    got = client.release([items[j].lease_id for j in part], timeout_s=_left(deadline))
+                    _check_count(node_id, "RELEASE", got, len(part))
+                    out.extend(got)
                 return out
 
-            return self._call(view, node_id, op)
+            result = self._call(view, node_id, op)
+            return out if isinstance(result, Exception) and out else result  # the chunks that landed
 
         tasks: dict[str, Callable[[], list[bool] | Exception]] = {}
         retry: list[OwedRelease] = []
@@ -578,17 +721,18 @@ class ClusterClient:
                 tasks[node_id] = partial(release_on, node_id, items)
             else:
                 retry += items
-        for node_id, result in self._fanout(tasks).items():
+        for node_id, result in self._fanout(tasks, deadline).items():
             # Releases name lease ids, so retrying one that did land is harmless.
-            if isinstance(result, Exception):
-                retry += owed[node_id]
+            landed = 0 if isinstance(result, Exception) else len(result)
+            retry += owed[node_id][landed:]
         if retry and self._owed.owe(retry, time.monotonic()):
             log.warning("gave up releasing some leases after %d attempts (their TTL expires them)", MAX_ATTEMPTS)
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
         """Delete everywhere; True where the delete is durable: every member that is not DEAD or
         LEFT confirmed it (deleted, had nothing, or holds a newer write). Each node keeps a
-        tombstone, so an older write arriving later cannot bring the key back."""
+        tombstone, so an older write arriving later cannot bring the key back. A member that
+        failed part way confirmed the chunks it answered before failing."""
         self._check_keys(keys)
         view = self._view
         must = view.placeable
@@ -597,22 +741,31 @@ class ClusterClient:
         deadline = time.monotonic() + self.timeout_s
         versions = CLOCK.next(len(keys))
 
-        def op(client: NodeClient) -> list[Status]:
+        def delete_on(node_id: str) -> list[Status] | Exception:
             out: list[Status] = []
-            for part in _chunks(len(keys)):
-                out += client.delete_versions(
-                    [keys[i] for i in part], [versions[i] for i in part], timeout_s=_left(deadline)
-                )
-            return out
 
-        results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
-        durable = [bool(must) and len(results) == len(must)] * len(keys)
-        for result in results.values():
+            def op(client: DataClient) -> list[Status]:
+                out.clear()
+                for part in _chunks(len(keys)):
+                    got = client.delete_versions(
+                        [keys[i] for i in part], [versions[i] for i in part], timeout_s=_left(deadline)
+                    )
+                    _check_count(node_id, "DELETE", got, len(part))
+                    out.extend(got)
+                return out
+
+            result = self._call(view, node_id, op)
+            return out if isinstance(result, Exception) and out else result  # the chunks confirmed
+
+        confirmed = [0] * len(keys)
+        for result in self._fanout({n: partial(delete_on, n) for n in nodes}, deadline).values():
             if isinstance(result, Exception):
-                return [False] * len(keys)
-            # STALE: that node holds a newer write (or refused our version): not deleted there.
-            durable = [d and st != Status.STALE for d, st in zip(durable, result)]
-        return durable
+                continue
+            for i, status in enumerate(result):
+                # STALE: that node holds a newer write (or refused our version): not deleted there.
+                if status != Status.STALE:
+                    confirmed[i] += 1
+        return [bool(must) and c == len(must) for c in confirmed]
 
     def list_keys(
         self, prefix: bytes = b"", cursor: str | None = None, limit: int = 1000
@@ -630,12 +783,12 @@ class ClusterClient:
         nodes = sorted(self._healthy_set(view))
         deadline = time.monotonic() + self.timeout_s
 
-        def op(client: NodeClient) -> tuple[list[tuple[bytes, int]], bytes]:
+        def op(client: DataClient) -> tuple[list[tuple[bytes, int]], bytes]:
             return client.list_keys(prefix, after, limit, timeout_s=_left(deadline))
 
         merged: dict[bytes, int] = {}
         more = False
-        results = self._fanout({n: partial(self._call, view, n, op) for n in nodes})
+        results = self._fanout({n: partial(self._call, view, n, op) for n in nodes}, deadline)
         failed = [r for r in results.values() if isinstance(r, Exception)]
         if nodes and len(failed) == len(nodes):
             # An empty page would read as "no keys": say that nobody answered instead.
@@ -728,6 +881,8 @@ class ClusterClient:
                 if self._watcher is not None:
                     self._watcher.check_stale()
                 self._leases.expire(time.monotonic())
+                # Lanes of nodes no longer placeable go, with any threads a frozen node held.
+                self._lanes.retire(frozenset(self._view.placeable))
                 due = self._owed.due(time.monotonic())
                 if due:
                     view = self._view

@@ -25,14 +25,22 @@ Grantor = tuple[str, int]  # (node_id, incarnation): a restarted node holds none
 
 
 class LeaseBook:
-    """Per key, the leases this client holds (who granted each, and its id) until the leases'
-    TTL: past it the node has let them go, so a record that was never released (an unlock that
-    never came) is dropped too, by ``expire``, rather than kept for ever."""
+    """Per key, the leases this client holds (who granted each, its id, its expiry) until each
+    lease's TTL: past it the node has let it go, so a record that was never released (an unlock
+    that never came) is dropped too, by ``expire``, rather than kept for ever.
+
+    Memory follows the leases held: each lease is one record, dropped at release or expiry; the
+    expiry heap holds one live entry per key (its earliest expiry), and stale entries (a key
+    released, or given an earlier expiry) are skipped when popped and compacted away once they
+    outnumber the live ones, so re-granting the same keys again and again does not grow it.
+    """
+
+    _COMPACT_SLACK = 64  # a small heap is not worth rebuilding
 
     def __init__(self) -> None:
-        self._held: dict[bytes, list[tuple[Grantor, int]]] = {}  # key -> [(grantor, lease id)]
-        self._until: dict[bytes, float] = {}  # key -> latest grant's expiry
-        self._deadlines: list[tuple[float, bytes]] = []  # heap; stale entries are skipped
+        self._held: dict[bytes, list[tuple[Grantor, int, float]]] = {}  # key -> [(grantor, lease id, until)]
+        self._next: dict[bytes, float] = {}  # key -> the expiry its live heap entry is at
+        self._deadlines: list[tuple[float, bytes]] = []  # heap; entries not matching _next are stale
         self._lock = threading.Lock()
 
     def add(self, key: bytes, grantor: Grantor, lease_id: int = 0, until: float = math.inf) -> None:
@@ -44,21 +52,42 @@ class LeaseBook:
         with self._lock:
             held = self._held
             for key, grantor, lease_id in grants:
-                held.setdefault(key, []).append((grantor, lease_id))
-                if until > self._until.get(key, -math.inf):
-                    self._until[key] = until
-                    if until != math.inf:
-                        heapq.heappush(self._deadlines, (until, key))
+                held.setdefault(key, []).append((grantor, lease_id, until))
+                # Only an earlier expiry than the one scheduled needs a heap entry; a later one
+                # (the usual re-grant) is found when the earlier entry comes due.
+                if until != math.inf and until < self._next.get(key, math.inf):
+                    self._schedule(key, until)
+            self._compact()
+
+    def _schedule(self, key: bytes, until: float) -> None:
+        self._next[key] = until
+        heapq.heappush(self._deadlines, (until, key))
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live entries once stale ones outnumber them."""
+        if len(self._deadlines) > 2 * len(self._next) + self._COMPACT_SLACK:
+            self._deadlines = [(until, key) for key, until in self._next.items()]
+            heapq.heapify(self._deadlines)
 
     def expire(self, now: float) -> int:
-        """Forget the keys whose every lease has run out its TTL; how many were dropped."""
+        """Forget the leases that have run out their TTL; how many were dropped."""
         dropped = 0
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
                 until, key = heapq.heappop(self._deadlines)
-                if self._until.get(key) == until:  # not renewed since
-                    del self._until[key]
-                    dropped += len(self._held.pop(key, ()))
+                if self._next.get(key) != until:
+                    continue  # stale: released since, or rescheduled earlier
+                del self._next[key]
+                leases = self._held.get(key, [])
+                live = [lease for lease in leases if lease[2] > now]
+                dropped += len(leases) - len(live)
+                if not live:
+                    self._held.pop(key, None)
+                    continue
+                self._held[key] = live
+                soonest = min(lease[2] for lease in live)
+                if soonest != math.inf:
+                    self._schedule(key, soonest)
         return dropped
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
@@ -72,7 +101,7 @@ class LeaseBook:
                 elif len(leases) == 1:
                     out.append([leases[0][0][0]])
                 else:
-                    counts = Counter(g[0] for g, _ in leases)
+                    counts = Counter(g[0] for g, _, _ in leases)
                     out.append([n for n, _ in counts.most_common()])
             return out
 
@@ -84,7 +113,7 @@ class LeaseBook:
         return self.take_many([key])[0]
 
     def take_many(self, keys: Iterable[bytes]) -> list[tuple[Grantor, int] | None]:
-        """``take`` for each key, under one lock acquisition."""
+        """``take`` for each key (its latest lease), under one lock acquisition."""
         out: list[tuple[Grantor, int] | None] = []
         with self._lock:
             for key in keys:
@@ -92,15 +121,23 @@ class LeaseBook:
                 if not leases:
                     out.append(None)
                     continue
-                out.append(leases.pop())
+                grantor, lease_id, _ = leases.pop()
+                out.append((grantor, lease_id))
                 if not leases:
+                    # Its heap entry goes stale; ``_compact`` bounds how many such wait there.
                     del self._held[key]
-                    self._until.pop(key, None)
+                    self._next.pop(key, None)
+            self._compact()
         return out
 
     def count(self) -> int:
         with self._lock:
             return sum(len(v) for v in self._held.values())
+
+    def footprint(self) -> tuple[int, int]:
+        """(lease records, expiry heap entries): what this book holds in memory."""
+        with self._lock:
+            return sum(len(v) for v in self._held.values()), len(self._deadlines)
 
 
 @dataclass
