@@ -1,8 +1,10 @@
-"""A node's control plane: the gRPC server, joining through seeds, heartbeats, graceful leave.
+"""A node's control plane: the gRPC server, joining through seeds, the SWIM protocol loop,
+graceful leave.
 
-Every heartbeat interval the node times out silent members, then sends each member its own
-record and its whole view (fine at tens of nodes); the answer carries the peer's record and
-view back. Members that are DEAD are still probed now and then, so a partition heals.
+Every protocol period (the heartbeat interval) the node applies suspicion timeouts and
+reaping, then runs one SWIM period (``swim``: one probe, piggybacked gossip). Every few
+periods it re-joins the seeds it does not know as ALIVE, so a partition heals and a reaped
+node comes back.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lmcache_memkv import __version__
 from lmcache_memkv.control.auth import NodeNames, ProofChecker
 from lmcache_memkv.control.channel import MAX_MESSAGE, ChannelPool, describe_rpc_error
-from lmcache_memkv.control.convert import member_from_proto, member_to_proto, view_from_proto, view_to_proto
+from lmcache_memkv.control.convert import member_to_proto, view_from_proto
 from lmcache_memkv.control.decoding import StrictDecoding
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import LogThrottle, Peers, wait_all
-from lmcache_memkv.control.response_auth import HEARTBEAT, JOIN, fresh_nonce
+from lmcache_memkv.control.response_auth import JOIN, fresh_nonce
 from lmcache_memkv.control.service import ClusterService, MaintenanceService, SessionService
 from lmcache_memkv.control.stats import RateMeter, node_stats
+from lmcache_memkv.control.swim import Swim
 from lmcache_memkv.control.tls import ca_from_env, server_credentials
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.node.config import NodeConfig
@@ -47,7 +50,7 @@ from lmcache_memkv.wire.constants import VERSION
 log = logging.getLogger("memkv.control")
 _MAX_WATCHERS = 32
 _WORKERS = _MAX_WATCHERS + 16  # watches hold a thread each; the rest serve unary calls
-_DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
+_REJOIN_EVERY = 5  # protocol periods between re-joins of the seeds not known ALIVE
 _LEAVE_WAIT_S = 1.0
 _METHODS = frozenset(
     f"/{service.full_name}/{m.name}"
@@ -139,13 +142,25 @@ class ControlPlane:
             dead_after_s=config.dead_after_s,
             clock=clock,
             stall_after_s=config.suspect_after_s,  # ticks run every heartbeat interval, well below this
+            reap_after_s=config.reap_after_s,
+            cluster_id=config.cluster_id,
         )
         self.membership.on_declared_dead = lambda: server.fence.fence("the cluster declared this node DEAD")
         server.fence.on_stall_wipe = self.membership.data_restarted
         server.write_gate = self.membership.writable
+        gossip_bytes = server.metrics.gossip_bytes
+        self._count = lambda direction, n: gossip_bytes.labels(config.node_id, direction).inc(n)
+        self.swim = Swim(
+            self.membership,
+            self._peers,
+            interval_s=config.heartbeat_interval_s,
+            probe_timeout_s=config.suspect_after_s,
+            indirect_probes=config.indirect_probes,
+            count=self._count,
+        )
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterService(self.membership, keepalive_s, _MAX_WATCHERS), self._grpc
+            ClusterService(self.membership, keepalive_s, _MAX_WATCHERS, self.swim, self._count), self._grpc
         )
         maintenance_pb2_grpc.add_MaintenanceServicer_to_server(
             MaintenanceService(self.membership, self.status, self._peers), self._grpc
@@ -204,7 +219,9 @@ class ControlPlane:
         ops = _ops_total(self._server)
         self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
         return maintenance_pb2.StatusResponse(
-            header=member_pb2.ResponseHeader(node_id=self.membership.node_id, epoch=self.membership.epoch),
+            header=member_pb2.ResponseHeader(
+                node_id=self.membership.node_id, epoch=self.membership.epoch, cluster_id=self.membership.cluster_id
+            ),
             member=member_to_proto(self.membership.local),
             stats=node_stats(stats, ops, self._rate.sample(ops)),
             version=__version__,
@@ -234,7 +251,10 @@ class ControlPlane:
         seeds = [s for s in self._config.seeds if s not in known and s not in (self.endpoint, me.control_endpoint)]
         sent = []
         for seed in seeds:
-            request = cluster_pb2.JoinRequest(member=member_to_proto(me), nonce=fresh_nonce())
+            request = cluster_pb2.JoinRequest(
+                member=member_to_proto(me), nonce=fresh_nonce(), cluster_id=self.membership.cluster_id
+            )
+            self._count("sent", request.ByteSize())
             future = self._peers.join(seed, request, timeout_s)
             future.add_done_callback(partial(self._on_join_reply, seed, request))
             sent.append(future)
@@ -258,13 +278,19 @@ class ControlPlane:
                 log.debug("seed did not answer: %s", describe_rpc_error(exc))
             return
         reply: cluster_pb2.JoinResponse = future.result()
+        self._count("received", reply.ByteSize())
         try:
             self._peers.check_reply(JOIN, request, reply)  # a seed without our key must not shape our view
+            if reply.header.cluster_id != self.membership.cluster_id:
+                raise ValueError(
+                    f"it belongs to cluster {reply.header.cluster_id!r}, this node to {self.membership.cluster_id!r}"
+                )
             epoch, members = view_from_proto(reply.view)
             for m in members:  # the seed's own record in its view: we just heard from it
                 if m.node_id == reply.header.node_id:
                     self.membership.heard_from(m)
-            self.membership.merge(epoch, members, source=reply.header.node_id)
+            # The seed's view is news to us only: the others have it, so it is not re-gossiped.
+            self.membership.merge(epoch, members, source=reply.header.node_id, spread=False)
         except ValueError as exc:  # ReplyRefused, a malformed view, an integer out of range
             if self._refusals_logged.allow(seed):
                 log.warning("ignoring the answer of seed %s: %s", seed, exc)
@@ -277,7 +303,7 @@ class ControlPlane:
             try:
                 self._round(rounds)
             except Exception:  # a bad round must not end failure detection for good
-                log.exception("heartbeat round failed")
+                log.exception("protocol period failed")
             rounds += 1
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
@@ -285,48 +311,16 @@ class ControlPlane:
         # First: after a stall this drops the data before anything is served or gossiped.
         self._server.fence.beat(any(m.state in (State.ALIVE, State.SUSPECT) for m in self.membership.peers()))
         for node_id, state in self.membership.tick():
-            log.warning(
-                "member %s is now %s (silent for %.1fs)", node_id, state, self.membership.silence(node_id) or 0.0
-            )
+            if state is None:
+                log.info("member %s reaped: DEAD or LEFT for over %.0fs", node_id, self._config.reap_after_s)
+            else:
+                log.warning("member %s is now %s (its suspicion was not refuted)", node_id, state)
         stats = self._server.stats()
         self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
         self._rate.sample(_ops_total(self._server))
-        epoch, members = self.membership.view()
-        me = self.membership.local
-        base = cluster_pb2.HeartbeatRequest(member=member_to_proto(me), view=view_to_proto(epoch, members))
-        probe_dead = rounds % _DEAD_PROBE_EVERY == 0
-        timeout = self._config.suspect_after_s
-        for m in members:
-            if m.node_id == me.node_id:
-                continue
-            if m.state in (State.ALIVE, State.SUSPECT) or (m.state is State.DEAD and probe_dead):
-                # A nonce per peer and round: each answer's proof is bound to this request alone.
-                request = cluster_pb2.HeartbeatRequest(member=base.member, view=base.view, nonce=fresh_nonce())
-                done = partial(self._on_heartbeat_reply, m.control_endpoint, request)
-                self._peers.heartbeat(m.control_endpoint, request, timeout, done)
-        if probe_dead and rounds:
-            self._join_seeds(timeout_s=timeout, wait=False)
-
-    def _on_heartbeat_reply(self, endpoint: str, request: cluster_pb2.HeartbeatRequest, future: grpc.Future) -> None:
-        if future.cancelled():  # shutting down
-            return
-        exc = future.exception()
-        if exc is not None:
-            # A peer refusing us (another key, our node id taken) is a misconfiguration that
-            # timeouts alone would hide: say so, once per peer per minute.
-            if isinstance(exc, grpc.Call) and exc.code() in _REFUSALS and self._refusals_logged.allow(endpoint):
-                log.error("peer %s refused our heartbeat: %s", endpoint, describe_rpc_error(exc))
-            return
-        reply: cluster_pb2.HeartbeatResponse = future.result()
-        try:
-            self._peers.check_reply(HEARTBEAT, request, reply)
-            record = member_from_proto(reply.member)
-            epoch, members = view_from_proto(reply.view)
-            self.membership.heard_from(record)
-            self.membership.merge(epoch, members, source=record.node_id)
-        except ValueError as exc2:  # ReplyRefused, a malformed record or view, an integer out of range
-            if self._refusals_logged.allow(endpoint):
-                log.warning("ignoring the heartbeat answer of %s: %s", endpoint, exc2)
+        self.swim.round()
+        if rounds and rounds % _REJOIN_EVERY == 0:
+            self._join_seeds(timeout_s=self._config.suspect_after_s, wait=False)
 
 
 def start_control_plane(server: NodeServer, config: NodeConfig) -> ControlPlane:

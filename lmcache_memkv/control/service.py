@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from lmcache_memkv.control import auth
 from lmcache_memkv.control.channel import describe_rpc_error
@@ -31,6 +32,7 @@ from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import Peers
 from lmcache_memkv.control.response_auth import STATUS
 from lmcache_memkv.control.stats import total
+from lmcache_memkv.control.swim import MAX_GOSSIP_IN, MAX_PIGGYBACK, Count, Swim
 from lmcache_memkv.proto.memkv.v1 import (
     cluster_pb2,
     cluster_pb2_grpc,
@@ -44,10 +46,33 @@ from lmcache_memkv.wire.constants import VERSION
 
 log = logging.getLogger("memkv.control")
 _MAX_NONCE = 64
+_MAX_PING_REQ_S = 10.0  # a PingReq holds a server thread while it waits: never longer than this
+_Reply = TypeVar("_Reply", bound=Message)
 
 
 def _header(membership: Membership) -> member_pb2.ResponseHeader:
-    return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch)
+    return member_pb2.ResponseHeader(node_id=membership.node_id, epoch=membership.epoch, cluster_id=membership.cluster_id)
+
+
+def _same_cluster(membership: Membership, cluster_id: str, context: grpc.ServicerContext, rpc: str) -> None:
+    """Refuse a caller of another cluster. An empty id (a tool or an older caller that does not
+    say) is taken as this cluster's: the auth key, not this check, keeps strangers out."""
+    if cluster_id and cluster_id != membership.cluster_id:
+        _abort(
+            context,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{rpc}: the caller belongs to cluster {cluster_id!r}, this node ({membership.node_id}) to "
+            f"{membership.cluster_id!r}; check --cluster-id and --seed",
+        )
+
+
+def _records(context: grpc.ServicerContext, rpc: str, protos: Sequence[member_pb2.Member]) -> list[Member]:
+    if len(protos) > MAX_GOSSIP_IN:
+        _invalid(context, f"{rpc}: {len(protos)} gossip records, more than {MAX_GOSSIP_IN}")
+    try:
+        return [member_from_proto(p) for p in protos]
+    except ValueError as exc:
+        _invalid(context, f"{rpc}: {exc}")
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -91,10 +116,19 @@ def _checked_stats(stats: maintenance_pb2.NodeStats) -> maintenance_pb2.NodeStat
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):
-    def __init__(self, membership: Membership, keepalive_s: float, max_watchers: int) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        keepalive_s: float,
+        max_watchers: int,
+        swim: Swim | None = None,
+        count: Count = lambda direction, n: None,
+    ) -> None:
         self._m = membership
         self._keepalive_s = keepalive_s
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self._swim = swim
+        self._count = count
 
     def _view(self) -> member_pb2.View:
         return view_to_proto(*self._m.view())
@@ -105,6 +139,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         return cluster_pb2.MemberListResponse(header=_header(self._m), view=self._view())
 
     def Join(self, request: cluster_pb2.JoinRequest, context: grpc.ServicerContext) -> cluster_pb2.JoinResponse:
+        self._count("received", request.ByteSize())
+        _same_cluster(self._m, request.cluster_id, context, "Join")
         record = _own_record(self._m, request.member, context, "Join")
         if record.state is not State.ALIVE:
             _invalid(context, f"Join: a joining member must be ALIVE, got {record.state}")
@@ -115,9 +151,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 record.incarnation,
                 record.control_endpoint,
             )
-        return cluster_pb2.JoinResponse(header=_header(self._m), view=self._view())
+        return self._sent(cluster_pb2.JoinResponse(header=_header(self._m), view=self._view()))
+
+    def _sent(self, reply: _Reply) -> _Reply:
+        self._count("sent", reply.ByteSize())
+        return reply
 
     def Leave(self, request: cluster_pb2.LeaveRequest, context: grpc.ServicerContext) -> cluster_pb2.LeaveResponse:
+        self._count("received", request.ByteSize())
         if request.node_id == self._m.node_id:
             _invalid(context, "Leave: a node leaves by stopping, not by being told to")
         known = self._m.get(request.node_id)
@@ -138,11 +179,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             )
             if _merge(context, "Leave", lambda: self._m.heard_from(left)):
                 log.info("member %s left", request.node_id)
-        return cluster_pb2.LeaveResponse(header=_header(self._m), view=self._view())
+        return self._sent(cluster_pb2.LeaveResponse(header=_header(self._m), view=self._view()))
 
     def Heartbeat(
         self, request: cluster_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cluster_pb2.HeartbeatResponse:
+        """Anti-entropy: a full-view exchange, now and then (see ``swim``)."""
+        self._count("received", request.ByteSize())
+        _same_cluster(self._m, request.cluster_id, context, "Heartbeat")
         record = _own_record(self._m, request.member, context, "Heartbeat")
         try:
             epoch, members = view_from_proto(request.view)
@@ -150,9 +194,69 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             _invalid(context, f"Heartbeat: {exc}")
         _merge(context, "Heartbeat", lambda: self._m.heard_from(record))
         _merge(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
-        return cluster_pb2.HeartbeatResponse(
-            header=_header(self._m), member=member_to_proto(self._m.local), view=self._view()
+        return self._sent(
+            cluster_pb2.HeartbeatResponse(header=_header(self._m), member=member_to_proto(self._m.local), view=self._view())
         )
+
+    def Ping(self, request: cluster_pb2.PingRequest, context: grpc.ServicerContext) -> cluster_pb2.PingResponse:
+        """SWIM's ack: our record, the caller's as we hold it (its echo), a few recent changes."""
+        self._count("received", request.ByteSize())
+        _same_cluster(self._m, request.cluster_id, context, "Ping")
+        record = _own_record(self._m, request.member, context, "Ping")
+        gossip = _records(context, "Ping", request.gossip)
+        if request.HasField("target"):
+            gossip += _records(context, "Ping", [request.target])  # us as the caller holds us: its echo
+        _merge(context, "Ping", lambda: self._m.heard_from(record))
+        _merge(
+            context,
+            "Ping",
+            lambda: self._m.absorb(gossip, source=record.node_id, epoch=request.epoch, digest=request.view_digest),
+        )
+        reply = cluster_pb2.PingResponse(
+            header=_header(self._m),
+            member=member_to_proto(self._m.local),
+            gossip=[member_to_proto(r) for r in self._m.piggyback(MAX_PIGGYBACK)],
+            view_digest=self._m.digest()[1],
+        )
+        seen = self._m.get(record.node_id)
+        if seen is not None:
+            reply.seen.CopyFrom(member_to_proto(seen))
+        origin = self._m.get(request.origin) if request.origin else None
+        if origin is not None:
+            reply.seen_origin.CopyFrom(member_to_proto(origin))
+        return self._sent(reply)
+
+    def PingReq(self, request: cluster_pb2.PingReqRequest, context: grpc.ServicerContext) -> cluster_pb2.PingReqResponse:
+        """Probe ``target`` for the caller, which got no direct ack; relay the ack if one comes."""
+        self._count("received", request.ByteSize())
+        _same_cluster(self._m, request.cluster_id, context, "PingReq")
+        record = _own_record(self._m, request.member, context, "PingReq")
+        gossip = _records(context, "PingReq", request.gossip)
+        if not request.HasField("target"):
+            _invalid(context, "PingReq: no target")
+        target = _records(context, "PingReq", [request.target])[0]
+        _merge(context, "PingReq", lambda: self._m.heard_from(record))
+        _merge(context, "PingReq", lambda: self._m.absorb(gossip, source=record.node_id))
+        reply = cluster_pb2.PingReqResponse(header=_header(self._m), member=member_to_proto(self._m.local))
+        if target.node_id == self._m.node_id:  # the caller asks us about us: we are the ack
+            reply.acked = True
+            reply.target.CopyFrom(member_to_proto(self._m.local))
+            seen = self._m.get(record.node_id)
+            if seen is not None:
+                reply.seen.CopyFrom(member_to_proto(seen))
+        elif self._swim is not None:
+            remaining = context.time_remaining()
+            wait = min(request.timeout_ms / 1000, _MAX_PING_REQ_S)
+            if remaining is not None:
+                wait = min(wait, remaining * 0.9)
+            ack = self._swim.ping_for(target, record.node_id, wait) if wait > 0 else None
+            if ack is not None:
+                reply.acked = True
+                reply.target.CopyFrom(ack.member)
+                if ack.HasField("seen_origin"):
+                    reply.seen.CopyFrom(ack.seen_origin)
+        reply.gossip.extend(member_to_proto(r) for r in self._m.piggyback(MAX_PIGGYBACK))
+        return self._sent(reply)
 
     def Watch(
         self, request: cluster_pb2.WatchRequest, context: grpc.ServicerContext

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15memkv/v1/member.proto\x12\x08memkv.v1\"\xd9\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.memkv.v1.MemberState\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x18\n\x10\x63ontrol_endpoint\x18\x05 \x01(\t\x12\x12\n\ntransports\x18\x06 \x03(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nused_bytes\x18\x08 \x01(\x04\x12\x12\n\ndata_since\x18\t \x01(\x04\"8\n\x04View\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12!\n\x07members\x18\x02 \x03(\x0b\x32\x10.memkv.v1.Member\"?\n\x0eResponseHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05proof\x18\x03 \x01(\x0c*\x8b\x01\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x01\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x02\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x03\x12\x15\n\x11MEMBER_STATE_LEFT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15memkv/v1/member.proto\x12\x08memkv.v1\"\xd9\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.memkv.v1.MemberState\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x18\n\x10\x63ontrol_endpoint\x18\x05 \x01(\t\x12\x12\n\ntransports\x18\x06 \x03(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nused_bytes\x18\x08 \x01(\x04\x12\x12\n\ndata_since\x18\t \x01(\x04\"8\n\x04View\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12!\n\x07members\x18\x02 \x03(\x0b\x32\x10.memkv.v1.Member\"S\n\x0eResponseHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05proof\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t*\x8b\x01\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x01\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x02\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x03\x12\x15\n\x11MEMBER_STATE_LEFT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memkv.v1.member_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMBERSTATE']._serialized_start=379
-  _globals['_MEMBERSTATE']._serialized_end=518
+  _globals['_MEMBERSTATE']._serialized_start=399
+  _globals['_MEMBERSTATE']._serialized_end=538
   _globals['_MEMBER']._serialized_start=36
   _globals['_MEMBER']._serialized_end=253
   _globals['_VIEW']._serialized_start=255
   _globals['_VIEW']._serialized_end=311
   _globals['_RESPONSEHEADER']._serialized_start=313
-  _globals['_RESPONSEHEADER']._serialized_end=376
+  _globals['_RESPONSEHEADER']._serialized_end=396
 # @@protoc_insertion_point(module_scope)

@@ -51,11 +51,13 @@ class View(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class ResponseHeader(_message.Message):
-    __slots__ = ("node_id", "epoch", "proof")
+    __slots__ = ("node_id", "epoch", "proof", "cluster_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     proof: bytes
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., proof: _Optional[bytes] = ..., cluster_id: _Optional[str] = ...) -> None: ...
