@@ -86,6 +86,7 @@ class InProcNode:
         key: bytes | None = None,
         capacity: int = 8 << 20,
         tls: tuple[str, str] | None = None,
+        cluster_id: str = "memkv",
     ) -> None:
         self.config = NodeConfig(
             listen="127.0.0.1:0",
@@ -99,6 +100,7 @@ class InProcNode:
             dead_after_s=DEAD_S,
             tls_cert=tls[0] if tls else None,
             tls_key=tls[1] if tls else None,
+            cluster_id=cluster_id,
         )
         self.node_id = node_id
         self.server = NodeServer(self.config)

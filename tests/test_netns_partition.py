@@ -53,11 +53,16 @@ def start_nodes(node_factory: NodeFactory, net: Fabric) -> list[NodeProcess]:
     nodes: list[NodeProcess] = []
     seed = f"{net.address(0)}:7001"
     for i in range(N):
-        args = ["--node-id", f"n{i + 1}", "--listen", f"{net.address(i)}:7000", *ARGS]
+        addr = net.address(i)
+        args = ["--node-id", f"n{i + 1}", "--listen", f"{addr}:7000", "--metrics-listen", f"{addr}:7002", *ARGS]
         if i:
             args += ["--seed", seed]
         nodes.append(node_factory(capacity="4MiB", metrics=False, args=args, wrap=net.exec_prefix(i)))
     return nodes
+
+
+def probes(node: NodeProcess) -> dict[str, float]:
+    return {r: node.metric("memkv_swim_probes_total", result=r) for r in ("direct", "indirect", "none")}
 
 
 def test_a_one_way_broken_link_changes_no_placement_and_a_kill_is_found(
@@ -82,6 +87,7 @@ def test_a_one_way_broken_link_changes_no_placement_and_a_kill_is_found(
         placement = {key: client.placement(key) for key in KEYS}
 
         fabric.drop_to(1, 2)  # n2 -> n3 dropped; n3 -> n2 still delivered (but TCP needs both)
+        before = {n.node_id: probes(n) for n in nodes}
         started = time.monotonic()
         samples = states_seen = 0
         suspects: set[str] = set()
@@ -97,8 +103,14 @@ def test_a_one_way_broken_link_changes_no_placement_and_a_kill_is_found(
                 assert all(state != "DEAD" for _, state in view.values()), view
                 suspects |= {k for k, (_, s) in view.items() if s == "SUSPECT"}
             time.sleep(0.5)
+        after = {n.node_id: probes(n) for n in nodes}
+        moved = {k: {r: after[k][r] - before[k][r] for r in after[k]} for k in after}
         print(f"broken link n2->n3 for {WATCH_S:.0f}s: {samples} placement samples, {states_seen} views, "
-              f"never DEAD; briefly SUSPECT: {sorted(suspects) or 'none'}")
+              f"never DEAD; briefly SUSPECT: {sorted(suspects) or 'none'}; probes by outcome: {moved}")
+        # The fault was real: n2's probes of n3 (and n3's of n2: TCP needs both ways) got their
+        # acks only through helpers, while every node kept acking direct probes from the others.
+        assert moved["n2"]["indirect"] > 0 and moved["n3"]["indirect"] > 0, moved
+        assert all(m["direct"] > 0 for m in moved.values()), moved
 
         victim = nodes[4]
         victim.kill()

@@ -157,6 +157,7 @@ class ControlPlane:
             probe_timeout_s=config.suspect_after_s,
             indirect_probes=config.indirect_probes,
             count=self._count,
+            outcome=lambda result: server.metrics.swim_probes.labels(config.node_id, result).inc(),
         )
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         cluster_pb2_grpc.add_ClusterServicer_to_server(

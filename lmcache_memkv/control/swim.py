@@ -52,6 +52,7 @@ MAX_GOSSIP_IN = 64  # more than this in one message is refused (INVALID_ARGUMENT
 ANTI_ENTROPY_PERIODS_PER_MEMBER = 4
 ANTI_ENTROPY_MIN_PERIODS = 10
 Count = Callable[[str, int], None]  # (direction "sent" or "received", bytes)
+Outcome = Callable[[str], None]  # a probe's outcome: "direct", "indirect" or "none"
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
 
@@ -93,6 +94,7 @@ class _Probe:
     target: Member
     started: float
     acked: bool = False
+    via: str = "none"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -106,6 +108,7 @@ class Swim:
         probe_timeout_s: float,
         indirect_probes: int,
         count: Count = lambda direction, n: None,
+        outcome: Outcome = lambda result: None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -116,6 +119,7 @@ class Swim:
         self.direct_timeout_s = min(interval_s, probe_timeout_s / 2)
         self.indirect_probes = indirect_probes
         self._count = count
+        self._outcome = outcome
         self._rng = rng or random.Random()
         self._clock = clock
         self._order = ProbeOrder(self._rng)
@@ -148,9 +152,11 @@ class Swim:
             self._probes = [p for p in self._probes if p not in due]
         for p in due:
             if p.acked:
+                self._outcome(p.via)
                 continue
             if now - p.started > 2 * self.probe_timeout_s + self.interval_s:
                 continue  # this node was stalled past the deadline: the silence may be its own
+            self._outcome("none")
             if self._m.suspect(p.target.node_id):
                 log.warning(
                     "member %s is now SUSPECT: no ack to a direct or %d indirect probes within %.2fs",
@@ -188,7 +194,7 @@ class Swim:
             return
         reply = self._checked(PING, probe.target.control_endpoint, request, future)
         if reply is not None and self._take_ack(probe.target, reply, reply.member, _field(reply, "seen")):
-            self._acked(probe)
+            self._acked(probe, "direct")
             return
         self._indirect(probe)
 
@@ -227,11 +233,12 @@ class Swim:
             self._warn(helper.control_endpoint, f"ignoring the PingReq answer of {helper.node_id}: {exc}")
             return
         if reply.acked and reply.HasField("target") and self._take_ack(probe.target, None, reply.target, _field(reply, "seen")):
-            self._acked(probe)
+            self._acked(probe, "indirect")
 
-    def _acked(self, probe: _Probe) -> None:
+    def _acked(self, probe: _Probe, via: str) -> None:
         with probe.lock:
-            probe.acked = True
+            if not probe.acked:
+                probe.acked, probe.via = True, via
 
     def _take_ack(
         self,

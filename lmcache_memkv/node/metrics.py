@@ -106,6 +106,13 @@ class NodeMetrics:
             [*node, "direction"],
             registry=r,
         )
+        self.swim_probes = Counter(
+            "memkv_swim_probes",
+            "SWIM probes by outcome: direct (acked), indirect (acked only through PingReq helpers), "
+            "none (no ack: the target became SUSPECT).",
+            [*node, "result"],
+            registry=r,
+        )
         build = Gauge("memkv_build_info", "Version of this node and of its data-plane protocol.", ["version", "protocol"], registry=r)
         build.labels(__version__, str(VERSION)).set(1)
         ProcessCollector(registry=r)  # memkv_... would hide them from the usual process_* dashboards
