@@ -3,17 +3,18 @@ graceful leave.
 
 Every protocol period (the heartbeat interval) the node applies suspicion timeouts and
 reaping, then runs one SWIM period (``swim``: one probe, piggybacked gossip). Every few
-periods it re-joins the seeds it does not know as ALIVE, so a partition heals and a reaped
-node comes back.
+periods it re-joins the seeds it does not know as ALIVE and one random DEAD member not yet
+reaped, so a partition heals and a reaped node comes back.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from functools import partial
 
@@ -86,6 +87,7 @@ class ControlPlane:
         tls_ca = ca_from_env() or config.tls_cert
         self._peers = Peers(ChannelPool(config.auth_key, tls_ca if config.tls_cert else None))
         self._rate = RateMeter()
+        self._rng = random.Random()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
@@ -245,11 +247,13 @@ class ControlPlane:
                 reason,
             )
 
-    def _join_seeds(self, timeout_s: float, wait: bool) -> None:
-        """Announce this node to every seed not yet known as ALIVE; optionally wait for the answers."""
+    def _join_seeds(self, timeout_s: float, wait: bool, also: Sequence[str] = ()) -> None:
+        """Announce this node to every seed not yet known as ALIVE (and to ``also``); optionally
+        wait for the answers."""
         me = self.membership.local
         known = {m.control_endpoint for m in self.membership.peers() if m.state is State.ALIVE}
         seeds = [s for s in self._config.seeds if s not in known and s not in (self.endpoint, me.control_endpoint)]
+        seeds += [s for s in also if s not in seeds]
         sent = []
         for seed in seeds:
             request = cluster_pb2.JoinRequest(
@@ -321,7 +325,11 @@ class ControlPlane:
         self._rate.sample(_ops_total(self._server))
         self.swim.round()
         if rounds and rounds % _REJOIN_EVERY == 0:
-            self._join_seeds(timeout_s=self._config.suspect_after_s, wait=False)
+            # Also one DEAD member not yet reaped, at random: if it was only cut off (a partition),
+            # the answer brings both sides together again, whatever the seeds are.
+            dead = [m.control_endpoint for m in self.membership.peers() if m.state is State.DEAD]
+            also = [self._rng.choice(dead)] if dead else []
+            self._join_seeds(timeout_s=self._config.suspect_after_s, wait=False, also=also)
 
 
 def start_control_plane(server: NodeServer, config: NodeConfig) -> ControlPlane:
