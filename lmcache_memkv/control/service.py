@@ -47,6 +47,7 @@ from lmcache_memkv.wire.constants import VERSION
 log = logging.getLogger("memkv.control")
 _MAX_NONCE = 64
 _MAX_PING_REQ_S = 10.0  # a PingReq holds a server thread while it waits: never longer than this
+_MAX_PING_REQS = 8  # ... and at most this many do at once (answered "no ack" beyond)
 _Reply = TypeVar("_Reply", bound=Message)
 
 
@@ -129,6 +130,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
         self._swim = swim
         self._count = count
+        # PingReqs wait on a ping while holding a server thread: a few at once, the rest unanswered.
+        self._ping_req_slots = threading.BoundedSemaphore(_MAX_PING_REQS)
 
     def _view(self) -> member_pb2.View:
         return view_to_proto(*self._m.view())
@@ -244,12 +247,15 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             seen = self._m.get(record.node_id)
             if seen is not None:
                 reply.seen.CopyFrom(member_to_proto(seen))
-        elif self._swim is not None:
-            remaining = context.time_remaining()
-            wait = min(request.timeout_ms / 1000, _MAX_PING_REQ_S)
-            if remaining is not None:
-                wait = min(wait, remaining * 0.9)
-            ack = self._swim.ping_for(target, record.node_id, wait) if wait > 0 else None
+        elif self._swim is not None and self._ping_req_slots.acquire(blocking=False):
+            try:
+                remaining = context.time_remaining()
+                wait = min(request.timeout_ms / 1000, _MAX_PING_REQ_S)
+                if remaining is not None:
+                    wait = min(wait, remaining * 0.9)
+                ack = self._swim.ping_for(target, record.node_id, wait) if wait > 0 else None
+            finally:
+                self._ping_req_slots.release()
             if ack is not None:
                 reply.acked = True
                 reply.target.CopyFrom(ack.member)
