@@ -147,6 +147,9 @@ def test_a_failed_probe_makes_suspect_then_dead_unless_refuted(ms: Membership, c
     assert ms.tick() == [("b", State.DEAD)]
     assert ms.tick() == []
     assert not ms.suspect("b")  # DEAD is not suspected again
+    ms.heard_from(member("b", 9, data_since=9))
+    assert not ms.suspect("b", incarnation=1)  # a probe of an earlier life accuses nobody
+    assert ms.suspect("b", incarnation=9)
 
 
 def test_suspect_is_cleared_only_by_a_higher_incarnation(ms: Membership, clock: Clock) -> None:

@@ -180,11 +180,14 @@ class Membership:
                 self._cond.notify_all()
             return changed
 
-    def suspect(self, node_id: str) -> bool:
-        """A probe of ``node_id`` got no ack, direct or indirect: ALIVE -> SUSPECT; True if so."""
+    def suspect(self, node_id: str, incarnation: int | None = None) -> bool:
+        """A probe of ``node_id`` (of that ``incarnation``, if given) got no ack, direct or
+        indirect: ALIVE -> SUSPECT; True if so. A life that began since the probe is not accused."""
         with self._cond:
             m = self._members.get(node_id)
             if node_id == self.node_id or m is None or m.state is not State.ALIVE:
+                return False
+            if incarnation is not None and m.incarnation != incarnation:
                 return False
             self._set(replace(m, state=State.SUSPECT), spread=True)
             self._bump(0)

@@ -157,7 +157,7 @@ class Swim:
             if now - p.started > 2 * self.probe_timeout_s + self.interval_s:
                 continue  # this node was stalled past the deadline: the silence may be its own
             self._outcome("none")
-            if self._m.suspect(p.target.node_id):
+            if self._m.suspect(p.target.node_id, p.target.incarnation):
                 log.warning(
                     "member %s is now SUSPECT: no ack to a direct or %d indirect probes within %.2fs",
                     p.target.node_id,
