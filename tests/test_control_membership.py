@@ -108,8 +108,10 @@ def test_writes_wait_until_every_live_peer_has_seen_the_current_data_life(ms: Me
     ms.heard_from(member("b"))
     ms.heard_from(member("c"))
     assert not ms.writable()
+    assert [m.node_id for m in ms.unechoed()] == ["b", "c"]  # whom to ping for their echo
     ms.merge(0, [ms.local, member("b")], source="b")
     assert not ms.writable()  # c has not shown us yet
+    assert [m.node_id for m in ms.unechoed()] == ["c"]
     ms.merge(0, [replace(ms.local, incarnation=0, data_since=0), member("c")], source="c")
     assert not ms.writable()  # c shows an older life of ours
     ms.merge(0, [ms.local, member("c")], source="c")

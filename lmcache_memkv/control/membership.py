@@ -395,6 +395,17 @@ class Membership:
                 if node_id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)
             )
 
+    def unechoed(self) -> list[Member]:
+        """The ALIVE and SUSPECT peers that have not yet shown our current data life (``writable``
+        waits for them)."""
+        with self._cond:
+            since = self._members[self.node_id].data_since
+            return [
+                m
+                for k, m in sorted(self._members.items())
+                if k != self.node_id and m.state in (State.ALIVE, State.SUSPECT) and self._echo.get(k, -1) < since
+            ]
+
     def data_restarted(self) -> None:
         """This node dropped its data on its own (a stall): a new incarnation says so, so no
         DEAD verdict on the old data keeps it out of placement, and none makes it wipe again."""

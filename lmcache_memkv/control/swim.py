@@ -49,6 +49,7 @@ log = logging.getLogger("memkv.control")
 
 MAX_PIGGYBACK = 6  # member records gossiped per message
 MAX_GOSSIP_IN = 64  # more than this in one message is refused (INVALID_ARGUMENT)
+MAX_ECHO_PINGS = 8  # extra pings per period to peers that have not echoed our current life
 ANTI_ENTROPY_PERIODS_PER_MEMBER = 4
 ANTI_ENTROPY_MIN_PERIODS = 10
 Count = Callable[[str, int], None]  # (direction "sent" or "received", bytes)
@@ -124,6 +125,7 @@ class Swim:
         self._clock = clock
         self._order = ProbeOrder(self._rng)
         self._probes: list[_Probe] = []
+        self._echo_pending: set[str] = set()  # peers with an echo ping in flight
         self._lock = threading.Lock()
         self._rounds = 0
         self._logged = LogThrottle()
@@ -140,6 +142,7 @@ class Swim:
         target = next((m for m in live if m.node_id == target_id), None)
         if target is not None:
             self._probe(target)
+        self._echo_pings(exclude=target_id)
         every = max(ANTI_ENTROPY_MIN_PERIODS, ANTI_ENTROPY_PERIODS_PER_MEMBER * (len(live) + 1))
         alive = [m for m in live if m.state is State.ALIVE]
         if alive and self._rounds % every == 0:
@@ -300,6 +303,35 @@ class Swim:
         if reply is None or not self._take_ack(target, reply, reply.member, _field(reply, "seen")):
             return None
         return reply
+
+    def _echo_pings(self, exclude: str | None) -> None:
+        """After a start or a wipe (or when a member joins) writes wait until every live peer has
+        echoed our current life; rather than wait for round-robin to reach each of them, ping
+        those few now. The ack's ``seen`` is the echo, and the ping's ``target`` gives the peer
+        its own echo of its life. Only while some peer has not echoed, so steady-state traffic
+        is unchanged; failures accuse nobody (that is the probes' job)."""
+        sent = 0
+        for m in self._m.unechoed():
+            if sent >= MAX_ECHO_PINGS:
+                break
+            with self._lock:
+                if m.node_id == exclude or m.node_id in self._echo_pending:
+                    continue
+                self._echo_pending.add(m.node_id)
+            request = self.ping_request(m)
+            self._count("sent", request.ByteSize())
+            future = self._peers.ping(m.control_endpoint, request, self.direct_timeout_s)
+            future.add_done_callback(lambda f, t=m, r=request: self._on_echo_ping(t, r, f))
+            sent += 1
+
+    def _on_echo_ping(self, target: Member, request: cluster_pb2.PingRequest, future: grpc.Future) -> None:
+        with self._lock:
+            self._echo_pending.discard(target.node_id)
+        if future.cancelled():
+            return
+        reply = self._checked(PING, target.control_endpoint, request, future)
+        if reply is not None:
+            self._take_ack(target, reply, reply.member, _field(reply, "seen"))
 
     # ------------------------------------------------------------------ anti-entropy
 
