@@ -86,6 +86,7 @@ class InProcNode:
         key: bytes | None = None,
         capacity: int = 8 << 20,
         tls: tuple[str, str] | None = None,
+        cluster_id: str = "memkv",
     ) -> None:
         self.config = NodeConfig(
             listen="127.0.0.1:0",
@@ -99,6 +100,7 @@ class InProcNode:
             dead_after_s=DEAD_S,
             tls_cert=tls[0] if tls else None,
             tls_key=tls[1] if tls else None,
+            cluster_id=cluster_id,
         )
         self.node_id = node_id
         self.server = NodeServer(self.config)
@@ -143,3 +145,29 @@ class InProcCluster:
             timeout_s,
         )
         return took
+
+
+class Views:
+    """Reads many nodes' views often, over channels kept open (a new channel per read costs more
+    than the read); ``close()`` when done."""
+
+    def __init__(self, endpoints: Sequence[str], key: bytes | None = None) -> None:
+        self._key = key
+        self._channels = {e: open_channel(e, key) for e in endpoints}
+
+    def of(self, endpoint: str, timeout_s: float = 1.0) -> dict[str, tuple[int, str]] | None:
+        """``{node_id: (incarnation, state)}`` as ``endpoint`` sees it; None if it does not answer."""
+        request = cluster_pb2.MemberListRequest(nonce=fresh_nonce())
+        try:
+            reply = cluster_pb2_grpc.ClusterStub(self._channels[endpoint]).MemberList(request, timeout=timeout_s)
+        except grpc.RpcError:
+            return None
+        check_reply(self._key, MEMBER_LIST, request, reply)
+        return {m.node_id: (m.incarnation, str(m.state)) for m in view_from_proto(reply.view)[1]}
+
+    def all(self) -> dict[str, dict[str, tuple[int, str]] | None]:
+        return {e: self.of(e) for e in self._channels}
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()

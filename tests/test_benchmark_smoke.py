@@ -26,3 +26,17 @@ def test_benchmark_runs_with_tiny_parameters() -> None:
     assert re.search(r"^get: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
     for row in ("raw TCP, client -> server", "raw TCP, server -> client", "PUT  client -> node", "GET  node -> client"):
         assert row in out
+
+
+GOSSIP = Path(__file__).resolve().parents[1] / "benchmarks" / "gossip_traffic.py"
+
+
+def test_gossip_traffic_benchmark_runs_quick() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(GOSSIP), "--quick"], env=node_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)$", proc.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [2, 4], proc.stdout
+    assert all(int(r[1]) > 0 and int(r[2]) > 0 for r in rows), proc.stdout  # the counter moves both ways
+    assert re.search(r"^max/min ratio: [\d.]+ \(goal: within 2x\)$", proc.stdout, re.M), proc.stdout

@@ -399,14 +399,14 @@ def test_a_poisoned_record_heals_when_its_node_restarts(pair: InProcCluster) -> 
 
 
 class _FakeCluster(cluster_pb2_grpc.ClusterServicer):
-    """A peer that refuses every heartbeat with a new reason, and streams a view with an absurd keepalive."""
+    """A peer that refuses every probe with a new reason, and streams a view with an absurd keepalive."""
 
     def __init__(self) -> None:
-        self.heartbeats = 0
+        self.pings = 0
 
-    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self.heartbeats += 1
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refusal number {self.heartbeats}")
+    def Ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.pings += 1
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refusal number {self.pings}")
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         view = member_pb2.View(epoch=3, members=[member_to_proto(_record("fake"))])
@@ -447,7 +447,7 @@ def _join_fake(node: InProcNode, endpoint: str) -> None:
         channel.close()
 
 
-def test_heartbeat_refusals_are_logged_once_per_peer_per_minute(
+def test_probe_refusals_are_logged_once_per_peer_per_minute(
     fake_peer: tuple[str, _FakeCluster], caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint, fake = fake_peer
@@ -455,11 +455,12 @@ def test_heartbeat_refusals_are_logged_once_per_peer_per_minute(
     try:
         with caplog.at_level(logging.WARNING, logger="memkv.control"):
             _join_fake(node, endpoint)
-            wait_until("the node heartbeats the fake peer 5 times", lambda: fake.heartbeats >= 5, 5.0)
-        refusals = [r for r in caplog.records if "refused our heartbeat" in r.getMessage()]
-        assert len(refusals) == 1, [r.getMessage() for r in refusals]  # 5+ distinct reasons, one line
+            # Until it is DEAD (a refusal is no ack) the node probes its only peer every period.
+            wait_until("the node pings the fake peer 3 times", lambda: fake.pings >= 3, 5.0)
+        refusals = [r for r in caplog.records if "refused our Ping" in r.getMessage()]
+        assert len(refusals) == 1, [r.getMessage() for r in refusals]  # 3+ distinct reasons, one line
         assert endpoint in refusals[0].getMessage()
-        assert len(node.plane._refusals_logged) <= node.plane._refusals_logged.max_keys
+        assert len(node.plane.swim._logged) <= node.plane.swim._logged.max_keys
     finally:
         node.stop()
 

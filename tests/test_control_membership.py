@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
 
 from lmcache_memkv.control.member import Member, State
-from lmcache_memkv.control.membership import Membership
+from lmcache_memkv.control.membership import Membership, retransmit_limit
+from lmcache_memkv.control.swim import ProbeOrder
 
 SUSPECT_AFTER = 1.5
 DEAD_AFTER = 3.0
@@ -106,8 +108,10 @@ def test_writes_wait_until_every_live_peer_has_seen_the_current_data_life(ms: Me
     ms.heard_from(member("b"))
     ms.heard_from(member("c"))
     assert not ms.writable()
+    assert [m.node_id for m in ms.unechoed()] == ["b", "c"]  # whom to ping for their echo
     ms.merge(0, [ms.local, member("b")], source="b")
     assert not ms.writable()  # c has not shown us yet
+    assert [m.node_id for m in ms.unechoed()] == ["c"]
     ms.merge(0, [replace(ms.local, incarnation=0, data_since=0), member("c")], source="c")
     assert not ms.writable()  # c shows an older life of ours
     ms.merge(0, [ms.local, member("c")], source="c")
@@ -133,39 +137,43 @@ def test_join_adds_member_and_bumps_epoch(ms: Membership) -> None:
     assert ms.get("b") is not None and ms.get("b").used_bytes == 123  # type: ignore[union-attr]
 
 
-def test_silence_makes_suspect_then_dead(ms: Membership, clock: Clock) -> None:
+def test_a_failed_probe_makes_suspect_then_dead_unless_refuted(ms: Membership, clock: Clock) -> None:
     ms.heard_from(member("b"))
-    clock.advance(SUSPECT_AFTER - 0.1)
+    clock.advance(100)
+    assert ms.tick() == []  # silence alone accuses nobody: only a failed probe does
+    assert ms.suspect("b") and not ms.suspect("b")  # no repeated transition
+    assert ms.get("b").state is State.SUSPECT  # type: ignore[union-attr]
+    clock.advance(DEAD_AFTER - SUSPECT_AFTER - 0.1)
     assert ms.tick() == []
     clock.advance(0.2)
-    assert ms.tick() == [("b", State.SUSPECT)]
-    assert ms.tick() == []  # no repeated transition
-    clock.advance(DEAD_AFTER - SUSPECT_AFTER)
     assert ms.tick() == [("b", State.DEAD)]
-    clock.advance(100)
-    assert ms.tick() == []  # DEAD members are not timed any further
-
-
-def test_heartbeats_keep_a_member_alive(ms: Membership, clock: Clock) -> None:
-    ms.heard_from(member("b"))
-    for _ in range(20):
-        clock.advance(SUSPECT_AFTER * 0.9)
-        ms.heard_from(member("b"))
-        assert ms.tick() == []
-    assert ms.get("b").state is State.ALIVE  # type: ignore[union-attr]
+    assert ms.tick() == []
+    assert not ms.suspect("b")  # DEAD is not suspected again
+    ms.heard_from(member("b", 9, data_since=9))
+    assert not ms.suspect("b", incarnation=1)  # a probe of an earlier life accuses nobody
+    assert ms.suspect("b", incarnation=9)
 
 
 def test_suspect_is_cleared_only_by_a_higher_incarnation(ms: Membership, clock: Clock) -> None:
     ms.heard_from(member("b", 5))
-    clock.advance(SUSPECT_AFTER + 0.1)
-    ms.tick()
+    ms.suspect("b")
     # b speaks again with the same incarnation: SWIM keeps the suspicion until b refutes it.
     assert not ms.heard_from(member("b", 5))
     assert ms.get("b").state is State.SUSPECT  # type: ignore[union-attr]
     assert ms.heard_from(member("b", 6))
     assert states(ms)["b"] == (6, State.ALIVE)
-    clock.advance(SUSPECT_AFTER - 0.1)
-    assert ms.tick() == []  # the refutation restarted b's timer
+    clock.advance(DEAD_AFTER)
+    assert ms.tick() == []  # the refutation ended the suspicion timer
+
+
+def test_a_suspicion_learnt_by_gossip_starts_its_own_timer(ms: Membership, clock: Clock) -> None:
+    ms.heard_from(member("b", 5))
+    clock.advance(50)
+    ms.absorb([member("b", 5, State.SUSPECT)], source=None)
+    clock.advance(DEAD_AFTER - SUSPECT_AFTER - 0.1)
+    assert ms.tick() == []
+    clock.advance(0.2)
+    assert ms.tick() == [("b", State.DEAD)]
 
 
 def test_node_refutes_suspicion_about_itself(ms: Membership) -> None:
@@ -217,6 +225,7 @@ def test_dead_state_spreads_by_gossip_and_precedence(clock: Clock) -> None:
     b = Membership(member("b"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock)
     for x in (a, b):
         x.heard_from(member("z", 3))
+    a.suspect("z")
     clock.advance(DEAD_AFTER + 0.1)
     b.heard_from(a.local)
     assert ("z", State.DEAD) in a.tick()
@@ -231,25 +240,119 @@ def test_dead_state_spreads_by_gossip_and_precedence(clock: Clock) -> None:
 def test_a_stalled_node_restarts_timers_instead_of_accusing_peers(clock: Clock) -> None:
     ms = Membership(member("a"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock, stall_after_s=1.0)
     ms.heard_from(member("b"))
-    for _ in range(3):  # regular ticks: nothing happens
+    ms.suspect("b")
+    for _ in range(2):  # regular ticks: nothing happens yet
         clock.advance(0.5)
         assert ms.tick() == []
-    clock.advance(30)  # this node was frozen: its peers' silence is its own doing
+    clock.advance(30)  # this node was frozen: the time its suspicion ran is its own doing
     assert ms.tick() == []
-    assert ms.get("b").state is State.ALIVE  # type: ignore[union-attr]
-    for _ in range(int(SUSPECT_AFTER / 0.5) + 1):  # a peer that stays silent is still found out
+    assert ms.get("b").state is State.SUSPECT  # type: ignore[union-attr]
+    changes: list[tuple[str, State | None]] = []
+    for _ in range(int((DEAD_AFTER - SUSPECT_AFTER) / 0.5) + 1):  # a suspicion never refuted still ends DEAD
         clock.advance(0.5)
-        changes = ms.tick()
-    assert changes == [("b", State.SUSPECT)]
+        changes += ms.tick()
+    assert changes == [("b", State.DEAD)]
 
 
-def test_member_learnt_by_gossip_gets_a_full_timeout(ms: Membership, clock: Clock) -> None:
-    clock.advance(50)
-    ms.merge(0, [member("c")])
-    clock.advance(SUSPECT_AFTER - 0.1)
+def test_dead_and_left_members_are_reaped_and_stale_gossip_cannot_bring_them_back(clock: Clock) -> None:
+    ms = Membership(member("a"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock, reap_after_s=10)
+    ms.heard_from(member("b", 5))
+    ms.heard_from(member("c", 7))
+    ms.merge(0, [member("b", 5, State.DEAD), member("c", 7, State.LEFT)])
+    clock.advance(9)
     assert ms.tick() == []
-    clock.advance(0.2)
-    assert ms.tick() == [("c", State.SUSPECT)]
+    clock.advance(1.1)
+    assert sorted(ms.tick(), key=str) == [("b", None), ("c", None)]
+    assert set(states(ms)) == {"a"}
+    # Gossip still carrying those lives (an earlier ALIVE, the verdicts themselves) is refused.
+    for stale in (member("b", 5), member("b", 5, State.SUSPECT), member("b", 5, State.DEAD), member("c", 7)):
+        assert not ms.absorb([stale], source=None)
+    assert not ms.merge(0, [member("b", 4), member("c", 7, State.LEFT)])
+    assert set(states(ms)) == {"a"}
+    # A new life (a restart: higher incarnation, fresh data) rejoins.
+    assert ms.heard_from(member("c", 8))
+    assert states(ms)["c"] == (8, State.ALIVE)
+
+
+def test_a_reaped_life_that_speaks_itself_gets_its_verdict_back(clock: Clock) -> None:
+    """A node declared DEAD and reaped while partitioned comes back with the same life and its
+    old data: the verdict is restored (so the Join answer carries it and the node wipes)."""
+    ms = Membership(member("a"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock, reap_after_s=10)
+    ms.heard_from(member("b", 5))
+    ms.suspect("b")
+    clock.advance(DEAD_AFTER)
+    ms.tick()
+    clock.advance(11)
+    assert ms.tick() == [("b", None)]
+    assert ms.heard_from(member("b", 6, data_since=5))  # it refuted a suspicion meanwhile, data kept
+    assert states(ms)["b"] == (5, State.DEAD)
+    assert ms.heard_from(member("b", 7, data_since=7))  # it wiped: back in
+    assert states(ms)["b"] == (7, State.ALIVE)
+
+
+def test_reaped_records_are_forgotten_after_a_bounded_time(clock: Clock) -> None:
+    ms = Membership(member("a"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock, reap_after_s=10)
+    ms.heard_from(member("b", 5, State.LEFT))
+    clock.advance(10.1)
+    ms.tick()
+    assert not ms.absorb([member("b", 5)], source=None)
+    clock.advance(10 + DEAD_AFTER + 4 * SUSPECT_AFTER + 1)  # past reap_after plus a detection bound (two members)
+    ms.tick()
+    assert ms.absorb([member("b", 5)], source=None)  # nothing remembered any more
+
+
+def test_changes_are_piggybacked_a_bounded_number_of_times(ms: Membership) -> None:
+    for name in "bcdefgh":
+        ms.heard_from(member(name))
+    limit = retransmit_limit(len(ms.view()[1]))
+    sent: dict[str, int] = {}
+    for _ in range(100):
+        batch = ms.piggyback(3)
+        assert len(batch) <= 3
+        for r in batch:
+            sent[r.node_id] = sent.get(r.node_id, 0) + 1
+    assert set(sent) == set("bcdefgh") and max(sent.values()) <= limit
+    assert ms.piggyback(3) == [] and ms.pending_gossip() == 0
+    ms.suspect("b")  # a new change goes out again
+    assert [r.node_id for r in ms.piggyback(3)] == ["b"]
+
+
+def test_gossip_about_us_from_a_peer_is_its_echo(ms: Membership) -> None:
+    ms.heard_from(member("b"))
+    assert not ms.writable()
+    ms.absorb([member("b"), replace(ms.local, incarnation=0, data_since=0)], source="b")
+    assert not ms.writable()  # an earlier life of ours
+    ms.absorb([ms.local], source="b")
+    assert ms.writable()
+
+
+def test_equal_views_settle_on_equal_epochs_through_digests(clock: Clock) -> None:
+    a = Membership(member("a"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock)
+    b = Membership(member("b"), suspect_after_s=SUSPECT_AFTER, dead_after_s=DEAD_AFTER, clock=clock)
+    a.heard_from(b.local)
+    b.heard_from(a.local)
+    gone = [member(f"x{i}", 1, State.LEFT) for i in range(5)]
+    for record in gone:
+        a.heard_from(record)  # a's epoch runs ahead: one change at a time
+    b.merge(0, gone)
+    assert a.digest()[1] == b.digest()[1] and a.epoch != b.epoch
+    b.absorb([], source="a", epoch=a.epoch, digest=a.digest()[1])
+    assert a.epoch == b.epoch
+    b.absorb([], source="a", epoch=a.epoch + 5, digest=a.digest()[1] ^ 1)  # another view: epoch kept
+    assert a.epoch == b.epoch
+
+
+def test_probe_order_visits_each_member_once_per_pass_in_a_new_order() -> None:
+    order = ProbeOrder(random.Random(7))
+    members = [f"n{i}" for i in range(8)]
+    passes = [[order.next(members) for _ in members] for _ in range(4)]
+    assert all(sorted(p) == members for p in passes)  # type: ignore[type-var]
+    assert len({tuple(p) for p in passes}) > 1
+    # A member learnt mid-pass is probed within the same pass; a gone one is skipped.
+    order = ProbeOrder(random.Random(7))
+    first = [order.next(members) for _ in range(3)]
+    rest = [order.next([*members, "new"][1:]) for _ in range(6)]
+    assert "new" in rest and "n0" not in rest and sorted(first + rest) == sorted(set(first + rest))
 
 
 def test_leave_marks_self_left_and_ignores_later_suspicion(ms: Membership) -> None:

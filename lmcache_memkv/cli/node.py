@@ -42,9 +42,24 @@ def node(
         typer.Option(help="Host name or address peers and clients use to reach this node (e.g. the pod's DNS name when listening on 0.0.0.0).", envvar="MEMKV_ADVERTISE_HOST"),
     ] = None,
     seed: Annotated[list[str] | None, typer.Option(help="Control endpoint of a cluster member to join; repeatable (MEMKV_SEED: comma-separated).", envvar="MEMKV_SEED")] = None,
-    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.", envvar="MEMKV_HEARTBEAT_INTERVAL")] = 0.5,
-    suspect_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is SUSPECT.", envvar="MEMKV_SUSPECT_AFTER")] = 1.5,
-    dead_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a member is DEAD.", envvar="MEMKV_DEAD_AFTER")] = 3.0,
+    heartbeat_interval: Annotated[
+        float, typer.Option(help="SWIM protocol period: seconds between probes (each probes one member).", envvar="MEMKV_HEARTBEAT_INTERVAL")
+    ] = 0.5,
+    suspect_after: Annotated[
+        float, typer.Option(help="Seconds a probe (direct, then indirect) may take before its target is SUSPECT.", envvar="MEMKV_SUSPECT_AFTER")
+    ] = 1.5,
+    dead_after: Annotated[
+        float, typer.Option(help="Seconds from a failed probe's start until its unrefuted SUSPECT target is DEAD.", envvar="MEMKV_DEAD_AFTER")
+    ] = 3.0,
+    indirect_probes: Annotated[
+        int, typer.Option(help="Members asked to probe a target that missed a direct ping (SWIM's k).", envvar="MEMKV_INDIRECT_PROBES")
+    ] = 3,
+    reap_after: Annotated[
+        float, typer.Option(help="Seconds a DEAD or LEFT member stays in the view before it is dropped.", envvar="MEMKV_REAP_AFTER")
+    ] = 300.0,
+    cluster_id: Annotated[
+        str, typer.Option(help="Name of the cluster; nodes refuse joins and probes from another cluster's nodes.", envvar="MEMKV_CLUSTER_ID")
+    ] = "memkv",
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate for the control plane (enables TLS).", envvar="MEMKV_TLS_CERT")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.", envvar="MEMKV_TLS_KEY")] = None,
     max_watchers: Annotated[
@@ -88,6 +103,7 @@ def node(
         values[k] for k in ("control_listen", "advertise_host", "tls_cert", "tls_key")
     )
     heartbeat_interval, suspect_after, dead_after = (values[k] for k in ("heartbeat_interval", "suspect_after", "dead_after"))
+    indirect_probes, reap_after, cluster_id = (values[k] for k in ("indirect_probes", "reap_after", "cluster_id"))
     max_batch, max_value, max_meta, max_frame_payload = (
         values[k] for k in ("max_batch", "max_value", "max_meta", "max_frame_payload")
     )
@@ -133,6 +149,9 @@ def node(
             heartbeat_interval_s=heartbeat_interval,
             suspect_after_s=suspect_after,
             dead_after_s=dead_after,
+            indirect_probes=indirect_probes,
+            reap_after_s=reap_after,
+            cluster_id=cluster_id,
             tls_cert=tls_cert,
             tls_key=tls_key,
             max_watchers=max_watchers,

@@ -1,23 +1,26 @@
-"""A node's control plane: the gRPC server, joining through seeds, heartbeats, graceful leave.
+"""A node's control plane: the gRPC server, joining through seeds, the SWIM protocol loop,
+graceful leave.
 
-Every heartbeat interval the node times out silent members, then sends each member its own
-record and its whole view (fine at tens of nodes); the answer carries the peer's record and
-view back. Members that are DEAD are still probed now and then, so a partition heals.
+Every protocol period (the heartbeat interval) the node applies suspicion timeouts and
+reaping, then runs one SWIM period (``swim``: one probe, piggybacked gossip). Every few
+periods it re-joins the seeds it does not know as ALIVE and one random DEAD member not yet
+reaped, so a partition heals and a reaped node comes back.
 
 The gRPC server is grpc.aio on one event loop of its own (``LoopThread``): membership calls and
 watches run on it as coroutines (a watcher costs no thread), and handlers that may block
 (statistics, the ClusterStats fan-out) run in a small executor beside it, so a heartbeat never
-queues behind them. Outgoing calls to peers (heartbeats, joins, leaves) stay on the sync gRPC
-stack, driven by the heartbeat thread.
+queues behind them. Outgoing calls to peers (probes, joins, leaves) stay on the sync gRPC
+stack, driven by the protocol thread.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -29,15 +32,16 @@ from lmcache_memkv import __version__
 from lmcache_memkv.control.auth import NodeNames, ProofChecker
 from lmcache_memkv.control.changes import ViewChanges
 from lmcache_memkv.control.channel import MAX_MESSAGE, ChannelPool, describe_rpc_error
-from lmcache_memkv.control.convert import member_from_proto, member_to_proto, view_from_proto, view_to_proto
+from lmcache_memkv.control.convert import member_to_proto, view_from_proto
 from lmcache_memkv.control.decoding import StrictDecoding
 from lmcache_memkv.control.loop_thread import LoopThread
 from lmcache_memkv.control.member import Member, State
 from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import LogThrottle, Peers, wait_all
-from lmcache_memkv.control.response_auth import CLUSTER_STATS, HEARTBEAT, JOIN, STATUS, fresh_nonce
+from lmcache_memkv.control.response_auth import CLUSTER_STATS, JOIN, STATUS, fresh_nonce
 from lmcache_memkv.control.service import ClusterService, MaintenanceService, SessionService
 from lmcache_memkv.control.stats import RateMeter, node_stats
+from lmcache_memkv.control.swim import Swim
 from lmcache_memkv.control.tls import ca_from_env, server_credentials
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.node.config import NodeConfig
@@ -61,7 +65,7 @@ _SLOW_WORKERS = 4
 # Any other handler a servicer leaves sync (quick ones, by contract) runs in its own executor.
 _SYNC_WORKERS = 4
 _LOOP_CALL_S = 10.0  # bound on one hand-over to the loop (it only sets up or tears down)
-_DEAD_PROBE_EVERY = 5  # heartbeat rounds between probes of DEAD members and re-joins of seeds
+_REJOIN_EVERY = 5  # protocol periods between re-joins of the seeds not known ALIVE
 _LEAVE_WAIT_S = 1.0
 _METHODS = frozenset(
     f"/{service.full_name}/{m.name}"
@@ -108,7 +112,8 @@ class ControlPlane:
         self._id_clash: str | None = None  # set by a seed refusing our --node-id: start() fails
         # The cluster id in every answer's header (NodeConfig.cluster_id arrives with the SWIM
         # work; until then a node names no cluster).
-        self._cluster_id = str(getattr(config, "cluster_id", None) or "")
+        self._cluster_id = config.cluster_id
+        self._rng = random.Random()
         # Threads start on first use: a node nobody asks for statistics never has them.
         self._slow = ThreadPoolExecutor(max_workers=_SLOW_WORKERS, thread_name_prefix="memkv-control-slow")
         self._sync = ThreadPoolExecutor(max_workers=_SYNC_WORKERS, thread_name_prefix="memkv-control-sync")
@@ -159,13 +164,28 @@ class ControlPlane:
             dead_after_s=config.dead_after_s,
             clock=clock,
             stall_after_s=config.suspect_after_s,  # ticks run every heartbeat interval, well below this
+            reap_after_s=config.reap_after_s,
+            cluster_id=config.cluster_id,
         )
         self.membership.on_declared_dead = lambda: server.fence.fence("the cluster declared this node DEAD")
         server.fence.on_stall_wipe = self.membership.data_restarted
         server.write_gate = self.membership.writable
+        gossip_bytes = server.metrics.gossip_bytes
+        self._count = lambda direction, n: gossip_bytes.labels(config.node_id, direction).inc(n)
+        self.swim = Swim(
+            self.membership,
+            self._peers,
+            interval_s=config.heartbeat_interval_s,
+            probe_timeout_s=config.suspect_after_s,
+            indirect_probes=config.indirect_probes,
+            count=self._count,
+            outcome=lambda result: server.metrics.swim_probes.labels(config.node_id, result).inc(),
+        )
         keepalive_s = max(1.0, config.heartbeat_interval_s)
         changes = ViewChanges(self.membership, self._loop.loop)
-        self._cluster = ClusterService(self.membership, keepalive_s, changes, config.max_watchers, self._cluster_id)
+        self._cluster = ClusterService(
+            self.membership, keepalive_s, changes, config.max_watchers, self._cluster_id, self.swim, self._count
+        )
         maintenance = MaintenanceService(self.membership, self.status, self._peers, self._cluster_id)
         session = SessionService(self.membership, config.auth_key, self._cluster_id)
         self._loop.run(self._register(maintenance, session), _LOOP_CALL_S)
@@ -246,6 +266,7 @@ class ControlPlane:
                 self._loop.run(self._grpc.stop(grace_s), grace_s + _LOOP_CALL_S)
             finally:
                 self._loop.close()
+        self._cluster.close()
         self._slow.shutdown(wait=True, cancel_futures=True)
         self._sync.shutdown(wait=True, cancel_futures=True)
         self._peers.close()
@@ -282,14 +303,19 @@ class ControlPlane:
                 reason,
             )
 
-    def _join_seeds(self, timeout_s: float, wait: bool) -> None:
-        """Announce this node to every seed not yet known as ALIVE; optionally wait for the answers."""
+    def _join_seeds(self, timeout_s: float, wait: bool, also: Sequence[str] = ()) -> None:
+        """Announce this node to every seed not yet known as ALIVE (and to ``also``); optionally
+        wait for the answers."""
         me = self.membership.local
         known = {m.control_endpoint for m in self.membership.peers() if m.state is State.ALIVE}
         seeds = [s for s in self._config.seeds if s not in known and s not in (self.endpoint, me.control_endpoint)]
+        seeds += [s for s in also if s not in seeds]
         sent = []
         for seed in seeds:
-            request = cluster_pb2.JoinRequest(member=member_to_proto(me), nonce=fresh_nonce())
+            request = cluster_pb2.JoinRequest(
+                member=member_to_proto(me), nonce=fresh_nonce(), cluster_id=self.membership.cluster_id
+            )
+            self._count("sent", request.ByteSize())
             future = self._peers.join(seed, request, timeout_s)
             future.add_done_callback(partial(self._on_join_reply, seed, request))
             sent.append(future)
@@ -313,13 +339,19 @@ class ControlPlane:
                 log.debug("seed did not answer: %s", describe_rpc_error(exc))
             return
         reply: cluster_pb2.JoinResponse = future.result()
+        self._count("received", reply.ByteSize())
         try:
             self._peers.check_reply(JOIN, request, reply)  # a seed without our key must not shape our view
+            if reply.header.cluster_id != self.membership.cluster_id:
+                raise ValueError(
+                    f"it belongs to cluster {reply.header.cluster_id!r}, this node to {self.membership.cluster_id!r}"
+                )
             epoch, members = view_from_proto(reply.view)
             for m in members:  # the seed's own record in its view: we just heard from it
                 if m.node_id == reply.header.node_id:
                     self.membership.heard_from(m)
-            self.membership.merge(epoch, members, source=reply.header.node_id)
+            # The seed's view is news to us only: the others have it, so it is not re-gossiped.
+            self.membership.merge(epoch, members, source=reply.header.node_id, spread=False)
         except ValueError as exc:  # ReplyRefused, a malformed view, an integer out of range
             if self._refusals_logged.allow(seed):
                 log.warning("ignoring the answer of seed %s: %s", seed, exc)
@@ -332,7 +364,7 @@ class ControlPlane:
             try:
                 self._round(rounds)
             except Exception:  # a bad round must not end failure detection for good
-                log.exception("heartbeat round failed")
+                log.exception("protocol period failed")
             rounds += 1
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
@@ -340,48 +372,20 @@ class ControlPlane:
         # First: after a stall this drops the data before anything is served or gossiped.
         self._server.fence.beat(any(m.state in (State.ALIVE, State.SUSPECT) for m in self.membership.peers()))
         for node_id, state in self.membership.tick():
-            log.warning(
-                "member %s is now %s (silent for %.1fs)", node_id, state, self.membership.silence(node_id) or 0.0
-            )
+            if state is None:
+                log.info("member %s reaped: DEAD or LEFT for over %.0fs", node_id, self._config.reap_after_s)
+            else:
+                log.warning("member %s is now %s (its suspicion was not refuted)", node_id, state)
         stats = self._server.stats()
         self.membership.set_usage(stats["capacity_bytes"], stats["used_bytes"])
         self._rate.sample(_ops_total(self._server))
-        epoch, members = self.membership.view()
-        me = self.membership.local
-        base = cluster_pb2.HeartbeatRequest(member=member_to_proto(me), view=view_to_proto(epoch, members))
-        probe_dead = rounds % _DEAD_PROBE_EVERY == 0
-        timeout = self._config.suspect_after_s
-        for m in members:
-            if m.node_id == me.node_id:
-                continue
-            if m.state in (State.ALIVE, State.SUSPECT) or (m.state is State.DEAD and probe_dead):
-                # A nonce per peer and round: each answer's proof is bound to this request alone.
-                request = cluster_pb2.HeartbeatRequest(member=base.member, view=base.view, nonce=fresh_nonce())
-                done = partial(self._on_heartbeat_reply, m.control_endpoint, request)
-                self._peers.heartbeat(m.control_endpoint, request, timeout, done)
-        if probe_dead and rounds:
-            self._join_seeds(timeout_s=timeout, wait=False)
-
-    def _on_heartbeat_reply(self, endpoint: str, request: cluster_pb2.HeartbeatRequest, future: grpc.Future) -> None:
-        if future.cancelled():  # shutting down
-            return
-        exc = future.exception()
-        if exc is not None:
-            # A peer refusing us (another key, our node id taken) is a misconfiguration that
-            # timeouts alone would hide: say so, once per peer per minute.
-            if isinstance(exc, grpc.Call) and exc.code() in _REFUSALS and self._refusals_logged.allow(endpoint):
-                log.error("peer %s refused our heartbeat: %s", endpoint, describe_rpc_error(exc))
-            return
-        reply: cluster_pb2.HeartbeatResponse = future.result()
-        try:
-            self._peers.check_reply(HEARTBEAT, request, reply)
-            record = member_from_proto(reply.member)
-            epoch, members = view_from_proto(reply.view)
-            self.membership.heard_from(record)
-            self.membership.merge(epoch, members, source=record.node_id)
-        except ValueError as exc2:  # ReplyRefused, a malformed record or view, an integer out of range
-            if self._refusals_logged.allow(endpoint):
-                log.warning("ignoring the heartbeat answer of %s: %s", endpoint, exc2)
+        self.swim.round()
+        if rounds and rounds % _REJOIN_EVERY == 0:
+            # Also one DEAD member not yet reaped, at random: if it was only cut off (a partition),
+            # the answer brings both sides together again, whatever the seeds are.
+            dead = [m.control_endpoint for m in self.membership.peers() if m.state is State.DEAD]
+            also = [self._rng.choice(dead)] if dead else []
+            self._join_seeds(timeout_s=self._config.suspect_after_s, wait=False, also=also)
 
 
 def start_control_plane(server: NodeServer, config: NodeConfig) -> ControlPlane:

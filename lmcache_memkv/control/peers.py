@@ -1,5 +1,5 @@
-"""Calls a node makes to its peers: non-blocking futures with deadlines, at most one heartbeat
-in flight per peer, so a silent peer never delays the others. Callers check every answer with
+"""Calls a node makes to its peers: non-blocking futures with deadlines, at most one
+anti-entropy exchange (``heartbeat``) in flight per peer, so a silent peer never delays the others. Callers check every answer with
 ``check_reply`` (the node's proof of the key) before using it."""
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ class Peers:
             raise
         future.add_done_callback(finished)
         return True
+
+    def ping(self, endpoint: str, request: cluster_pb2.PingRequest, timeout_s: float) -> grpc.Future:
+        return self._cluster(endpoint).Ping.future(request, timeout=timeout_s)
+
+    def ping_req(self, endpoint: str, request: cluster_pb2.PingReqRequest, timeout_s: float) -> grpc.Future:
+        return self._cluster(endpoint).PingReq.future(request, timeout=timeout_s)
 
     def join(self, endpoint: str, request: cluster_pb2.JoinRequest, timeout_s: float) -> grpc.Future:
         return self._cluster(endpoint).Join.future(request, timeout=timeout_s)

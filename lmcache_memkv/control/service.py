@@ -10,11 +10,14 @@ on the control plane's event loop and must not block); a handler that may block 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from lmcache_memkv.control import auth
 from lmcache_memkv.control.changes import ViewChanges
@@ -33,6 +36,7 @@ from lmcache_memkv.control.membership import Membership
 from lmcache_memkv.control.peers import Peers
 from lmcache_memkv.control.response_auth import STATUS
 from lmcache_memkv.control.stats import total
+from lmcache_memkv.control.swim import MAX_GOSSIP_IN, MAX_PIGGYBACK, Count, Swim
 from lmcache_memkv.proto.memkv.v1 import (
     cluster_pb2,
     cluster_pb2_grpc,
@@ -46,6 +50,9 @@ from lmcache_memkv.wire.constants import VERSION
 
 log = logging.getLogger("memkv.control")
 _MAX_NONCE = 64
+_MAX_PING_REQ_S = 10.0  # a PingReq holds a thread of its own while it waits: never longer than this
+_MAX_PING_REQS = 8  # ... and at most this many do at once (answered "no ack" beyond)
+_Reply = TypeVar("_Reply", bound=Message)
 
 
 def _header(membership: Membership, cluster_id: str = "") -> member_pb2.ResponseHeader:
@@ -59,26 +66,6 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
 
 def _invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
     _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _own_record(membership: Membership, p: member_pb2.Member, context: grpc.ServicerContext, rpc: str) -> Member:
-    """The caller's record of itself, validated; a caller claiming this node's id is refused.
-    (For sync handlers, which the interceptor runs in an executor; ``_own_record_async`` on the loop.)"""
-    try:
-        record = member_from_proto(p)
-    except ValueError as exc:
-        _invalid(context, f"{rpc}: {exc}")
-    if record.node_id == membership.node_id:
-        _abort(context, grpc.StatusCode.FAILED_PRECONDITION, _taken(membership, record.node_id))
-    return record
-
-
-def _merge(context: grpc.ServicerContext, rpc: str, apply: Callable[[], bool]) -> bool:
-    """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
-    try:
-        return apply()
-    except ValueError as exc:
-        _invalid(context, f"{rpc}: {exc}")
 
 
 def _taken(membership: Membership, node_id: str) -> str:
@@ -111,6 +98,27 @@ async def _own_record_async(membership: Membership, p: member_pb2.Member, contex
     return record
 
 
+async def _same_cluster(membership: Membership, cluster_id: str, context: Any, rpc: str) -> None:
+    """Refuse a caller of another cluster. An empty id (a tool or an older caller that does not
+    say) is taken as this cluster's: the auth key, not this check, keeps strangers out."""
+    if cluster_id and cluster_id != membership.cluster_id:
+        await _abort_async(
+            context,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{rpc}: the caller belongs to cluster {cluster_id!r}, this node ({membership.node_id}) to "
+            f"{membership.cluster_id!r}; check --cluster-id and --seed",
+        )
+
+
+async def _records(context: Any, rpc: str, protos: Sequence[member_pb2.Member]) -> list[Member]:
+    if len(protos) > MAX_GOSSIP_IN:
+        await _invalid_async(context, f"{rpc}: {len(protos)} gossip records, more than {MAX_GOSSIP_IN}")
+    try:
+        return [member_from_proto(p) for p in protos]
+    except ValueError as exc:
+        await _invalid_async(context, f"{rpc}: {exc}")
+
+
 async def _merge_async(context: Any, rpc: str, apply: Callable[[], bool]) -> bool:
     """Run a membership update; its range checks refuse with INVALID_ARGUMENT (nothing changed)."""
     try:
@@ -138,6 +146,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         changes: ViewChanges,
         max_watchers: int,
         cluster_id: str = "",
+        swim: Swim | None = None,
+        count: Count = lambda direction, n: None,
     ) -> None:
         self._m = membership
         self._keepalive_s = keepalive_s
@@ -145,9 +155,22 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._max_watchers = max_watchers
         self._watchers = 0  # touched on the loop only
         self._cluster_id = cluster_id
+        self._swim = swim
+        self._count = count
+        # A PingReq waits on a (sync) ping: it gets a thread of its own, a few at once, so it
+        # never holds the loop or the executors that Ping and the other calls use.
+        self._ping_reqs = 0  # touched on the loop only
+        self._ping_req_pool = ThreadPoolExecutor(max_workers=_MAX_PING_REQS, thread_name_prefix="memkv-pingreq")
 
     def _header(self) -> member_pb2.ResponseHeader:
         return _header(self._m, self._cluster_id)
+
+    def _sent(self, reply: _Reply) -> _Reply:
+        self._count("sent", reply.ByteSize())
+        return reply
+
+    def close(self) -> None:
+        self._ping_req_pool.shutdown(wait=False, cancel_futures=True)
 
     def _view(self) -> member_pb2.View:
         return view_to_proto(*self._m.view())
@@ -160,6 +183,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         return cluster_pb2.MemberListResponse(header=self._header(), view=self._view())
 
     async def Join(self, request: cluster_pb2.JoinRequest, context: Any) -> cluster_pb2.JoinResponse:
+        self._count("received", request.ByteSize())
+        await _same_cluster(self._m, request.cluster_id, context, "Join")
         record = await _own_record_async(self._m, request.member, context, "Join")
         if record.state is not State.ALIVE:
             await _invalid_async(context, f"Join: a joining member must be ALIVE, got {record.state}")
@@ -170,9 +195,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 record.incarnation,
                 record.control_endpoint,
             )
-        return cluster_pb2.JoinResponse(header=self._header(), view=self._view())
+        return self._sent(cluster_pb2.JoinResponse(header=self._header(), view=self._view()))
 
     async def Leave(self, request: cluster_pb2.LeaveRequest, context: Any) -> cluster_pb2.LeaveResponse:
+        self._count("received", request.ByteSize())
         if request.node_id == self._m.node_id:
             await _invalid_async(context, "Leave: a node leaves by stopping, not by being told to")
         known = self._m.get(request.node_id)
@@ -193,9 +219,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             )
             if await _merge_async(context, "Leave", lambda: self._m.heard_from(left)):
                 log.info("member %s left", request.node_id)
-        return cluster_pb2.LeaveResponse(header=self._header(), view=self._view())
+        return self._sent(cluster_pb2.LeaveResponse(header=self._header(), view=self._view()))
 
     async def Heartbeat(self, request: cluster_pb2.HeartbeatRequest, context: Any) -> cluster_pb2.HeartbeatResponse:
+        """Anti-entropy: a full-view exchange, now and then (see ``swim``)."""
+        self._count("received", request.ByteSize())
+        await _same_cluster(self._m, request.cluster_id, context, "Heartbeat")
         record = await _own_record_async(self._m, request.member, context, "Heartbeat")
         try:
             epoch, members = view_from_proto(request.view)
@@ -203,9 +232,76 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             await _invalid_async(context, f"Heartbeat: {exc}")
         await _merge_async(context, "Heartbeat", lambda: self._m.heard_from(record))
         await _merge_async(context, "Heartbeat", lambda: self._m.merge(epoch, members, source=record.node_id))
-        return cluster_pb2.HeartbeatResponse(
-            header=self._header(), member=member_to_proto(self._m.local), view=self._view()
+        return self._sent(
+            cluster_pb2.HeartbeatResponse(header=self._header(), member=member_to_proto(self._m.local), view=self._view())
         )
+
+    async def Ping(self, request: cluster_pb2.PingRequest, context: Any) -> cluster_pb2.PingResponse:
+        """SWIM's ack: our record, the caller's as we hold it (its echo), a few recent changes."""
+        self._count("received", request.ByteSize())
+        await _same_cluster(self._m, request.cluster_id, context, "Ping")
+        record = await _own_record_async(self._m, request.member, context, "Ping")
+        gossip = await _records(context, "Ping", request.gossip)
+        if request.HasField("target"):
+            gossip += await _records(context, "Ping", [request.target])  # us as the caller holds us: its echo
+        await _merge_async(context, "Ping", lambda: self._m.heard_from(record))
+        await _merge_async(
+            context,
+            "Ping",
+            lambda: self._m.absorb(gossip, source=record.node_id, epoch=request.epoch, digest=request.view_digest),
+        )
+        reply = cluster_pb2.PingResponse(
+            header=self._header(),
+            member=member_to_proto(self._m.local),
+            gossip=[member_to_proto(r) for r in self._m.piggyback(MAX_PIGGYBACK)],
+            view_digest=self._m.digest()[1],
+        )
+        seen = self._m.get(record.node_id)
+        if seen is not None:
+            reply.seen.CopyFrom(member_to_proto(seen))
+        origin = self._m.get(request.origin) if request.origin else None
+        if origin is not None:
+            reply.seen_origin.CopyFrom(member_to_proto(origin))
+        return self._sent(reply)
+
+    async def PingReq(self, request: cluster_pb2.PingReqRequest, context: Any) -> cluster_pb2.PingReqResponse:
+        """Probe ``target`` for the caller, which got no direct ack; relay the ack if one comes."""
+        self._count("received", request.ByteSize())
+        await _same_cluster(self._m, request.cluster_id, context, "PingReq")
+        record = await _own_record_async(self._m, request.member, context, "PingReq")
+        gossip = await _records(context, "PingReq", request.gossip)
+        if not request.HasField("target"):
+            await _invalid_async(context, "PingReq: no target")
+        target = (await _records(context, "PingReq", [request.target]))[0]
+        await _merge_async(context, "PingReq", lambda: self._m.heard_from(record))
+        await _merge_async(context, "PingReq", lambda: self._m.absorb(gossip, source=record.node_id))
+        reply = cluster_pb2.PingReqResponse(header=self._header(), member=member_to_proto(self._m.local))
+        if target.node_id == self._m.node_id:  # the caller asks us about us: we are the ack
+            reply.acked = True
+            reply.target.CopyFrom(member_to_proto(self._m.local))
+            seen = self._m.get(record.node_id)
+            if seen is not None:
+                reply.seen.CopyFrom(member_to_proto(seen))
+        elif self._swim is not None and self._ping_reqs < _MAX_PING_REQS:
+            self._ping_reqs += 1
+            try:
+                remaining = context.time_remaining()
+                wait = min(request.timeout_ms / 1000, _MAX_PING_REQ_S)
+                if remaining is not None:
+                    wait = min(wait, remaining * 0.9)
+                ack = None
+                if wait > 0:
+                    loop = asyncio.get_running_loop()
+                    ack = await loop.run_in_executor(self._ping_req_pool, self._swim.ping_for, target, record.node_id, wait)
+            finally:
+                self._ping_reqs -= 1
+            if ack is not None:
+                reply.acked = True
+                reply.target.CopyFrom(ack.member)
+                if ack.HasField("seen_origin"):
+                    reply.seen.CopyFrom(ack.seen_origin)
+        reply.gossip.extend(member_to_proto(r) for r in self._m.piggyback(MAX_PIGGYBACK))
+        return self._sent(reply)
 
     async def Watch(self, request: cluster_pb2.WatchRequest, context: Any) -> AsyncIterator[cluster_pb2.WatchResponse]:
         # A stream costs a coroutine and gRPC's per-stream buffers, not a thread; the cap only

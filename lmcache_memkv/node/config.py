@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.wire.limits import Limits
+
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 
 def default_node_id(port: int) -> str:
@@ -38,6 +41,9 @@ class NodeConfig:
     heartbeat_interval_s: float = 0.5
     suspect_after_s: float = 1.5
     dead_after_s: float = 3.0
+    indirect_probes: int = 3  # SWIM's k: members asked to probe a target that missed a direct ping
+    reap_after_s: float = 300.0  # DEAD and LEFT members leave the view this long after the verdict
+    cluster_id: str = "memkv"  # every node of a cluster has the same; other clusters' calls are refused
     tls_cert: str | None = None
     tls_key: str | None = None
     # Watch streams served at once: each costs memory (a coroutine and gRPC's stream buffers,
@@ -93,6 +99,14 @@ class NodeConfig:
             raise ValueError(
                 "heartbeat timeouts must satisfy heartbeat-interval < suspect-after < dead-after, got "
                 f"{self.heartbeat_interval_s} < {self.suspect_after_s} < {self.dead_after_s}"
+            )
+        if not 0 <= self.indirect_probes <= 16:
+            raise ValueError(f"--indirect-probes must be 0-16, got {self.indirect_probes}")
+        if self.reap_after_s <= 0:
+            raise ValueError(f"--reap-after must be positive, got {self.reap_after_s}")
+        if not _CLUSTER_ID.fullmatch(self.cluster_id):
+            raise ValueError(
+                f"--cluster-id must be 1-63 characters of letters, digits, '.', '_' or '-', got {self.cluster_id!r}"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")

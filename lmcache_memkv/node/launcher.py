@@ -48,6 +48,12 @@ _SCRUBBED_ENV = (
     "MEMKV_ADVERTISE_HOST",
     "MEMKV_TLS_CERT",
     "MEMKV_TLS_KEY",
+    "MEMKV_CLUSTER_ID",
+    "MEMKV_REAP_AFTER",
+    "MEMKV_INDIRECT_PROBES",
+    "MEMKV_HEARTBEAT_INTERVAL",
+    "MEMKV_SUSPECT_AFTER",
+    "MEMKV_DEAD_AFTER",
 )
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -108,14 +114,17 @@ class NodeProcess:
         log_dir: Path | None = None,
         ready_timeout_s: float = 20.0,
         new_session: bool = False,
+        wrap: Sequence[str] = (),
+        listen: str = "127.0.0.1:0",
     ) -> NodeProcess:
         """Start ``memkv node`` on free loopback ports (``args`` may override) and wait until ready.
 
         ``new_session`` puts the node in its own session, so a terminal Ctrl-C reaches only the
-        caller, which then stops everything in order.
+        caller, which then stops everything in order. ``wrap`` runs the node under a command
+        (``ip netns exec NS``: one that execs it, so ``pid`` and signals reach the node).
         Raises ``TimeoutError`` or ``RuntimeError`` carrying the node's log when it does not come up.
         """
-        cmd = [*memkv_command(), "node", "--listen", "127.0.0.1:0", "--capacity", capacity, "--log-level", "info"]
+        cmd = [*wrap, *memkv_command(), "node", "--listen", listen, "--capacity", capacity, "--log-level", "info"]
         if metrics:
             cmd += ["--metrics-listen", "127.0.0.1:0"]
         cmd += list(args)

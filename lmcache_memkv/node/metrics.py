@@ -98,6 +98,21 @@ class NodeMetrics:
             [*node, "method"],
             registry=r,
         )
+        # Membership traffic (Ping, PingReq, anti-entropy, Join, Leave): serialised request and
+        # response bytes this node sent and received, both as caller and as callee.
+        self.gossip_bytes = Counter(
+            "memkv_gossip_bytes",
+            "Serialised membership-protocol protobuf bytes, by direction (sent, received).",
+            [*node, "direction"],
+            registry=r,
+        )
+        self.swim_probes = Counter(
+            "memkv_swim_probes",
+            "SWIM probes by outcome: direct (acked), indirect (acked only through PingReq helpers), "
+            "none (no ack: the target became SUSPECT).",
+            [*node, "result"],
+            registry=r,
+        )
         build = Gauge("memkv_build_info", "Version of this node and of its data-plane protocol.", ["version", "protocol"], registry=r)
         build.labels(__version__, str(VERSION)).set(1)
         ProcessCollector(registry=r)  # memkv_... would hide them from the usual process_* dashboards

@@ -85,9 +85,10 @@ class NodeServer:
             lease_budget_bytes=config.lease_budget,
             max_tombstones=config.max_tombstones,
         )
-        # Peers declare a member DEAD after dead_after_s of silence. A stall longer than
-        # suspect_after_s leaves a margin of (dead_after - suspect_after) for a heartbeat that was
-        # still in flight, or skipped, when the stall began: past it we may have been declared DEAD.
+        # Peers declare a member DEAD no earlier than dead_after_s after the start of a probe it
+        # did not ack (control.swim). A stall longer than suspect_after_s leaves a margin of
+        # (dead_after - suspect_after) for a probe that was in flight when the stall began: past
+        # it we may have been declared DEAD.
         self.fence = Fence(self.store, stall_after_s=config.suspect_after_s)
         # Whether writes may be taken now (the control plane: every peer knows our data life).
         self.write_gate: Callable[[], bool] = lambda: True

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lmcache_memkv.proto.memkv.v1 import member_pb2 as memkv_dot_v1_dot_member__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memkv/v1/cluster.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"\"\n\x11MemberListRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\\\n\x12MemberListResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\">\n\x0bJoinRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"V\n\x0cJoinResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\"C\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"W\n\rLeaveResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\"a\n\x10HeartbeatRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"}\n\x11HeartbeatResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12 \n\x06member\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1c\n\x04view\x18\x03 \x01(\x0b\x32\x0e.memkv.v1.View\"2\n\x0cWatchRequest\x12\x13\n\x0bstart_epoch\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"m\n\rWatchResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\x12\x14\n\x0ckeepalive_ms\x18\x03 \x01(\r2\xc5\x02\n\x07\x43luster\x12G\n\nMemberList\x12\x1b.memkv.v1.MemberListRequest\x1a\x1c.memkv.v1.MemberListResponse\x12\x35\n\x04Join\x12\x15.memkv.v1.JoinRequest\x1a\x16.memkv.v1.JoinResponse\x12\x38\n\x05Leave\x12\x16.memkv.v1.LeaveRequest\x1a\x17.memkv.v1.LeaveResponse\x12\x44\n\tHeartbeat\x12\x1a.memkv.v1.HeartbeatRequest\x1a\x1b.memkv.v1.HeartbeatResponse\x12:\n\x05Watch\x12\x16.memkv.v1.WatchRequest\x1a\x17.memkv.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memkv/v1/cluster.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"\"\n\x11MemberListRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\\\n\x12MemberListResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\"R\n\x0bJoinRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\ncluster_id\x18\x03 \x01(\t\"V\n\x0cJoinResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\"C\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"W\n\rLeaveResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\"u\n\x10HeartbeatRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"}\n\x11HeartbeatResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12 \n\x06member\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1c\n\x04view\x18\x03 \x01(\x0b\x32\x0e.memkv.v1.View\"2\n\x0cWatchRequest\x12\x13\n\x0bstart_epoch\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"m\n\rWatchResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x1c\n\x04view\x18\x02 \x01(\x0b\x32\x0e.memkv.v1.View\x12\x14\n\x0ckeepalive_ms\x18\x03 \x01(\r\"\xca\x01\n\x0bPingRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06target\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06gossip\x18\x03 \x03(\x0b\x32\x10.memkv.v1.Member\x12\x0e\n\x06origin\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x13\n\x0bview_digest\x18\x08 \x01(\x06\"\xd8\x01\n\x0cPingResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12 \n\x06member\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1e\n\x04seen\x18\x03 \x01(\x0b\x32\x10.memkv.v1.Member\x12%\n\x0bseen_origin\x18\x04 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06gossip\x18\x05 \x03(\x0b\x32\x10.memkv.v1.Member\x12\x13\n\x0bview_digest\x18\x06 \x01(\x06\"\xad\x01\n\x0ePingReqRequest\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06target\x18\x02 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06gossip\x18\x03 \x03(\x0b\x32\x10.memkv.v1.Member\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\ncluster_id\x18\x05 \x01(\t\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"\xd0\x01\n\x0fPingReqResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\r\n\x05\x61\x63ked\x18\x02 \x01(\x08\x12 \n\x06member\x18\x03 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06target\x18\x04 \x01(\x0b\x32\x10.memkv.v1.Member\x12\x1e\n\x04seen\x18\x05 \x01(\x0b\x32\x10.memkv.v1.Member\x12 \n\x06gossip\x18\x06 \x03(\x0b\x32\x10.memkv.v1.Member2\xbc\x03\n\x07\x43luster\x12G\n\nMemberList\x12\x1b.memkv.v1.MemberListRequest\x1a\x1c.memkv.v1.MemberListResponse\x12\x35\n\x04Join\x12\x15.memkv.v1.JoinRequest\x1a\x16.memkv.v1.JoinResponse\x12\x38\n\x05Leave\x12\x16.memkv.v1.LeaveRequest\x1a\x17.memkv.v1.LeaveResponse\x12\x44\n\tHeartbeat\x12\x1a.memkv.v1.HeartbeatRequest\x1a\x1b.memkv.v1.HeartbeatResponse\x12\x35\n\x04Ping\x12\x15.memkv.v1.PingRequest\x1a\x16.memkv.v1.PingResponse\x12>\n\x07PingReq\x12\x18.memkv.v1.PingReqRequest\x1a\x19.memkv.v1.PingReqResponse\x12:\n\x05Watch\x12\x16.memkv.v1.WatchRequest\x1a\x17.memkv.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERLISTRESPONSE']._serialized_start=95
   _globals['_MEMBERLISTRESPONSE']._serialized_end=187
   _globals['_JOINREQUEST']._serialized_start=189
-  _globals['_JOINREQUEST']._serialized_end=251
-  _globals['_JOINRESPONSE']._serialized_start=253
-  _globals['_JOINRESPONSE']._serialized_end=339
-  _globals['_LEAVEREQUEST']._serialized_start=341
-  _globals['_LEAVEREQUEST']._serialized_end=408
-  _globals['_LEAVERESPONSE']._serialized_start=410
-  _globals['_LEAVERESPONSE']._serialized_end=497
-  _globals['_HEARTBEATREQUEST']._serialized_start=499
-  _globals['_HEARTBEATREQUEST']._serialized_end=596
-  _globals['_HEARTBEATRESPONSE']._serialized_start=598
-  _globals['_HEARTBEATRESPONSE']._serialized_end=723
-  _globals['_WATCHREQUEST']._serialized_start=725
-  _globals['_WATCHREQUEST']._serialized_end=775
-  _globals['_WATCHRESPONSE']._serialized_start=777
-  _globals['_WATCHRESPONSE']._serialized_end=886
-  _globals['_CLUSTER']._serialized_start=889
-  _globals['_CLUSTER']._serialized_end=1214
+  _globals['_JOINREQUEST']._serialized_end=271
+  _globals['_JOINRESPONSE']._serialized_start=273
+  _globals['_JOINRESPONSE']._serialized_end=359
+  _globals['_LEAVEREQUEST']._serialized_start=361
+  _globals['_LEAVEREQUEST']._serialized_end=428
+  _globals['_LEAVERESPONSE']._serialized_start=430
+  _globals['_LEAVERESPONSE']._serialized_end=517
+  _globals['_HEARTBEATREQUEST']._serialized_start=519
+  _globals['_HEARTBEATREQUEST']._serialized_end=636
+  _globals['_HEARTBEATRESPONSE']._serialized_start=638
+  _globals['_HEARTBEATRESPONSE']._serialized_end=763
+  _globals['_WATCHREQUEST']._serialized_start=765
+  _globals['_WATCHREQUEST']._serialized_end=815
+  _globals['_WATCHRESPONSE']._serialized_start=817
+  _globals['_WATCHRESPONSE']._serialized_end=926
+  _globals['_PINGREQUEST']._serialized_start=929
+  _globals['_PINGREQUEST']._serialized_end=1131
+  _globals['_PINGRESPONSE']._serialized_start=1134
+  _globals['_PINGRESPONSE']._serialized_end=1350
+  _globals['_PINGREQREQUEST']._serialized_start=1353
+  _globals['_PINGREQREQUEST']._serialized_end=1526
+  _globals['_PINGREQRESPONSE']._serialized_start=1529
+  _globals['_PINGREQRESPONSE']._serialized_end=1737
+  _globals['_CLUSTER']._serialized_start=1740
+  _globals['_CLUSTER']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,16 @@ class ClusterStub(object):
                 request_serializer=memkv_dot_v1_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=memkv_dot_v1_dot_cluster__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/memkv.v1.Cluster/Ping',
+                request_serializer=memkv_dot_v1_dot_cluster__pb2.PingRequest.SerializeToString,
+                response_deserializer=memkv_dot_v1_dot_cluster__pb2.PingResponse.FromString,
+                _registered_method=True)
+        self.PingReq = channel.unary_unary(
+                '/memkv.v1.Cluster/PingReq',
+                request_serializer=memkv_dot_v1_dot_cluster__pb2.PingReqRequest.SerializeToString,
+                response_deserializer=memkv_dot_v1_dot_cluster__pb2.PingReqResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/memkv.v1.Cluster/Watch',
                 request_serializer=memkv_dot_v1_dot_cluster__pb2.WatchRequest.SerializeToString,
@@ -86,7 +96,22 @@ class ClusterServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Liveness plus gossip: each side sends its own record and its view.
+        """Anti-entropy push-pull: each side sends its own record and its whole view. Nodes call it
+        rarely (an interval that grows with the cluster); liveness is Ping's job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ping(self, request, context):
+        """SWIM's direct probe: the answer is the ack. Both carry a few recent membership changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PingReq(self, request, context):
+        """SWIM's indirect probe: the receiver pings the target on the caller's behalf and relays the ack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +146,16 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=memkv_dot_v1_dot_cluster__pb2.HeartbeatRequest.FromString,
                     response_serializer=memkv_dot_v1_dot_cluster__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=memkv_dot_v1_dot_cluster__pb2.PingRequest.FromString,
+                    response_serializer=memkv_dot_v1_dot_cluster__pb2.PingResponse.SerializeToString,
+            ),
+            'PingReq': grpc.unary_unary_rpc_method_handler(
+                    servicer.PingReq,
+                    request_deserializer=memkv_dot_v1_dot_cluster__pb2.PingReqRequest.FromString,
+                    response_serializer=memkv_dot_v1_dot_cluster__pb2.PingReqResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -236,6 +271,60 @@ class Cluster(object):
             '/memkv.v1.Cluster/Heartbeat',
             memkv_dot_v1_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
             memkv_dot_v1_dot_cluster__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memkv.v1.Cluster/Ping',
+            memkv_dot_v1_dot_cluster__pb2.PingRequest.SerializeToString,
+            memkv_dot_v1_dot_cluster__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PingReq(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memkv.v1.Cluster/PingReq',
+            memkv_dot_v1_dot_cluster__pb2.PingReqRequest.SerializeToString,
+            memkv_dot_v1_dot_cluster__pb2.PingReqResponse.FromString,
             options,
             channel_credentials,
             insecure,
