@@ -210,10 +210,10 @@ class NodeServer:
     def endpoint(self) -> str:
         return format_endpoint(*self.address)
 
-    @property
-    def loop_native_id(self) -> int | None:
-        """The event loop thread's kernel id (tests read its context switches in /proc)."""
-        return self._loop_thread.native_id if self._loop_thread is not None else None
+    def thread_ids(self) -> list[int]:
+        """Kernel ids of the data plane's threads, the loop first (tests read /proc/self/task/ID)."""
+        threads = [self._loop_thread, *self._workers] if self._loop_thread is not None else []
+        return [t.native_id for t in threads if t is not None and t.native_id is not None]
 
     def stop_accepting(self) -> None:
         """Refuse new connections at once; open ones are served as usual. Idempotent.
@@ -281,7 +281,10 @@ class NodeServer:
         try:
             while not self._exit:
                 with self._lock:
-                    wake_at = min(self._timers[0][0] if self._timers else math.inf, self._accept_resume or math.inf)
+                    timers = self._timers
+                    while timers and (timers[0][2].timer != timers[0][1] or timers[0][2].closed):
+                        heapq.heappop(timers)  # replaced or closed: no reason to wake up for it
+                    wake_at = min(timers[0][0] if timers else math.inf, self._accept_resume or math.inf)
                     self._sleep_until = wake_at
                 timeout = -1.0 if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
                 try:
