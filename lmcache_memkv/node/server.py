@@ -58,7 +58,8 @@ _IN_A_ROW = 8  # requests a worker serves back to back on one connection before 
 _ACCEPT_BURST = 64  # connections accepted per loop turn, so a connect storm cannot starve the rest
 _READ_CHUNK = 256 << 10  # meta is read in pieces, so memory follows what a peer really sent
 _ACCEPT_PAUSE_S = 0.05  # out of descriptors (EMFILE): stop accepting this long rather than spin
-_ERROR_SEND_S = 1.0  # how long a worker tries to deliver an error frame
+_ERROR_SEND_S = 1.0
+_NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request  # how long a worker tries to deliver an error frame
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then the connection is off until parked again
 
 
@@ -600,6 +601,11 @@ class NodeServer:
                 break  # fair to other connections: what is buffered wakes the loop again
             conn.sock.setblocking(False)
             frame = self._pump(conn)  # pipelined requests already here are served at once
+            if frame is None and not conn.partial and _readable(conn.sock, _NEXT_WAIT_MS):
+                # A client moving a stream of batches sends its next request as soon as it has
+                # the answer: waiting a moment for it here saves two thread hand-overs (to the
+                # loop, back to a worker), each a scheduling delay on a busy host.
+                frame = self._pump(conn)
             if frame is None:
                 break
             header, msg = frame
@@ -722,12 +728,13 @@ class NodeServer:
             raise ConnectionError("peer is not reading its handshake")
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Input (or EOF) is waiting, without consuming it (poll: descriptors past 1024 are common here)."""
+def _readable(sock: socket.socket, wait_ms: int = 0) -> bool:
+    """Input (or EOF) is waiting, or arrives within ``wait_ms``, without consuming it (poll:
+    descriptors past 1024 are common here)."""
     try:
         p = select.poll()
         p.register(sock, select.POLLIN)
-        return bool(p.poll(0))
+        return bool(p.poll(wait_ms))
     except (OSError, ValueError):
         return True
 

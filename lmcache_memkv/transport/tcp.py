@@ -39,7 +39,7 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Timer:
+class IoTimer:
     """A deadline enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO) on a blocking socket.
 
     Python's own socket timeouts poll before every read and write; with the kernel's, a read of
@@ -81,11 +81,11 @@ class _Timer:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
-    """Fill ``view`` completely from ``sock``."""
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None, timer: IoTimer | None = None) -> None:
+    """Fill ``view`` completely from ``sock``; ``timer``: a receive timer of this deadline to reuse."""
     got = 0
     total = len(view)
-    timer = _Timer(sock, deadline, socket.SO_RCVTIMEO)
+    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
     while got < total:
         timer.arm()
         try:
@@ -115,13 +115,13 @@ def read_frame(sock: socket.socket, reader: FrameReader, deadline: float | None)
             return frame
 
 
-def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
+def wait_for_data(sock: socket.socket, deadline: float | None, timer: IoTimer | None = None) -> None:
     """Block until at least one byte can be read (PeerClosed on EOF), without consuming it.
 
     The node reserves arena space for a value only once its bytes start to arrive, so a peer
     that announces values and then stalls or hangs up makes the node evict nothing.
     """
-    timer = _Timer(sock, deadline, socket.SO_RCVTIMEO)
+    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
     while True:
         timer.arm()
         try:
@@ -133,18 +133,19 @@ def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
                 raise MemKVTimeout("timed out waiting for a value's bytes") from None
 
 
-def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
+def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None, timer: IoTimer | None = None) -> None:
     """Read and discard ``n`` bytes (a value we cannot keep), reusing ``scratch``."""
+    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
     while n > 0:
         chunk = scratch[: min(n, len(scratch))]
-        recv_into_exact(sock, chunk, deadline)
+        recv_into_exact(sock, chunk, deadline, timer)
         n -= len(chunk)
 
 
 def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | None) -> None:
     """Send every buffer in order with gathered writes, resuming after partial sends."""
     pending = [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
-    timer = _Timer(sock, deadline, socket.SO_SNDTIMEO)
+    timer = IoTimer(sock, deadline, socket.SO_SNDTIMEO)
     while pending:
         timer.arm()
         batch = pending[:_IOV_MAX]
@@ -176,7 +177,7 @@ def linger_close(sock: socket.socket, timeout_s: float, max_bytes: int) -> None:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + timeout_s
         scratch = memoryview(bytearray(min(max_bytes, 64 << 10) or 1))
-        timer = _Timer(sock, deadline, socket.SO_RCVTIMEO)
+        timer = IoTimer(sock, deadline, socket.SO_RCVTIMEO)
         while max_bytes > 0:
             timer.arm()
             n = sock.recv_into(scratch)  # the timeout (EAGAIN) ends it, like EOF
