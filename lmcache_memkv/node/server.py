@@ -534,9 +534,15 @@ class NodeServer:
                 conn.busy = False
                 try:
                     self._ep.modify(conn.fd, _ARMED)
-                    return
                 except (OSError, ValueError):
                     conn.busy = True
+                else:
+                    if self._stopping.is_set() and conn.phase is _Phase.READY and not conn.partial:
+                        # Draining began while a worker had it: the loop looks again (a check and
+                        # the flag both under the lock, so no connection slips between them).
+                        self._drain_scanned = False
+                        self._wake()
+                    return
         self._close(conn)
 
     def _run_timers(self) -> None:
@@ -601,10 +607,11 @@ class NodeServer:
                 break  # fair to other connections: what is buffered wakes the loop again
             conn.sock.setblocking(False)
             frame = self._pump(conn)  # pipelined requests already here are served at once
-            if frame is None and not conn.partial and _readable(conn.sock, _NEXT_WAIT_MS):
+            if frame is None and not conn.partial and self._jobs.empty() and _readable(conn.sock, _NEXT_WAIT_MS):
                 # A client moving a stream of batches sends its next request as soon as it has
-                # the answer: waiting a moment for it here saves two thread hand-overs (to the
-                # loop, back to a worker), each a scheduling delay on a busy host.
+                # the answer: waiting a moment for it (when no other request waits for a worker)
+                # saves two thread hand-overs, to the loop and back, each a scheduling delay on a
+                # busy host.
                 frame = self._pump(conn)
             if frame is None:
                 break
