@@ -16,7 +16,8 @@ start until the last one finishes:
 
 Then the node's thread count and RSS (``/proc/PID/status``) with no connections and with
 ``--conns`` authenticated connections held open by a few helper processes. It prints medians and
-ratios in a table and asserts nothing about speed. The issue's targets: PUT and GET at 16 and 64
+ratios (each the median over rounds of node / raw in the same round) in a table and asserts
+nothing about speed. The issue's targets: PUT and GET at 16 and 64
 clients at least 80% of raw, and threads flat in the number of connections.
 """
 
@@ -195,6 +196,10 @@ class Rates:
     def med(self, name: str) -> float:
         return statistics.median(getattr(self, name))
 
+    def ratio(self, node: str, raw: str) -> float:
+        """Median over rounds of node / raw in the same round: drift between rounds cancels."""
+        return statistics.median(n / r for n, r in zip(getattr(self, node), getattr(self, raw), strict=True))
+
 
 def measure(clients: Clients, rounds: int, warmup: int) -> Rates:
     rates = Rates()
@@ -343,15 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warm-up, {os.cpu_count()} CPUs"
     )
     for n, r in results.items():
-        print(f"put@{n}: {r.med('put'):.2f} GB/s = {r.med('put') / r.med('raw_in'):.0%} of raw loopback ({r.med('raw_in'):.2f} GB/s)")
-        print(f"get@{n}: {r.med('get'):.2f} GB/s = {r.med('get') / r.med('raw_out'):.0%} of raw loopback ({r.med('raw_out'):.2f} GB/s)")
+        print(f"put@{n}: {r.med('put'):.2f} GB/s = {r.ratio('put', 'raw_in'):.0%} of raw loopback ({r.med('raw_in'):.2f} GB/s)")
+        print(f"get@{n}: {r.med('get'):.2f} GB/s = {r.ratio('get', 'raw_out'):.0%} of raw loopback ({r.med('raw_out'):.2f} GB/s)")
     print()
-    print(f"{'clients':>7} {'raw in':>8} {'PUT':>8} {'PUT/raw':>8} {'raw out':>8} {'GET':>8} {'GET/raw':>8}   (GB/s, medians)")
+    print(f"{'clients':>7} {'raw in':>8} {'PUT':>8} {'PUT/raw':>8} {'raw out':>8} {'GET':>8} {'GET/raw':>8}")
     for n, r in results.items():
         print(
-            f"{n:>7} {r.med('raw_in'):8.2f} {r.med('put'):8.2f} {r.med('put') / r.med('raw_in'):8.0%} "
-            f"{r.med('raw_out'):8.2f} {r.med('get'):8.2f} {r.med('get') / r.med('raw_out'):8.0%}"
+            f"{n:>7} {r.med('raw_in'):8.2f} {r.med('put'):8.2f} {r.ratio('put', 'raw_in'):8.0%} "
+            f"{r.med('raw_out'):8.2f} {r.med('get'):8.2f} {r.ratio('get', 'raw_out'):8.0%}"
         )
+    print("(GB/s: medians over rounds; ratios: medians of node / raw within each round)")
     if conn_rows:
         print()
         print(f"{'connections':>11} {'threads':>8} {'RSS':>10}   (the node, from /proc/PID/status)")
