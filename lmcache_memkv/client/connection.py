@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, IoTimer, PeerClosed, read_frame, recv_into_exact, send_views, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, recv_into_exact, send_views, tune
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.limits import Limits
@@ -120,7 +120,6 @@ class Connection:
             reply = self.proto.on_response(header, reply)
             if not isinstance(reply, GetResponse) or len(reply.statuses) != len(keys):
                 raise ProtocolError(f"memkv node {self.endpoint}: GET of {len(keys)} keys got a malformed answer")
-            timer = IoTimer(self.sock, deadline, socket.SO_RCVTIMEO)  # one for all values: no system call each
             for status, length, view in zip(reply.statuses, reply.lengths, views, strict=True):
                 if status != Status.OK:
                     continue
@@ -130,7 +129,7 @@ class Connection:
                     raise ProtocolError(
                         f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
                     )
-                recv_into_exact(self.sock, view[:length], deadline, timer)  # value bytes land in the caller's buffer
+                recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
             return reply
         except PeerClosed as exc:
             self.close()

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from lmcache_memkv.transport.tcp import Buffer, IoTimer, drain, recv_into_exact, send_views, wait_for_data
+from lmcache_memkv.transport.tcp import Buffer, drain, recv_into_exact, send_views, wait_for_data
 
 if TYPE_CHECKING:
     from lmcache_memkv.node.core import GetPlan, PutPlan
@@ -50,19 +50,18 @@ class TcpMover:
     def put(self, plan: PutPlan, deadline: float) -> None:
         sock = self.sock
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
-        timer = IoTimer(sock, deadline, socket.SO_RCVTIMEO)  # one per request: no system call per value to set it
         for i, size in enumerate(plan.sizes):
             if size:
                 # Reserve only once the value's bytes start to arrive: a peer that announces
                 # values and then stalls or hangs up makes the node evict nothing.
-                wait_for_data(sock, deadline, timer)
+                wait_for_data(sock, deadline)
             dst = plan.claim(i)
             if dst is None:
                 if scratch is None:
                     scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                drain(sock, size, scratch, deadline, timer)
+                drain(sock, size, scratch, deadline)
                 continue
-            recv_into_exact(sock, dst, deadline, timer)  # straight into the arena
+            recv_into_exact(sock, dst, deadline)  # straight into the arena
             plan.landed()
         send_views(sock, [plan.answer()], deadline)
 

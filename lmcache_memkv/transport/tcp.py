@@ -6,10 +6,8 @@ buffer with ``recv_into`` and writes gather memoryviews with ``sendmsg``.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 
@@ -19,8 +17,6 @@ from lmcache_memkv.wire.messages import Message
 from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
-_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
-_REARM_S = 0.25
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
@@ -39,61 +35,26 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class IoTimer:
-    """A deadline enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO) on a blocking socket.
-
-    Python's own socket timeouts poll before every read and write; with the kernel's, a read of
-    a whole value (``MSG_WAITALL``) or a gathered write is one system call, which is most of the
-    cost per byte once many streams share few cores. A timeout set at ``armed_at`` ends a call
-    by ``deadline + (now - armed_at)``; re-arming every ``_REARM_S`` keeps that within a quarter
-    second of the deadline.
-    """
-
-    __slots__ = ("armed_at", "deadline", "opt", "sock")
-
-    def __init__(self, sock: socket.socket, deadline: float | None, opt: int) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.opt = opt
-        self.armed_at = -math.inf
-        if sock.gettimeout() is not None:
-            sock.settimeout(None)  # blocking: the kernel timeout applies, and MSG_WAITALL waits
-        if deadline is None:
-            sock.setsockopt(socket.SOL_SOCKET, opt, _TIMEVAL.pack(0, 0))  # 0: no timeout
-
-    def arm(self) -> None:
-        if self.deadline is None:
-            return
-        now = time.monotonic()
-        if now - self.armed_at < _REARM_S:
-            return
-        remaining = self.deadline - now
-        if remaining <= 0:
-            raise MemKVTimeout("deadline passed")
-        sec = int(remaining)
-        usec = max(1, int((remaining - sec) * 1e6)) if sec == 0 else int((remaining - sec) * 1e6)
-        self.sock.setsockopt(socket.SOL_SOCKET, self.opt, _TIMEVAL.pack(sec, usec))
-        self.armed_at = now
-
-    def expired(self) -> bool:
-        """After the kernel said EAGAIN: True if the deadline has passed (else re-arm and go on)."""
-        self.armed_at = -math.inf
-        return self.deadline is not None and time.monotonic() >= self.deadline
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise MemKVTimeout("deadline passed")
+    sock.settimeout(remaining)
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None, timer: IoTimer | None = None) -> None:
-    """Fill ``view`` completely from ``sock``; ``timer``: a receive timer of this deadline to reuse."""
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+    """Fill ``view`` completely from ``sock``."""
     got = 0
     total = len(view)
-    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
     while got < total:
-        timer.arm()
+        _arm(sock, deadline)
         try:
-            n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
-        except (BlockingIOError, TimeoutError, InterruptedError):
-            if timer.expired():
-                raise MemKVTimeout(f"timed out after receiving {got} of {total} bytes") from None
-            continue
+            n = sock.recv_into(view[got:], total - got)
+        except TimeoutError:
+            raise MemKVTimeout(f"timed out after receiving {got} of {total} bytes") from None
         if n == 0:
             raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")
         got += n
@@ -115,46 +76,38 @@ def read_frame(sock: socket.socket, reader: FrameReader, deadline: float | None)
             return frame
 
 
-def wait_for_data(sock: socket.socket, deadline: float | None, timer: IoTimer | None = None) -> None:
+def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
     """Block until at least one byte can be read (PeerClosed on EOF), without consuming it.
 
     The node reserves arena space for a value only once its bytes start to arrive, so a peer
     that announces values and then stalls or hangs up makes the node evict nothing.
     """
-    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
-    while True:
-        timer.arm()
-        try:
-            if not sock.recv(1, socket.MSG_PEEK):
-                raise PeerClosed("peer closed the connection before the value's bytes")
-            return
-        except (BlockingIOError, TimeoutError, InterruptedError):
-            if timer.expired():
-                raise MemKVTimeout("timed out waiting for a value's bytes") from None
+    _arm(sock, deadline)
+    try:
+        if not sock.recv(1, socket.MSG_PEEK):
+            raise PeerClosed("peer closed the connection before the value's bytes")
+    except TimeoutError:
+        raise MemKVTimeout("timed out waiting for a value's bytes") from None
 
 
-def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None, timer: IoTimer | None = None) -> None:
+def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
     """Read and discard ``n`` bytes (a value we cannot keep), reusing ``scratch``."""
-    timer = timer or IoTimer(sock, deadline, socket.SO_RCVTIMEO)
     while n > 0:
         chunk = scratch[: min(n, len(scratch))]
-        recv_into_exact(sock, chunk, deadline, timer)
+        recv_into_exact(sock, chunk, deadline)
         n -= len(chunk)
 
 
 def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | None) -> None:
     """Send every buffer in order with gathered writes, resuming after partial sends."""
     pending = [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
-    timer = IoTimer(sock, deadline, socket.SO_SNDTIMEO)
     while pending:
-        timer.arm()
+        _arm(sock, deadline)
         batch = pending[:_IOV_MAX]
         try:
-            sent = sock.sendmsg(batch)  # blocking: returns once all of it is queued, or on the timeout
-        except (BlockingIOError, TimeoutError, InterruptedError):
-            if timer.expired():
-                raise MemKVTimeout("timed out while sending") from None
-            continue
+            sent = sock.sendmsg(batch)
+        except TimeoutError:
+            raise MemKVTimeout("timed out while sending") from None
         # Drop what went out; keep the unsent tail of a partly sent view.
         i = 0
         while i < len(batch) and sent >= len(batch[i]):
@@ -177,10 +130,9 @@ def linger_close(sock: socket.socket, timeout_s: float, max_bytes: int) -> None:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + timeout_s
         scratch = memoryview(bytearray(min(max_bytes, 64 << 10) or 1))
-        timer = IoTimer(sock, deadline, socket.SO_RCVTIMEO)
         while max_bytes > 0:
-            timer.arm()
-            n = sock.recv_into(scratch)  # the timeout (EAGAIN) ends it, like EOF
+            _arm(sock, deadline)
+            n = sock.recv_into(scratch)
             if n == 0:
                 break
             max_bytes -= n
