@@ -109,3 +109,21 @@ def test_idle_node_sleeps_and_stop_wakes_it_at_once() -> None:
         for s in socks:
             s.close()
         server.stop(0)
+
+
+def test_workers_setting_is_checked_and_sizes_the_pool() -> None:
+    with pytest.raises(ValueError, match=r"--workers must be in 1\.\.1024"):
+        NodeConfig(listen="127.0.0.1:0", capacity=1 << 20, workers=0)
+    server = NodeServer(NodeConfig(listen="127.0.0.1:0", capacity=1 << 20, workers=3))
+    server.start()
+    try:
+        assert len(server.thread_ids()) == 1 + 3  # the loop and its workers
+    finally:
+        server.stop(0)
+
+
+def test_workers_from_the_settings_file(node_factory: NodeFactory, tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text("workers: 5\n")
+    node = node_factory(capacity="8MiB", args=["--config", str(config)])
+    assert "(5 workers)" in node.log()
