@@ -1,4 +1,4 @@
-"""Keeps benchmarks/node_throughput.py from rotting: runs it tiny and checks its report's shape.
+"""Keeps benchmarks/node_throughput.py and node_scale.py from rotting: runs them tiny and checks their reports.
 
 It asserts nothing about speed: CI boxes are noisy, and the numbers belong in the README.
 """
@@ -40,3 +40,19 @@ def test_gossip_traffic_benchmark_runs_quick() -> None:
     assert [int(r[0]) for r in rows] == [2, 4], proc.stdout
     assert all(int(r[1]) > 0 and int(r[2]) > 0 for r in rows), proc.stdout  # the counter moves both ways
     assert re.search(r"^max/min ratio: [\d.]+ \(goal: within 2x\)$", proc.stdout, re.M), proc.stdout
+
+
+SCALE = SCRIPT.with_name("node_scale.py")
+
+
+def test_scale_benchmark_runs_in_quick_mode() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCALE), "--quick"], env=node_env(), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for n in (1, 4):
+        assert re.search(rf"^put@{n}: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
+        assert re.search(rf"^get@{n}: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+ [KMG]iB$", out, re.M)
+    assert [int(conns) for conns, _ in rows] == [0, 200], out

@@ -70,7 +70,10 @@ def node(
     max_meta: Annotated[str, typer.Option(help="Largest frame meta (keys and sizes) accepted.", envvar="MEMKV_MAX_META")] = "1MiB",
     frame_timeout: Annotated[float, typer.Option(help="Seconds a client may take to finish a frame it started.", envvar="MEMKV_FRAME_TIMEOUT")] = 10.0,
     max_frame_payload: Annotated[str, typer.Option(help="Most value bytes one request may carry.", envvar="MEMKV_MAX_FRAME_PAYLOAD")] = "1GiB",
-    max_connections: Annotated[int, typer.Option(help="Most authenticated client connections open at once (one thread each).", envvar="MEMKV_MAX_CONNECTIONS")] = 4096,
+    max_connections: Annotated[int, typer.Option(help="Most authenticated client connections open at once.", envvar="MEMKV_MAX_CONNECTIONS")] = 4096,
+    workers: Annotated[
+        int, typer.Option(help="Threads serving requests (moving value bytes); one event loop holds all connections.", envvar="MEMKV_WORKERS")
+    ] = 32,
     max_unauth_connections: Annotated[
         int, typer.Option(help="Most connections still authenticating, all peers together; the oldest gives way to a new one.", envvar="MEMKV_MAX_UNAUTH_CONNECTIONS")
     ] = 64,
@@ -110,8 +113,8 @@ def node(
     frame_timeout, drain_timeout, auth_timeout, idle_timeout = (
         values[k] for k in ("frame_timeout", "drain_timeout", "auth_timeout", "idle_timeout")
     )
-    max_connections, max_unauth_connections, max_unauth_per_host = (
-        values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host")
+    max_connections, max_unauth_connections, max_unauth_per_host, workers = (
+        values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host", "workers")
     )
     max_lease_ttl, lease_budget, max_tombstones = (values[k] for k in ("max_lease_ttl", "lease_budget", "max_tombstones"))
     max_watchers = values["max_watchers"]
@@ -136,6 +139,7 @@ def node(
             frame_timeout_s=frame_timeout,
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,
+            workers=workers,
             max_unauth_connections=max_unauth_connections,
             max_unauth_per_host=max_unauth_per_host,
             auth_timeout_s=auth_timeout,
@@ -265,7 +269,7 @@ def run_node(config: object) -> int:
     """Start data and control planes, wait for SIGTERM/SIGINT, drain, exit 0."""
     from lmcache_memkv.node.arena import PrefaultInterrupted, StopFlag
     from lmcache_memkv.node.config import NodeConfig
-    from lmcache_memkv.node.server import NodeServer
+    from lmcache_memkv.node.server import NodeServer, raise_nofile_limit
     from lmcache_memkv.sizes import format_size
 
     assert isinstance(config, NodeConfig)
@@ -275,6 +279,7 @@ def run_node(config: object) -> int:
     # stops the pre-fault between chunks instead of waiting for all of it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    raise_nofile_limit()  # one descriptor per connection: thousands of clients must fit
     log.info("faulting in the %s arena", format_size(config.capacity))
     try:
         server = NodeServer(config, stop)

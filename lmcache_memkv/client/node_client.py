@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from lmcache_memkv.client.connection import Connection
+from lmcache_memkv.client.protocol import DataClientFactory
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.transport.tcp import Buffer
@@ -84,8 +85,8 @@ class NodeClient:
         endpoint: str,
         key: bytes | None = None,
         timeout_s: float = 5.0,
-        max_idle: int = 16,
         client_id: bytes | None = None,
+        max_idle: int = 16,
     ) -> None:
         """``client_id`` (16 bytes, random by default) owns the leases this client takes."""
         if timeout_s <= 0:
@@ -322,6 +323,10 @@ class NodeClient:
         if not isinstance(body, dict):
             raise ProtocolError(f"memkv node {self.endpoint}: STATS body is not an object")
         return body
+
+
+# NodeClient is the TCP data client the cluster client uses by default; mypy holds it to the protocol.
+TCP_CLIENT: DataClientFactory = NodeClient
 
 
 def _prefix(message: str, endpoint: str, what: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lmcache_memkv.client import NodeClient
+from lmcache_memkv.client.node_client import TCP_CLIENT
 from lmcache_memkv.client.protocol import DataClient, DataClientFactory
 from lmcache_memkv.cluster.bootstrap import control_endpoints, fetch_view
 from lmcache_memkv.cluster.cluster_id import ClusterIdentity
@@ -101,11 +101,6 @@ def _answered(result: list[T | None] | Exception, out: list[T | None], n: int) -
     return out + [None] * (n - len(out))
 
 
-def tcp_data_client(endpoint: str, key: bytes | None, timeout_s: float, client_id: bytes) -> DataClient:
-    """The default ``DataClientFactory``: ``NodeClient`` over TCP."""
-    return NodeClient(endpoint, key, timeout_s, client_id=client_id)
-
-
 def _encode_cursor(key: bytes) -> str:
     return _CURSOR_PREFIX + base64.urlsafe_b64encode(key).decode()
 
@@ -166,7 +161,7 @@ class ClusterClient:
         self._pool = ChannelPool(key, tls_ca or ca_from_env())
         self._view = ClusterView()  # replaced whole, so readers need no lock
         self._view_lock = threading.Lock()
-        self._new_client: DataClientFactory = data_client_factory or tcp_data_client
+        self._new_client: DataClientFactory = data_client_factory or TCP_CLIENT
         self._nodes: dict[str, tuple[int, str, DataClient]] = {}  # node_id -> (incarnation, endpoint, client)
         self._nodes_lock = threading.Lock()
         self._suspicion = LocalSuspicion()

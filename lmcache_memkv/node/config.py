@@ -26,7 +26,8 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     frame_timeout_s: float = 10.0  # a peer that stalls mid-frame longer than this is dropped
     idle_timeout_s: float = 0.0  # 0: idle connections stay open
-    max_connections: int = 4096  # authenticated connections, one thread each
+    max_connections: int = 4096  # authenticated connections (the event loop holds them; no thread each)
+    workers: int = 32  # threads serving ready requests (value transfers), whatever the connection count
     auth_timeout_s: float = 2.0  # a new connection must authenticate within this
     max_unauth_connections: int = 64  # connections not yet authenticated, all peers together
     max_unauth_per_host: int = 8  # ... and from one peer address
@@ -77,6 +78,8 @@ class NodeConfig:
         for name in ("frame_timeout_s", "drain_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.workers <= 1024:
+            raise ValueError(f"--workers must be in 1..1024, got {self.workers}")
         if self.max_connections < 1:
             raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
         for flag, value in (

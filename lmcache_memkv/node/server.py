@@ -1,4 +1,15 @@
-"""The node's TCP data plane: one thread per connection, value bytes straight to and from the arena.
+"""The node's TCP data plane: one event loop owns every socket, a bounded pool of workers serves requests.
+
+The loop (epoll) accepts, runs each handshake (HELLO, AUTH, AUTH_OK) and reads each request's
+header and meta without blocking, through the sans-IO frame reader; a peer that trickles its
+headers so holds no thread. A complete request goes, with its connection, to a worker, which
+runs it through the node core and the connection's mover (value bytes straight to and from the
+arena, blocking I/O bounded by the frame deadline), serves any further requests already
+buffered (a few, for pipelining clients), then parks the connection with the loop again. A
+connection belongs to the loop or to one worker at a time, so its requests are served in order.
+Deadlines (authentication, a frame's completion, idleness, the lingering close after an error)
+are timers of the loop: an idle node with idle connections makes no wake-ups at all, and
+shutdown wakes the loop through an eventfd.
 
 Connections have two budgets: unauthenticated ones (all peers together, and per peer address)
 must authenticate within ``auth_timeout_s``, and the oldest is dropped when a new one needs its
@@ -8,70 +19,103 @@ own budget and keyed clients are still served.
 
 from __future__ import annotations
 
-import json
+import enum
+import errno
+import heapq
+import itertools
 import logging
+import math
+import os
+import queue
+import resource
 import select
 import socket
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
 from lmcache_memkv.node.arena import Arena, StopFlag
 from lmcache_memkv.node.config import NodeConfig, default_node_id
+from lmcache_memkv.node.core import NodeCore
 from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
-from lmcache_memkv.node.store import Extent, Fenced, Store
-from lmcache_memkv.transport.tcp import (
-    PeerClosed,
-    drain,
-    linger_close,
-    read_frame,
-    recv_into_exact,
-    send_views,
-    tune,
-    wait_for_data,
-)
-from lmcache_memkv.wire.constants import ErrorCode, Op, Status
+from lmcache_memkv.node.movers import TcpMover
+from lmcache_memkv.node.store import Fenced, Store
+from lmcache_memkv.transport.tcp import PeerClosed, send_views, tune
+from lmcache_memkv.wire.constants import ErrorCode
 from lmcache_memkv.wire.frames import Header
-from lmcache_memkv.wire.messages import (
-    DeleteRequest,
-    DeleteResponse,
-    ErrorFrame,
-    ExistsRequest,
-    ExistsResponse,
-    GetRequest,
-    GetResponse,
-    ListRequest,
-    ListResponse,
-    Message,
-    PingRequest,
-    PingResponse,
-    PutRequest,
-    PutResponse,
-    ReleaseRequest,
-    ReleaseResponse,
-    StatsResponse,
-    encode,
-)
+from lmcache_memkv.wire.messages import ErrorFrame, Message, encode
 from lmcache_memkv.wire.reader import FrameReader
 from lmcache_memkv.wire.state import MAX_AUTH_META, ServerProtocol
 
 log = logging.getLogger("memkv.node")
-_POLL_MS = 200  # how often an idle connection checks for shutdown
-_SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
 _LINGER_S = 1.0  # after an error frame: how long we keep reading so the peer gets to see it
 _LINGER_BYTES = 16 << 20
+_IN_A_ROW = 8  # requests a worker serves back to back on one connection before it parks it again
+_ACCEPT_BURST = 64  # connections accepted per loop turn, so a connect storm cannot starve the rest
+_READ_CHUNK = 256 << 10  # meta is read in pieces, so memory follows what a peer really sent
+_ACCEPT_PAUSE_S = 0.05  # out of descriptors (EMFILE): stop accepting this long rather than spin
+_ERROR_SEND_S = 1.0
+_NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request  # how long a worker tries to deliver an error frame
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then the connection is off until parked again
 
 
-@dataclass
+class _Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    LINGER = "linger"  # an error went out; reading what the peer still sends, then close
+
+
 class _Conn:
-    thread: threading.Thread
-    host: str
-    authed: bool = False
+    """One connection. Owned by the loop while ``busy`` is False, else by exactly one worker."""
+
+    __slots__ = (
+        "auth_deadline", "authed", "buf", "busy", "closed", "fd", "frame_deadline", "generation", "host",
+        "linger_deadline", "linger_left", "mover", "phase", "proto", "reader", "request_id", "sock", "timer",
+        "timer_at",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, host: str, proto: ServerProtocol, reader: FrameReader, auth_deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host = host
+        self.proto = proto
+        self.reader = reader
+        self.mover = TcpMover(sock)
+        self.phase = _Phase.HANDSHAKE
+        self.buf = bytearray()  # the part of the next header or meta read so far
+        self.busy = False
+        self.closed = False
+        self.authed = False
+        self.generation = 0
+        self.request_id = 0
+        self.auth_deadline = auth_deadline
+        self.frame_deadline = 0.0  # set when a request's first byte arrives
+        self.linger_deadline = 0.0
+        self.linger_left = 0
+        self.timer = 0  # the live timer's sequence number (older heap entries are stale)
+        self.timer_at: float | None = None
+
+    @property
+    def partial(self) -> bool:
+        """Part of a request's header or meta is in."""
+        return bool(self.buf) or self.reader.mid_frame
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's open-file soft limit to the hard limit (a node holds one per connection)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft, hard
 
 
 class NodeServer:
@@ -93,13 +137,28 @@ class NodeServer:
         # Whether writes may be taken now (the control plane: every peer knows our data life).
         self.write_gate: Callable[[], bool] = lambda: True
         self.metrics = NodeMetrics(config.node_id, self.stats)
+        self.core: NodeCore | None = None
         self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._conns: dict[socket.socket, _Conn] = {}
-        self._unauth: OrderedDict[socket.socket, str] = OrderedDict()  # oldest first
+        self._listener_lock = threading.Lock()
+        self._ep: select.epoll | None = None
+        self._wake_fd = -1
+        self._loop_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._jobs: queue.SimpleQueue[tuple[_Conn, Header, Message] | None] = queue.SimpleQueue()
+        # Guards the connection table, the budgets, ownership hand-overs and the timer heap.
+        self._lock = threading.Lock()
+        self._empty = threading.Condition(self._lock)  # notified when the last connection closes
+        self._conns: dict[int, _Conn] = {}  # by descriptor
+        self._unauth: OrderedDict[_Conn, str] = OrderedDict()  # oldest first
         self._unauth_by_host: Counter[str] = Counter()
-        self._conns_lock = threading.Lock()
+        self._authed = 0
+        self._timers: list[tuple[float, int, _Conn]] = []
+        self._timer_seq = itertools.count(1)
+        self._sleep_until = math.inf  # when the loop wakes by itself next (read under the lock)
+        self._accept_resume: float | None = None
         self._stopping = threading.Event()  # draining: connections finish what has arrived, then close
+        self._drain_scanned = False
+        self._exit = False
         # Set by the launcher once both planes serve, cleared on SIGTERM: what /readyz reports.
         self.serving = threading.Event()
         self._accept_closed = threading.Event()
@@ -107,6 +166,7 @@ class NodeServer:
         self.address: tuple[str, int] = ("", 0)
         self.metrics_address: tuple[str, int] | None = None
         self._m_node = config.node_id
+        self._discard = bytearray(64 << 10)  # the loop's sink for lingering input
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,8 +180,8 @@ class NodeServer:
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"--listen {self.config.listen}: cannot bind: {exc.strerror}") from None
-        sock.listen(256)
-        sock.settimeout(_POLL_MS / 1000)
+        sock.listen(1024)
+        sock.setblocking(False)
         self._listener = sock
         self.address = sock.getsockname()[:2]
         if self.config.node_id_auto and port == 0:
@@ -133,13 +193,29 @@ class NodeServer:
             self.metrics_address = self.metrics.serve(
                 self.config.metrics_listen, lambda: self.serving.is_set() and not self._stopping.is_set()
             )
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="memkv-accept", daemon=True)
-        self._accept_thread.start()
-        log.info("node %s serving data on %s", self.config.node_id, self.endpoint)
+        self.core = NodeCore(
+            self.config, self.arena, self.store, self.fence, self.metrics, lambda: self.write_gate(), self.stats, self.started_at
+        )
+        self._ep = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, select.EPOLLIN)
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+        for i in range(self.config.workers):
+            t = threading.Thread(target=self._worker, name=f"memkv-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        self._loop_thread = threading.Thread(target=self._loop, name="memkv-loop", daemon=True)
+        self._loop_thread.start()
+        log.info("node %s serving data on %s (%d workers)", self.config.node_id, self.endpoint, self.config.workers)
 
     @property
     def endpoint(self) -> str:
         return format_endpoint(*self.address)
+
+    def thread_ids(self) -> list[int]:
+        """Kernel ids of the data plane's threads, the loop first (tests read /proc/self/task/ID)."""
+        threads = [self._loop_thread, *self._workers] if self._loop_thread is not None else []
+        return [t.native_id for t in threads if t is not None and t.native_id is not None]
 
     def stop_accepting(self) -> None:
         """Refuse new connections at once; open ones are served as usual. Idempotent.
@@ -148,70 +224,161 @@ class NodeServer:
         clients are not accepted by a node that is going away.
         """
         self._accept_closed.set()
-        listener = self._listener
-        if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
-            except OSError:
-                pass
-        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
-            self._accept_thread.join()
-        if listener is not None:
+        with self._listener_lock:  # the loop accepts under it: never from a closed descriptor
+            listener, self._listener = self._listener, None
+            if listener is None:
+                return
+            if self._ep is not None:
+                try:
+                    self._ep.unregister(listener.fileno())
+                except (OSError, ValueError):
+                    pass
             listener.close()
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop accepting, let in-flight requests finish; True if every connection drained in time."""
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
+        self._wake()
         self.stop_accepting()
         deadline = time.monotonic() + (self.config.drain_timeout_s if grace_s is None else grace_s)
-        with self._conns_lock:
-            threads = [c.thread for c in self._conns.values()]
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        with self._conns_lock:
-            leftover = list(self._conns)
-        for sock in leftover:  # stragglers past the grace period
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            while self._conns and (left := deadline - time.monotonic()) > 0:
+                self._empty.wait(left)
+            leftover = list(self._conns.values())
+            for conn in leftover:  # stragglers past the grace period: their owner sees the error and closes
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._exit = True
+        self._wake()
+        loop = self._loop_thread
+        if loop is not None and loop is not threading.current_thread():
+            loop.join(5)
+            if not loop.is_alive():
+                with self._lock:  # nothing writes to it once the loop is gone
+                    wake_fd, self._wake_fd = self._wake_fd, -1
+                if wake_fd >= 0:
+                    os.close(wake_fd)
+        for _ in self._workers:
+            self._jobs.put(None)
         return not leftover
 
     def stats(self) -> dict[str, int]:
         return self.store.snapshot()
 
-    # ------------------------------------------------------------------ accept
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._accept_closed.is_set():
+    def _wake(self) -> None:
+        if self._wake_fd >= 0:
             try:
-                sock, addr = self._listener.accept()
-            except TimeoutError:
-                continue
+                os.eventfd_write(self._wake_fd, 1)
             except OSError:
-                if self._accept_closed.is_set():
-                    return
-                time.sleep(0.05)  # e.g. EMFILE: back off rather than spin
-                continue
-            if self._accept_closed.is_set():  # raced with stop_accepting
-                sock.close()
-                return
-            host = str(addr[0])
-            if not self._admit(sock, host):
-                continue
-            tune(sock)
-            t = threading.Thread(target=self._serve_conn, args=(sock,), name="memkv-conn", daemon=True)
-            with self._conns_lock:
-                self._conns[sock] = _Conn(thread=t, host=host)
-            self.metrics.accepted.labels(self._m_node).inc()
-            t.start()
+                pass
 
-    def _admit(self, sock: socket.socket, host: str) -> bool:
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        ep = self._ep
+        assert ep is not None
+        try:
+            while not self._exit:
+                with self._lock:
+                    timers = self._timers
+                    while timers and (timers[0][2].timer != timers[0][1] or timers[0][2].closed):
+                        heapq.heappop(timers)  # replaced or closed: no reason to wake up for it
+                    wake_at = min(timers[0][0] if timers else math.inf, self._accept_resume or math.inf)
+                    self._sleep_until = wake_at
+                timeout = -1.0 if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
+                try:
+                    events = ep.poll(timeout)
+                except InterruptedError:
+                    continue
+                with self._lock:
+                    self._sleep_until = -math.inf  # awake: workers need not wake us for new timers
+                for fd, _ in events:
+                    if fd == self._wake_fd:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except OSError:
+                            pass
+                        continue
+                    listener = self._listener
+                    if listener is not None and fd == listener.fileno():
+                        self._accept()
+                        continue
+                    conn = self._conns.get(fd)
+                    if conn is not None and not conn.busy and not conn.closed:
+                        self._on_readable(conn)
+                self._run_timers()
+                if self._stopping.is_set() and not self._drain_scanned:
+                    self._drain_scanned = True
+                    self._drain_idle()
+        except Exception:
+            log.exception("data-plane event loop failed")
+        finally:
+            self._shut_loop()
+
+    def _shut_loop(self) -> None:
+        with self._lock:
+            self._exit = True
+            mine = [c for c in self._conns.values() if not c.busy]
+        for conn in mine:
+            self._close(conn)
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        with self._lock:  # a worker parking a straggler now finds no loop and closes it
+            ep, self._ep = self._ep, None
+        if ep is not None:
+            ep.close()
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BURST):
+            with self._listener_lock:
+                listener = self._listener
+                if listener is None:
+                    return
+                try:
+                    sock, addr = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.warning("cannot accept a connection: %s; pausing accepts", exc)
+                        assert self._ep is not None
+                        self._ep.modify(listener.fileno(), 0)
+                        self._accept_resume = time.monotonic() + _ACCEPT_PAUSE_S
+                    return  # ECONNABORTED and the like: the peer is gone already
+            self._open(sock, str(addr[0]))
+
+    def _open(self, sock: socket.socket, host: str) -> None:
+        cfg = self.config
+        sock.setblocking(False)
+        proto = ServerProtocol(cfg.node_id, cfg.auth_key, cfg.limits)
+        reader = FrameReader(cfg.limits, max_meta_len=MAX_AUTH_META)  # an AUTH frame is tiny: read no more before it
+        conn = _Conn(sock, host, proto, reader, time.monotonic() + cfg.auth_timeout_s)
+        if not self._admit(conn):
+            return
+        tune(sock)
+        self.metrics.accepted.labels(self._m_node).inc()
+        self.metrics.connections.labels(self._m_node).inc()
+        try:
+            self._send_now(conn, proto.hello())
+            assert self._ep is not None
+            self._ep.register(conn.fd, _ARMED)
+        except OSError:
+            self._close(conn)
+            return
+        with self._lock:
+            self._set_timer(conn, conn.auth_deadline)
+
+    def _admit(self, conn: _Conn) -> bool:
         """Count a new connection against the unauthenticated budgets; False if refused."""
         cfg = self.config
-        victim: socket.socket | None = None
-        with self._conns_lock:
+        host = conn.host
+        victim: _Conn | None = None
+        with self._lock:
             if self._unauth_by_host[host] >= cfg.max_unauth_per_host:
                 refused = f"{cfg.max_unauth_per_host} unauthenticated connections from {host} already (--max-unauth-per-host)"
             else:
@@ -221,19 +388,20 @@ class NodeServer:
                     # within a round trip, so only connections that never do are pushed out.
                     victim, old_host = self._unauth.popitem(last=False)
                     self._forget_unauth_host(old_host)
-                self._unauth[sock] = host
+                self._unauth[conn] = host
                 self._unauth_by_host[host] += 1
+                self._conns[conn.fd] = conn
         if victim is not None:
             self.metrics.protocol_errors.labels(self._m_node, "unauth_evicted").inc()
-            try:
-                victim.shutdown(socket.SHUT_RDWR)  # its thread wakes up and closes it
-            except OSError:
-                pass
+            self._close(victim)  # handshakes run on the loop: it is ours to close
         if refused:
             self.metrics.protocol_errors.labels(self._m_node, "too_many_connections").inc()
             log.warning("refusing a connection: %s", refused)
-            self._send_error(sock, 0, ErrorCode.BUSY, f"node has {refused}; try later")
-            sock.close()
+            try:
+                conn.sock.send(encode(ErrorFrame(code=ErrorCode.BUSY, message=f"node has {refused}; try later"), 0))
+            except OSError:
+                pass
+            conn.sock.close()
             return False
         return True
 
@@ -242,209 +410,341 @@ class NodeServer:
         if self._unauth_by_host[host] <= 0:
             del self._unauth_by_host[host]
 
-    def _authenticated(self, sock: socket.socket) -> None:
+    def _authenticated(self, conn: _Conn) -> None:
         """Move a connection from the unauthenticated budget to the authenticated one."""
-        with self._conns_lock:
-            host = self._unauth.pop(sock, None)
+        with self._lock:
+            host = self._unauth.pop(conn, None)
             if host is not None:
                 self._forget_unauth_host(host)
-            authed = sum(1 for c in self._conns.values() if c.authed)
-            if authed >= self.config.max_connections:
+            if self._authed >= self.config.max_connections:
                 raise ProtocolError(
                     f"node has {self.config.max_connections} connections open (--max-connections); try later",
                     ErrorCode.BUSY,
                 )
-            conn = self._conns.get(sock)
-            if conn is not None:
-                conn.authed = True
+            conn.authed = True
+            self._authed += 1
 
-    # ------------------------------------------------------------------ one connection
-
-    def _serve_conn(self, sock: socket.socket) -> None:
-        node = self._m_node
-        cfg = self.config
-        self.metrics.connections.labels(node).inc()
-        proto = ServerProtocol(cfg.node_id, cfg.auth_key, cfg.limits)
-        reader = FrameReader(cfg.limits, max_meta_len=MAX_AUTH_META)  # an AUTH frame is tiny: read no more before it
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        request_id = 0
-        generation = self.store.generation
-        failed = False  # an error frame went out: close with a bounded linger so the peer can read it
+    def _on_readable(self, conn: _Conn) -> None:
+        if conn.phase is _Phase.LINGER:
+            self._linger_read(conn)
+            return
         try:
-            auth_deadline = time.monotonic() + cfg.auth_timeout_s
-            send_views(sock, [proto.hello()], auth_deadline)
-            header, msg = read_frame(sock, reader, auth_deadline)
-            request_id = header.request_id
-            try:
-                reply = proto.on_auth(header, msg)
-            except ProtocolError as exc:
-                self.metrics.auth_failures.labels(node).inc()
-                log.warning("auth failure from %s: %s", _peer(sock), exc)
-                raise
-            self._authenticated(sock)
-            reader.max_meta_len = None
-            generation = self.store.generation
-            send_views(sock, [reply], auth_deadline)
-            idle_since = time.monotonic()
-            while True:
-                stopping = self._stopping.is_set()
-                # Draining: serve what has already arrived (pipelined requests are in flight
-                # too), then say why we hang up.
-                if not poller.poll(0 if stopping else _POLL_MS):
-                    if stopping:
-                        self._send_error(sock, 0, ErrorCode.SHUTTING_DOWN, "node is shutting down")
-                        return
-                    idle = cfg.idle_timeout_s
-                    if idle and time.monotonic() - idle_since > idle:
-                        return
-                    continue
-                # From a frame's first byte, the whole frame must arrive within the frame timeout.
-                deadline = time.monotonic() + cfg.frame_timeout_s
-                header, msg = read_frame(sock, reader, deadline)
-                request_id = header.request_id
-                proto.check_request(header)
-                self.fence.check()  # after a stall: drop the data before serving anything
-                if generation != self.store.generation:
-                    raise Fenced("the node dropped its data since this connection was opened")
-                self._serve_request(sock, header, msg, deadline, generation, proto.client_id)
-                idle_since = time.monotonic()
-        except Fenced as exc:
-            failed = True
-            self.metrics.protocol_errors.labels(node, "fenced").inc()
-            self._send_error(sock, request_id, ErrorCode.FENCED, f"node dropped its data; reconnect ({exc})")
+            frame = self._pump(conn)
+            if frame is None:
+                if self._stopping.is_set() and conn.phase is _Phase.READY and not conn.partial:
+                    self._bye(conn, blocking=False)
+                else:
+                    self._park(conn)
+                return
+            header, msg = frame
+            conn.request_id = header.request_id
+            if conn.phase is _Phase.HANDSHAKE:
+                self._handshake(conn, header, msg)
+                if self._stopping.is_set() and not _readable(conn.sock):
+                    self._bye(conn, blocking=False)
+                else:
+                    self._park(conn)
+                return
+        except Exception as exc:
+            self._on_error(conn, exc, blocking=False)
+            return
+        conn.busy = True  # a worker's now, until it parks the connection again
+        self._jobs.put((conn, header, msg))
+
+    def _handshake(self, conn: _Conn, header: Header, msg: Message) -> None:
+        try:
+            reply = conn.proto.on_auth(header, msg)
         except ProtocolError as exc:
-            failed = True
-            self.metrics.protocol_errors.labels(node, _reason(exc.code)).inc()
-            log.info("closing connection from %s: %s", _peer(sock), exc)
-            self._send_error(sock, request_id, exc.code, str(exc))
-        except MemKVTimeout as exc:
-            failed = True
-            self.metrics.protocol_errors.labels(node, "timeout").inc()
-            log.info("closing connection from %s: %s", _peer(sock), exc)
-            self._send_error(sock, request_id, ErrorCode.TIMEOUT, f"frame not completed in time: {exc}")
-        except (PeerClosed, ConnectionError):
-            pass
-        except OSError as exc:
-            log.info("connection from %s failed: %s", _peer(sock), exc)
-        except Exception:  # never let one connection take the node down
-            failed = True
-            log.exception("internal error serving %s", _peer(sock))
-            self._send_error(sock, request_id, ErrorCode.INTERNAL, "internal error")
-        finally:
-            proto.close()
-            poller.unregister(sock)
-            if failed:
-                linger_close(sock, _LINGER_S, _LINGER_BYTES)
-            else:
-                sock.close()
-            with self._conns_lock:
-                self._conns.pop(sock, None)
-                host = self._unauth.pop(sock, None)
-                if host is not None:
-                    self._forget_unauth_host(host)
-            self.metrics.connections.labels(node).dec()
+            self.metrics.auth_failures.labels(self._m_node).inc()
+            log.warning("auth failure from %s: %s", _peer(conn.sock), exc)
+            raise
+        self._authenticated(conn)
+        conn.reader.max_meta_len = None
+        conn.generation = self.store.generation
+        self._send_now(conn, reply)
+        conn.phase = _Phase.READY
 
-    def _send_error(self, sock: socket.socket, request_id: int, code: int, message: str) -> None:
+    def _pump(self, conn: _Conn) -> tuple[Header, Message] | None:
+        """Read what has arrived of the next request's header and meta, without blocking.
+
+        The request once complete (its value bytes, if any, are left in the socket for the
+        mover), or None with the part read so far kept on the connection.
+        """
+        sock, reader = conn.sock, conn.reader
+        while True:
+            need = reader.next_size() - len(conn.buf)
+            try:
+                chunk = sock.recv(min(need, _READ_CHUNK))
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not chunk:
+                raise PeerClosed("peer closed the connection")
+            if conn.phase is _Phase.READY and not conn.partial:
+                # From a request's first byte, the whole frame must arrive within the frame timeout.
+                conn.frame_deadline = time.monotonic() + self.config.frame_timeout_s
+            if len(chunk) < need:
+                conn.buf += chunk
+                continue
+            data: bytes | bytearray = chunk
+            if conn.buf:
+                conn.buf += chunk
+                data, conn.buf = conn.buf, bytearray()
+            frame = reader.feed(data)
+            if frame is not None:
+                return frame
+
+    # ------------------------------------------------------------------ timers and parking
+
+    def _set_timer(self, conn: _Conn, when: float | None) -> None:
+        """Make ``when`` the connection's one live deadline (None: none). Call with the lock held."""
+        if when == conn.timer_at:
+            return
+        conn.timer_at = when
+        if when is None:
+            conn.timer = 0
+            return
+        seq = next(self._timer_seq)
+        conn.timer = seq
+        heapq.heappush(self._timers, (when, seq, conn))
+        if len(self._timers) > 2 * len(self._conns) + 1024:  # stale entries of busy connections: compact
+            self._timers = [t for t in self._timers if t[2].timer == t[1] and not t[2].closed]
+            heapq.heapify(self._timers)
+        if when < self._sleep_until:
+            self._wake()
+
+    def _deadline(self, conn: _Conn) -> float | None:
+        if conn.phase is _Phase.HANDSHAKE:
+            return conn.auth_deadline
+        if conn.phase is _Phase.LINGER:
+            return conn.linger_deadline
+        if conn.partial:
+            return conn.frame_deadline
+        idle = self.config.idle_timeout_s
+        return time.monotonic() + idle if idle else None
+
+    def _park(self, conn: _Conn) -> None:
+        """Hand the connection (back) to the loop: its deadline set, its next readable event armed."""
+        conn.sock.setblocking(False)
+        with self._lock:
+            if conn.closed:
+                return
+            if self._exit or self._ep is None:
+                conn.busy = True  # nobody will watch it: close below
+            else:
+                self._set_timer(conn, self._deadline(conn))
+                conn.busy = False
+                try:
+                    self._ep.modify(conn.fd, _ARMED)
+                except (OSError, ValueError):
+                    conn.busy = True
+                else:
+                    if self._stopping.is_set() and conn.phase is _Phase.READY and not conn.partial:
+                        # Draining began while a worker had it: the loop looks again (a check and
+                        # the flag both under the lock, so no connection slips between them).
+                        self._drain_scanned = False
+                        self._wake()
+                    return
+        self._close(conn)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        if self._accept_resume is not None and now >= self._accept_resume:
+            self._accept_resume = None
+            with self._listener_lock:
+                if self._listener is not None and self._ep is not None:
+                    self._ep.modify(self._listener.fileno(), select.EPOLLIN)
+        due: list[tuple[int, _Conn]] = []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                _, seq, conn = heapq.heappop(self._timers)
+                if conn.timer != seq or conn.closed:
+                    continue  # a later deadline replaced it
+                if conn.busy:  # a worker has it and enforces its own deadlines; parking sets a new one
+                    conn.timer_at = None
+                    continue
+                due.append((seq, conn))
+        for seq, conn in due:
+            if conn.timer != seq or conn.busy or conn.closed:
+                continue  # a later deadline replaced it, or a worker has the connection
+            conn.timer_at = None
+            if conn.phase is _Phase.LINGER:
+                self._close(conn)
+            elif conn.phase is _Phase.HANDSHAKE or conn.partial:
+                got = len(conn.buf)
+                self._on_error(conn, MemKVTimeout(f"timed out with {got} bytes of a frame's header or meta read"), blocking=False)
+            else:
+                self._close(conn)  # idle past --idle-timeout
+
+    def _drain_idle(self) -> None:
+        """Stopping: connections with nothing pending are told why we hang up; the rest finish first."""
+        with self._lock:
+            mine = [c for c in self._conns.values() if not c.busy and not c.closed and c.phase is _Phase.READY]
+        for conn in mine:
+            if not conn.partial:
+                self._on_readable(conn)  # serves what has arrived, else says goodbye
+
+    # ------------------------------------------------------------------ workers
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, header, msg = job
+            try:
+                self._serve(conn, header, msg)
+            except Exception as exc:
+                self._on_error(conn, exc, blocking=True)
+
+    def _serve(self, conn: _Conn, header: Header, msg: Message) -> None:
+        core = self.core
+        assert core is not None
+        served = 0
+        while True:
+            conn.proto.check_request(header)
+            core.serve(header, msg, conn.generation, conn.proto.client_id, conn.mover, conn.frame_deadline)
+            served += 1
+            if served >= _IN_A_ROW:
+                break  # fair to other connections: what is buffered wakes the loop again
+            conn.sock.setblocking(False)
+            frame = self._pump(conn)  # pipelined requests already here are served at once
+            if frame is None and not conn.partial and self._jobs.empty() and _readable(conn.sock, _NEXT_WAIT_MS):
+                # A client moving a stream of batches sends its next request as soon as it has
+                # the answer: waiting a moment for it (when no other request waits for a worker)
+                # saves two thread hand-overs, to the loop and back, each a scheduling delay on a
+                # busy host.
+                frame = self._pump(conn)
+            if frame is None:
+                break
+            header, msg = frame
+            conn.request_id = header.request_id
+        if self._stopping.is_set() and not conn.partial and not _readable(conn.sock):
+            self._bye(conn, blocking=True)  # draining, and nothing more has arrived
+            return
+        self._park(conn)
+
+    # ------------------------------------------------------------------ errors and closing
+
+    def _on_error(self, conn: _Conn, exc: BaseException, blocking: bool) -> None:
+        node = self._m_node
+        peer = _peer(conn.sock)
+        code: int
+        if isinstance(exc, Fenced):
+            self.metrics.protocol_errors.labels(node, "fenced").inc()
+            code, message = ErrorCode.FENCED, f"node dropped its data; reconnect ({exc})"
+        elif isinstance(exc, ProtocolError):
+            self.metrics.protocol_errors.labels(node, _reason(exc.code)).inc()
+            log.info("closing connection from %s: %s", peer, exc)
+            code, message = exc.code, str(exc)
+        elif isinstance(exc, MemKVTimeout):
+            self.metrics.protocol_errors.labels(node, "timeout").inc()
+            log.info("closing connection from %s: %s", peer, exc)
+            code, message = ErrorCode.TIMEOUT, f"frame not completed in time: {exc}"
+        elif isinstance(exc, (PeerClosed, ConnectionError)):
+            self._close(conn)
+            return
+        elif isinstance(exc, OSError):
+            log.info("connection from %s failed: %s", peer, exc)
+            self._close(conn)
+            return
+        else:  # never let one connection take the node down
+            log.error("internal error serving %s", peer, exc_info=exc)
+            code, message = ErrorCode.INTERNAL, "internal error"
+        self._send_error(conn, code, message, blocking)
+        self._linger(conn)
+
+    def _send_error(self, conn: _Conn, code: int, message: str, blocking: bool) -> None:
+        frame = encode(ErrorFrame(code=code, message=message), conn.request_id)
         try:
-            send_views(sock, [encode(ErrorFrame(code=code, message=message), request_id)], time.monotonic() + 1.0)
+            if blocking:
+                send_views(conn.sock, [frame], time.monotonic() + _ERROR_SEND_S)
+            else:
+                conn.sock.setblocking(False)
+                conn.sock.send(frame)  # the loop never blocks: a peer with a full window misses it
         except (OSError, MemKVTimeout):
             pass
 
-    def _serve_request(
-        self, sock: socket.socket, header: Header, msg: Message, deadline: float, generation: int, client_id: bytes
-    ) -> None:
-        started = time.perf_counter()
-        op = header.base_op
-        rid = header.request_id
-        outcome = "ok"
-        if isinstance(msg, PutRequest):
-            outcome = self._put(sock, rid, msg, deadline, generation)
-        elif isinstance(msg, GetRequest):
-            outcome = self._get(sock, rid, msg, deadline)
-        else:
-            reply = self._inline(msg, client_id)
-            send_views(sock, [encode(reply, rid)], deadline)
-        labels = (self._m_node, op.name.lower())
-        self.metrics.ops.labels(*labels, outcome).inc()
-        self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+    def _bye(self, conn: _Conn, blocking: bool) -> None:
+        self._send_error(conn, ErrorCode.SHUTTING_DOWN, "node is shutting down", blocking)
+        self._close(conn)
 
-    def _put(self, sock: socket.socket, rid: int, msg: PutRequest, deadline: float, generation: int) -> str:
-        """Space for each value is reserved only once its bytes start to arrive, and the value is
-        published as soon as it is in: a peer that stops early has made the node evict at most
-        the values it began to send."""
-        statuses: list[Status] = []
-        view = self.arena.view
-        scratch: memoryview | None = None  # only a refused value needs it; most requests never do
-        ready = self.write_gate()
-        for key, size, version in zip(msg.keys, msg.sizes, msg.versions, strict=True):
-            if size:
-                wait_for_data(sock, deadline)
-            slot = self.store.reserve(key, size, version, generation) if ready else self.store.refuse(key, version, generation)
-            if isinstance(slot, Extent):
-                try:
-                    recv_into_exact(sock, view[slot.offset : slot.offset + size], deadline)
-                except BaseException:
-                    self.store.abort(slot)
-                    raise
-                statuses.append(self.store.publish(key, slot, version, generation))
-            else:
-                if scratch is None:
-                    scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                drain(sock, size, scratch, deadline)
-                statuses.append(slot)
-        self.metrics.bytes_in.labels(self._m_node).inc(sum(msg.sizes))
-        self.metrics.items.labels(self._m_node, "put").inc(len(msg.keys))
-        send_views(sock, [encode(PutResponse(statuses=statuses), rid)], deadline)
-        return "ok" if all(s == Status.OK for s in statuses) else "partial"
+    def _linger(self, conn: _Conn) -> None:
+        """Half-close, then let the loop read and discard what the peer still sends (bounded), then close.
 
-    def _get(self, sock: socket.socket, rid: int, msg: GetRequest, deadline: float) -> str:
-        pinned: list[Extent] = []
-        statuses: list[Status] = []
-        lengths: list[int] = []
-        versions: list[int] = []
+        Closing a socket with unread input makes the kernel answer with RST, which can overtake
+        the error frame we just sent; reading a bounded amount first lets the peer see why.
+        """
         try:
-            for key, cap in zip(msg.keys, msg.capacities, strict=True):
-                status, ext, version = self.store.pin(key, cap, msg.exact)
-                statuses.append(status)
-                lengths.append(ext.length if ext else 0)
-                versions.append(version)
-                if status == Status.OK and ext is not None:
-                    pinned.append(ext)
-            view = self.arena.view
-            head = encode(GetResponse(statuses=statuses, lengths=lengths, versions=versions), rid)
-            # Pinned extents stay put until unpinned, so an overwrite cannot tear what we send.
-            send_views(sock, [head, *(view[e.offset : e.offset + e.length] for e in pinned)], deadline)
-        finally:
-            if pinned:
-                self.store.unpin(pinned)
-        sent = sum(e.length for e in pinned)
-        self.metrics.bytes_out.labels(self._m_node).inc(sent)
-        self.metrics.items.labels(self._m_node, "get").inc(len(msg.keys))
-        return "ok" if len(pinned) == len(msg.keys) else "partial"
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        with self._lock:
+            host = self._unauth.pop(conn, None)
+            if host is not None:
+                self._forget_unauth_host(host)
+        conn.phase = _Phase.LINGER
+        conn.linger_left = _LINGER_BYTES
+        conn.linger_deadline = time.monotonic() + _LINGER_S
+        self._park(conn)
 
-    def _inline(self, msg: Message, client_id: bytes) -> Message:
-        if isinstance(msg, ExistsRequest):
-            found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0, client_id)
-            return ExistsResponse(
-                statuses=[f[0] for f in found],
-                lengths=[f[1] for f in found],
-                versions=[f[2] for f in found],
-                lease_ids=[f[3] for f in found],
-            )
-        if isinstance(msg, ReleaseRequest):
-            return ReleaseResponse(statuses=self.store.release(msg.lease_ids, client_id))
-        if isinstance(msg, DeleteRequest):
-            return DeleteResponse(statuses=self.store.delete(msg.keys, msg.versions))
-        if isinstance(msg, ListRequest):
-            items, cursor = self.store.list(msg.prefix, msg.cursor, msg.limit)
-            return ListResponse(keys=[k for k, _ in items], sizes=[n for _, n in items], next_cursor=cursor)
-        if isinstance(msg, PingRequest):
-            return PingResponse(data=msg.data)
-        if msg.op is Op.STATS:
-            body = dict(self.stats(), node_id=self.config.node_id, uptime_s=int(time.time() - self.started_at))
-            return StatsResponse(body=json.dumps(body).encode())
-        raise ProtocolError(f"opcode {msg.op.name} is not a request", ErrorCode.UNKNOWN_OP)
+    def _linger_read(self, conn: _Conn) -> None:
+        view = memoryview(self._discard)
+        while True:
+            try:
+                n = conn.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                self._park(conn)
+                return
+            except OSError:
+                break
+            conn.linger_left -= n
+            if n == 0 or conn.linger_left <= 0:
+                break
+        self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            if self._conns.get(conn.fd) is conn:  # first out of the table: the descriptor may be reused once closed
+                del self._conns[conn.fd]
+            host = self._unauth.pop(conn, None)
+            if host is not None:
+                self._forget_unauth_host(host)
+            if conn.authed:
+                self._authed -= 1
+            conn.timer = 0
+            if self._ep is not None:
+                try:
+                    self._ep.unregister(conn.fd)
+                except (OSError, ValueError):
+                    pass
+            if not self._conns:
+                self._empty.notify_all()
+        conn.proto.close()
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        self.metrics.connections.labels(self._m_node).dec()
+
+    def _send_now(self, conn: _Conn, data: bytes) -> None:
+        """A handshake frame, sent without blocking: it fits any fresh socket's buffer."""
+        if conn.sock.send(data) != len(data):
+            raise ConnectionError("peer is not reading its handshake")
+
+
+def _readable(sock: socket.socket, wait_ms: int = 0) -> bool:
+    """Input (or EOF) is waiting, or arrives within ``wait_ms``, without consuming it (poll:
+    descriptors past 1024 are common here)."""
+    try:
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(wait_ms))
+    except (OSError, ValueError):
+        return True
 
 
 def _reason(code: int) -> str:

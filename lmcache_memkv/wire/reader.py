@@ -20,6 +20,11 @@ class FrameReader:
         self.max_meta_len = max_meta_len  # a tighter meta cap, e.g. before authentication
         self._header: Header | None = None
 
+    @property
+    def mid_frame(self) -> bool:
+        """A header is in and its meta is still to come."""
+        return self._header is not None
+
     def next_size(self) -> int:
         return HEADER_LEN if self._header is None else self._header.meta_len
 

@@ -1,0 +1,221 @@
+"""The node's request handler, transport-neutral: it plans, a mover moves the bytes.
+
+For a decoded request the core checks the fence and the connection's generation, then makes a
+plan: a PUT reserves an arena extent per value (only when the mover is about to bring that
+value's bytes, so a peer that stops early makes the node evict at most what it began) and
+publishes it once the bytes are in; a GET pins the extents it found until the mover has sent
+them; anything else is answered inline. The mover (``movers.py``) executes the plan over its
+transport and sends the answer. The core never touches a socket, so an RDMA mover (the node
+READs each PUT value from the client's registered page into the extent, WRITEs each GET value
+into the client's page) uses the same plans.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from lmcache_memkv.errors import ProtocolError
+from lmcache_memkv.node.arena import Arena
+from lmcache_memkv.node.config import NodeConfig
+from lmcache_memkv.node.fence import Fence
+from lmcache_memkv.node.metrics import NodeMetrics
+from lmcache_memkv.node.movers import Mover
+from lmcache_memkv.node.store import Extent, Fenced, Store
+from lmcache_memkv.wire.constants import ErrorCode, Op, Status
+from lmcache_memkv.wire.frames import Header
+from lmcache_memkv.wire.messages import (
+    DeleteRequest,
+    DeleteResponse,
+    ExistsRequest,
+    ExistsResponse,
+    GetRequest,
+    GetResponse,
+    ListRequest,
+    ListResponse,
+    Message,
+    PingRequest,
+    PingResponse,
+    PutRequest,
+    PutResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    StatsResponse,
+    encode,
+)
+
+
+class PutPlan:
+    """One PUT: the mover claims each value's destination in turn, fills it, and reports it landed.
+
+    ``claim(i)`` reserves the extent (or refuses the value: NOT_READY while writes are gated,
+    STALE, NO_SPACE, TOO_LARGE) and returns the arena view to fill, or None when the mover must
+    discard the value's bytes instead. ``landed`` publishes; ``abandon`` gives the extent back
+    when the transfer failed.
+    """
+
+    def __init__(self, core: NodeCore, rid: int, msg: PutRequest, generation: int) -> None:
+        self._core = core
+        self.rid = rid
+        self.keys = msg.keys
+        self.sizes = msg.sizes
+        self.versions = msg.versions
+        self._generation = generation
+        self._writable = core.write_gate()  # asked once per request, as before the split
+        self._slot: Extent | None = None
+        self.statuses: list[Status] = []
+
+    def claim(self, i: int) -> memoryview | None:
+        assert self._slot is None and i == len(self.statuses), "values are claimed in order, one at a time"
+        store = self._core.store
+        key, size, version = self.keys[i], self.sizes[i], self.versions[i]
+        if self._writable:
+            slot = store.reserve(key, size, version, self._generation)
+        else:
+            slot = store.refuse(key, version, self._generation)
+        if isinstance(slot, Extent):
+            self._slot = slot
+            return self._core.arena.view[slot.offset : slot.offset + size]
+        self.statuses.append(slot)
+        return None
+
+    def landed(self) -> None:
+        slot, self._slot = self._slot, None
+        assert slot is not None
+        i = len(self.statuses)
+        self.statuses.append(self._core.store.publish(self.keys[i], slot, self.versions[i], self._generation))
+
+    def abandon(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._core.store.abort(slot)
+
+    def answer(self) -> bytes:
+        """The PUT's response frame, once every value has been claimed."""
+        core = self._core
+        core.metrics.bytes_in.labels(core.node_label).inc(sum(self.sizes))
+        core.metrics.items.labels(core.node_label, "put").inc(len(self.keys))
+        return encode(PutResponse(statuses=self.statuses), self.rid)
+
+    @property
+    def outcome(self) -> str:
+        return "ok" if len(self.statuses) == len(self.keys) and all(s == Status.OK for s in self.statuses) else "partial"
+
+
+class GetPlan:
+    """One GET: extents pinned (an overwrite cannot tear them) until ``release``; ``head`` answers."""
+
+    def __init__(self, core: NodeCore, rid: int, msg: GetRequest) -> None:
+        self._core = core
+        self.extents: list[Extent] = []
+        statuses: list[Status] = []
+        lengths: list[int] = []
+        versions: list[int] = []
+        try:
+            for key, cap in zip(msg.keys, msg.capacities, strict=True):
+                status, ext, version = core.store.pin(key, cap, msg.exact)
+                statuses.append(status)
+                lengths.append(ext.length if ext else 0)
+                versions.append(version)
+                if status == Status.OK and ext is not None:
+                    self.extents.append(ext)
+            self.head = encode(GetResponse(statuses=statuses, lengths=lengths, versions=versions), rid)
+        except BaseException:
+            self.release()
+            raise
+        self.count = len(msg.keys)
+
+    def views(self) -> list[memoryview]:
+        """The found values' bytes, in request order (views of the arena, no copies)."""
+        view = self._core.arena.view
+        return [view[e.offset : e.offset + e.length] for e in self.extents]
+
+    def release(self) -> None:
+        extents, self.extents = self.extents, []
+        if extents:
+            self._core.store.unpin(extents)
+
+    @property
+    def outcome(self) -> str:
+        return "ok" if len(self.extents) == self.count else "partial"
+
+
+class NodeCore:
+    """Serves one decoded request through a mover; shared by every connection and worker."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        arena: Arena,
+        store: Store,
+        fence: Fence,
+        metrics: NodeMetrics,
+        write_gate: Callable[[], bool],
+        stats: Callable[[], dict[str, int]],
+        started_at: float,
+    ) -> None:
+        self.config = config
+        self.arena = arena
+        self.store = store
+        self.fence = fence
+        self.metrics = metrics
+        self.node_label = config.node_id
+        self.write_gate = write_gate
+        self._stats = stats
+        self._started_at = started_at
+
+    def serve(self, header: Header, msg: Message, generation: int, client_id: bytes, mover: Mover, deadline: float) -> None:
+        """Serve one request whose header and meta are in; raises ``Fenced`` or a transport error."""
+        started = time.perf_counter()
+        self.fence.check()  # after a stall: drop the data before serving anything
+        if generation != self.store.generation:
+            raise Fenced("the node dropped its data since this connection was opened")
+        rid = header.request_id
+        outcome = "ok"
+        if isinstance(msg, PutRequest):
+            put = PutPlan(self, rid, msg, generation)
+            try:
+                mover.put(put, deadline)
+            finally:
+                put.abandon()  # no-op unless the transfer of a claimed value failed
+            outcome = put.outcome
+        elif isinstance(msg, GetRequest):
+            get = GetPlan(self, rid, msg)
+            try:
+                mover.get(get, deadline)
+                sent = sum(e.length for e in get.extents)
+                outcome = get.outcome
+            finally:
+                get.release()
+            self.metrics.bytes_out.labels(self.node_label).inc(sent)
+            self.metrics.items.labels(self.node_label, "get").inc(get.count)
+        else:
+            mover.reply([encode(self.inline(msg, client_id), rid)], deadline)
+        labels = (self.node_label, header.base_op.name.lower())
+        self.metrics.ops.labels(*labels, outcome).inc()
+        self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    def inline(self, msg: Message, client_id: bytes) -> Message:
+        """The answer to a request that moves no value bytes."""
+        if isinstance(msg, ExistsRequest):
+            found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0, client_id)
+            return ExistsResponse(
+                statuses=[f[0] for f in found],
+                lengths=[f[1] for f in found],
+                versions=[f[2] for f in found],
+                lease_ids=[f[3] for f in found],
+            )
+        if isinstance(msg, ReleaseRequest):
+            return ReleaseResponse(statuses=self.store.release(msg.lease_ids, client_id))
+        if isinstance(msg, DeleteRequest):
+            return DeleteResponse(statuses=self.store.delete(msg.keys, msg.versions))
+        if isinstance(msg, ListRequest):
+            items, cursor = self.store.list(msg.prefix, msg.cursor, msg.limit)
+            return ListResponse(keys=[k for k, _ in items], sizes=[n for _, n in items], next_cursor=cursor)
+        if isinstance(msg, PingRequest):
+            return PingResponse(data=msg.data)
+        if msg.op is Op.STATS:
+            body = dict(self._stats(), node_id=self.config.node_id, uptime_s=int(time.time() - self._started_at))
+            return StatsResponse(body=json.dumps(body).encode())
+        raise ProtocolError(f"opcode {msg.op.name} is not a request", ErrorCode.UNKNOWN_OP)
