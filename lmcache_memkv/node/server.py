@@ -58,8 +58,8 @@ _IN_A_ROW = 8  # requests a worker serves back to back on one connection before 
 _ACCEPT_BURST = 64  # connections accepted per loop turn, so a connect storm cannot starve the rest
 _READ_CHUNK = 256 << 10  # meta is read in pieces, so memory follows what a peer really sent
 _ACCEPT_PAUSE_S = 0.05  # out of descriptors (EMFILE): stop accepting this long rather than spin
-_ERROR_SEND_S = 1.0
-_NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request  # how long a worker tries to deliver an error frame
+_ERROR_SEND_S = 1.0  # how long a worker tries to deliver an error frame
+_NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then the connection is off until parked again
 
 
