@@ -130,7 +130,24 @@ def demo(
     keep_logs: Annotated[bool, typer.Option("--keep-logs", help="Keep the logs (kept anyway on failure).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of tables.")] = False,
     timeout: Annotated[int, typer.Option(help="Give up (and stop everything) after this many seconds.")] = 300,
+    vllm: Annotated[
+        bool,
+        typer.Option(
+            "--vllm",
+            help="Real vLLM CPU workers on two 'hosts' instead: B reuses through MemKV the KV that A computed "
+            "(needs vLLM's CPU build: `make test-vllm` creates .venv-vllm; minutes).",
+        ),
+    ] = False,
+    prompts: Annotated[int, typer.Option(help="With --vllm: prompts each worker serves.")] = 3,
 ) -> None:
+    if vllm:
+        from lmcache_memkv.cli.demo_vllm import run_vllm_demo
+
+        if prompts < 1:
+            typer.echo(f"memkv demo: --prompts must be at least 1, got {prompts}", err=True)
+            raise typer.Exit(2)
+        # --tokens words per prompt (one token each); the default --timeout is too short for vLLM start-up.
+        raise typer.Exit(run_vllm_demo(prompts, tokens, log_dir, json_output, max(timeout, 1800)))
     from lmcache_memkv.cli.extras import require_lmcache
 
     require_lmcache("demo")
