@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import subprocess
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -25,7 +27,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("real vLLM tests: `make test-vllm` builds their environment and runs them", allow_module_level=True)
 
 from cluster_util import FAST_ARGS, wait_until
-from nodeproc import NodeProcess
+from nodeproc import NodeProcess, memkv_command, node_env
 
 from lmcache_memkv.sidecar.process import SidecarConfig, SidecarProcess
 from lmcache_memkv.sidecar.vllm_worker import (
@@ -62,8 +64,13 @@ FAULT = word_prompts(3, PROMPT_WORDS, seed=2)
 
 
 def cacheable(done: Sequence[Completion]) -> int:
-    """Tokens LMCache can hand back: whole chunks, short of the last prompt token (vLLM computes it)."""
-    return sum((c.prompt_tokens - 1) // CHUNK * CHUNK for c in done)
+    """Prompt tokens vLLM can take from LMCache: its whole chunks, short of the last token (always computed)."""
+    return sum(min(c.prompt_tokens // CHUNK * CHUNK, c.prompt_tokens - 1) for c in done)
+
+
+def chunks(done: Sequence[Completion]) -> int:
+    """Whole chunks of the prompts: what LMCache stores and looks up."""
+    return sum(c.prompt_tokens // CHUNK for c in done)
 
 
 @dataclass
@@ -187,6 +194,22 @@ def report(label: str, done: Sequence[Completion] | Sequence[float]) -> None:
     print(f"\n{label}: request ms [{times}]")
 
 
+def test_memkv_demo_vllm_shows_b_reusing_what_a_computed(tmp_path: Path) -> None:
+    """First in the module: the demo starts its own processes, before the rig's exist (two cores)."""
+    cmd = [*memkv_command(), "demo", "--vllm", "--json", "--prompts", "2", "--tokens", str(PROMPT_WORDS)]
+    cmd += ["--layers", "2", "--hidden", "128", "--log-dir", str(tmp_path)]
+    out = subprocess.run(cmd, env=node_env(), capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    plain, a, b = doc["workers"]
+    assert doc["ok"] and plain["name"] == "no cache" and (a["name"], b["name"]) == ("A", "B")
+    assert plain["tokens_from_memkv"] == a["tokens_from_memkv"] == 0
+    assert b["tokens_from_memkv"] > 0 and b["tokens_computed"] < a["tokens_computed"]
+    assert a["outputs_match_no_cache"] and b["outputs_match_no_cache"]
+    assert doc["sidecar_b_l2_hit_chunks"] > 0 and doc["adapter_b_loaded_bytes"] > 0
+    assert len(b["request_ms"]) == 2
+
+
 def test_b_gets_the_kv_a_computed_from_memkv_and_outputs_match_a_no_cache_run(rig: Rig) -> None:
     a, b = rig.hosts["A"], rig.hosts["B"]
     a0, b0 = a.counters(), b.counters()
@@ -194,15 +217,15 @@ def test_b_gets_the_kv_a_computed_from_memkv_and_outputs_match_a_no_cache_run(ri
     a.sidecar.wait_store_drained(60)
     da = delta(a.counters(), a0)
     assert da["external_hits"] == 0 and da["l2_hit_keys"] == 0  # A computed everything
-    assert da["memkv_stored_keys"] >= cacheable(from_a) // CHUNK  # and wrote it through to MemKV
-    assert sum(n.client().stats()["keys"] for n in rig.nodes) >= 2 * cacheable(from_a) // CHUNK  # two replicas
+    assert da["memkv_stored_keys"] >= chunks(from_a)  # and wrote it through to MemKV
+    assert sum(n.client().stats()["keys"] for n in rig.nodes) >= 2 * chunks(from_a)  # two replicas
 
     from_b = b.serve(REUSE)
     db = delta(b.counters(), b0)
     # B's sidecar never saw these prompts: every cacheable token came from MemKV.
     assert db["l1_hit_keys"] == 0
-    assert db["l2_hit_keys"] == cacheable(from_a) // CHUNK, db
-    assert db["memkv_loaded_keys"] >= cacheable(from_a) // CHUNK, db
+    assert db["l2_hit_keys"] == chunks(from_a), db
+    assert db["memkv_loaded_keys"] >= chunks(from_a), db
     assert db["memkv_loaded_bytes"] > 0
     assert db["external_hits"] == cacheable(from_a), db  # vLLM on B counts them as external prefix hits
 
@@ -253,8 +276,8 @@ def test_a_restarted_sidecar_with_an_empty_l1_gets_its_hits_back_from_memkv(rig:
     done = b.serve(REUSE)
     d = delta(b.counters(), before)
     assert d["l1_hit_keys"] == 0  # a new process: nothing in L1 before these requests
-    assert d["l2_hit_keys"] == cacheable(done) // CHUNK, d  # every chunk survived on a live replica
-    assert d["memkv_loaded_keys"] >= cacheable(done) // CHUNK, d
+    assert d["l2_hit_keys"] == chunks(done), d  # every chunk survived on a live replica
+    assert d["memkv_loaded_keys"] >= chunks(done), d
     assert d["external_hits"] == cacheable(done), d
     assert [c.text for c in done] == [rig.baseline[p] for p in REUSE]
     report("B after its sidecar restarted, loads from MemKV", done)

@@ -139,6 +139,8 @@ def demo(
         ),
     ] = False,
     prompts: Annotated[int, typer.Option(help="With --vllm: prompts each worker serves.")] = 3,
+    layers: Annotated[int, typer.Option(help="With --vllm: layers of the random-weight Llama.")] = 8,
+    hidden: Annotated[int, typer.Option(help="With --vllm: its hidden size (a multiple of 64).")] = 512,
 ) -> None:
     if vllm:
         from lmcache_memkv.cli.demo_vllm import run_vllm_demo
@@ -147,7 +149,7 @@ def demo(
             typer.echo(f"memkv demo: --prompts must be at least 1, got {prompts}", err=True)
             raise typer.Exit(2)
         # --tokens words per prompt (one token each); the default --timeout is too short for vLLM start-up.
-        raise typer.Exit(run_vllm_demo(prompts, tokens, log_dir, json_output, max(timeout, 1800)))
+        raise typer.Exit(run_vllm_demo(prompts, tokens, layers, hidden, log_dir, json_output, max(timeout, 1800)))
     from lmcache_memkv.cli.extras import require_lmcache
 
     require_lmcache("demo")

@@ -18,7 +18,6 @@ import contextlib
 import json
 import shutil
 import signal
-import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from lmcache_memkv.sidecar.vllm_worker import Completion, VllmWorker
 
 _CHUNK_TOKENS = 256
-_L1_GB = 16 / 1024  # each sidecar's own small L1
 _SIGTERM_EXIT = 143
 
 
@@ -76,6 +74,8 @@ class VllmSummary:
     prompts: int = 0
     words_per_prompt: int = 0
     chunk_tokens: int = _CHUNK_TOKENS
+    layers: int = 0
+    hidden: int = 0
     workers: list[WorkerReport] = field(default_factory=list)
     sidecar_b_l2_hit_chunks: float = 0.0
     adapter_b_loaded_bytes: float = 0.0
@@ -92,14 +92,29 @@ class VllmSummary:
 
 
 class VllmDemo:
-    def __init__(self, prompts: int, words: int, log_dir: Path | None, json_output: bool, timeout_s: int) -> None:
+    def __init__(
+        self,
+        prompts: int,
+        words: int,
+        layers: int,
+        hidden: int,
+        log_dir: Path | None,
+        json_output: bool,
+        timeout_s: int,
+    ) -> None:
         self.prompts = prompts
         self.words = words
+        self.layers = layers
+        self.hidden = hidden
+        # fp32 keys and values of every layer; each sidecar's L1 holds about one pass over the
+        # prompts (LMCache writes through to MemKV, and B's L1 never sees A's chunks anyway).
+        self.chunk_bytes = _CHUNK_TOKENS * 2 * layers * hidden * 4
+        self.bytes_needed = prompts * (words // _CHUNK_TOKENS + 1) * self.chunk_bytes
         self.json = json_output
         self.timeout_s = timeout_s
         self.keep_logs = log_dir is not None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="memkv-demo-vllm-"))
-        self.summary = VllmSummary(prompts=prompts, words_per_prompt=words)
+        self.summary = VllmSummary(prompts=prompts, words_per_prompt=words, layers=layers, hidden=hidden)
         self.nodes: list[NodeProcess] = []
         self.sidecars: list[SidecarProcess] = []
         self.workers: list[VllmWorker] = []
@@ -146,8 +161,11 @@ class VllmDemo:
 
         t0 = time.monotonic()
         key = new_key_hex()
-        with self._step(console, "writing a tiny random-weight Llama and its tokenizer (offline)"):
-            model = make_tiny_llama(self.log_dir / "model")
+        what = f"writing a random-weight Llama ({self.layers} layers, hidden {self.hidden}) and its tokenizer (offline)"
+        with self._step(console, what):
+            model = make_tiny_llama(
+                self.log_dir / "model", layers=self.layers, hidden=self.hidden, heads=max(1, self.hidden // 64)
+            )
         with self._step(console, "starting two memkv nodes"):
             self._node(key)
             first = self.nodes[0].control
@@ -192,7 +210,11 @@ class VllmDemo:
         from lmcache_memkv.node.launcher import NodeProcess
 
         node = NodeProcess.start(
-            capacity="256MiB", args=list(args), env={"MEMKV_AUTH_KEY": key}, log_dir=self.log_dir, new_session=True
+            capacity=str(max(64 << 20, 2 * self.bytes_needed)),
+            args=list(args),
+            env={"MEMKV_AUTH_KEY": key},
+            log_dir=self.log_dir,
+            new_session=True,
         )
         self.nodes.append(node)
 
@@ -201,7 +223,7 @@ class VllmDemo:
 
         config = SidecarConfig(
             l2_adapters=[{"type": "memkv", "servers": servers, "replicas": 2}],
-            l1_size_gb=_L1_GB,
+            l1_size_gb=max(16 << 20, 2 * self.bytes_needed) / (1 << 30),
             chunk_size=_CHUNK_TOKENS,
             # vLLM's CPU worker registers its KV cache engine-driven; LMCache's default is lmcache-driven only.
             supported_transfer_mode="auto",
@@ -278,15 +300,15 @@ class VllmDemo:
         from rich.table import Table
 
         s = self.summary
-        table = Table(title=f"{s.prompts} prompts of {s.words_per_prompt} tokens, {s.chunk_tokens}-token chunks")
-        for col in ("worker", "role", "prompt tokens", "computed", "from MemKV", "ms per request", "output = no-cache"):
-            table.add_column(col, justify="left" if col in ("worker", "role") else "right")
+        table = Table(
+            title=f"{s.prompts} prompts x {s.words_per_prompt} tokens; Llama {s.layers} layers x {s.hidden} (random weights)"
+        )
+        for col in ("worker", "prompt tokens", "computed", "from MemKV", "request ms", "same output"):
+            table.add_column(col, justify="left" if col in ("worker", "request ms") else "right")
         for w in s.workers:
-            ms = f"{statistics.median(w.request_ms):.0f} (median of {', '.join(f'{m:.0f}' for m in w.request_ms)})"
+            ms = " ".join(f"{m:.0f}" for m in w.request_ms)
             same = "-" if w.name == "no cache" else ("yes" if w.outputs_match_no_cache else "NO")
-            table.add_row(
-                w.name, w.role, str(w.prompt_tokens), str(w.tokens_computed), str(w.tokens_from_memkv), ms, same
-            )
+            table.add_row(w.name, str(w.prompt_tokens), str(w.tokens_computed), str(w.tokens_from_memkv), ms, same)
         if s.workers:
             console.print(table)
             console.print(
@@ -300,7 +322,9 @@ class VllmDemo:
             console.print(f"logs: {s.log_dir}")
 
 
-def run_vllm_demo(prompts: int, words: int, log_dir: Path | None, json_output: bool, timeout_s: int) -> int:
+def run_vllm_demo(
+    prompts: int, words: int, layers: int, hidden: int, log_dir: Path | None, json_output: bool, timeout_s: int
+) -> int:
     """The ``--vllm`` mode of ``memkv demo``; returns the exit code."""
     import importlib.util
 
@@ -310,7 +334,10 @@ def run_vllm_demo(prompts: int, words: int, log_dir: Path | None, json_output: b
             "creates .venv-vllm; then run .venv-vllm/bin/memkv demo --vllm"
         )
         return 2
-    return VllmDemo(prompts, words, log_dir, json_output, timeout_s).execute()
+    if hidden % 64 or hidden < 64 or layers < 1:
+        print("memkv demo: --hidden must be a positive multiple of 64 (heads of 64) and --layers at least 1")
+        return 2
+    return VllmDemo(prompts, words, layers, hidden, log_dir, json_output, timeout_s).execute()
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

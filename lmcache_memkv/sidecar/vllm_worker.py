@@ -108,6 +108,9 @@ def make_tiny_llama(
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a progress bar for one small file garbles the demo's output
 
     if hidden // heads < 32:
         raise ValueError("vLLM's CPU attention needs head_dim >= 32")
