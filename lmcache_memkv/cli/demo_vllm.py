@@ -123,6 +123,8 @@ class VllmDemo:
         from rich.console import Console
 
         console = Console(stderr=self.json)
+        if not console.is_terminal:
+            console = Console(stderr=self.json, width=100)  # a log file: rich's 80 columns would wrap the table
         started = time.monotonic()
         previous_term = signal.signal(signal.SIGTERM, _raise_interrupted)
         previous_alarm = signal.signal(signal.SIGALRM, _raise_out_of_time)
