@@ -53,7 +53,6 @@ L1_GB = 16 / 1024  # 16 MiB per sidecar: its own small L1 (a 256-token chunk is 
 L2_HIT_KEYS = "lmcache_mp_lookup_hit_l2_keys"
 L1_HIT_KEYS = "lmcache_mp_lookup_hit_l1_keys"
 L2_HIT_TOKENS = "lmcache_mp_lookup_hit_l2_tokens"
-L2_STORED_CHUNKS = "lmcache_mp_l2_store_completed_objects_chunks"
 HEARTBEAT_S = 2.0  # the connector's ping interval, so a restarted sidecar is found again soon
 # What LMCache's vLLM connector logs when its sidecar goes away and when it is back.
 DEGRADED = "LMCache server is unhealthy"
@@ -197,10 +196,20 @@ def report(label: str, done: Sequence[Completion] | Sequence[float]) -> None:
 def test_memkv_demo_vllm_shows_b_reusing_what_a_computed(tmp_path: Path) -> None:
     """First in the module: the demo starts its own processes, before the rig's exist (two cores)."""
     cmd = [*memkv_command(), "demo", "--vllm", "--json", "--prompts", "2", "--tokens", str(PROMPT_WORDS)]
-    cmd += ["--layers", "2", "--hidden", "128", "--log-dir", str(tmp_path)]
-    out = subprocess.run(cmd, env=node_env(), capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    doc = json.loads(out.stdout)
+    cmd += ["--layers", "2", "--hidden", "128", "--log-dir", str(tmp_path), "--timeout", "1200"]
+    proc = subprocess.Popen(cmd, env=node_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1500)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: the demo stops the nodes, sidecars and workers it started
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    doc = json.loads(stdout)
     plain, a, b = doc["workers"]
     assert doc["ok"] and plain["name"] == "no cache" and (a["name"], b["name"]) == ("A", "B")
     assert plain["tokens_from_memkv"] == a["tokens_from_memkv"] == 0
@@ -225,6 +234,7 @@ def test_b_gets_the_kv_a_computed_from_memkv_and_outputs_match_a_no_cache_run(ri
     # B's sidecar never saw these prompts: every cacheable token came from MemKV.
     assert db["l1_hit_keys"] == 0
     assert db["l2_hit_keys"] == chunks(from_a), db
+    assert db["l2_hit_tokens"] == chunks(from_a) * CHUNK, db  # lmcache_mp_lookup_hit_l2_tokens_total
     assert db["memkv_loaded_keys"] >= chunks(from_a), db
     assert db["memkv_loaded_bytes"] > 0
     assert db["external_hits"] == cacheable(from_a), db  # vLLM on B counts them as external prefix hits
@@ -277,6 +287,7 @@ def test_a_restarted_sidecar_with_an_empty_l1_gets_its_hits_back_from_memkv(rig:
     d = delta(b.counters(), before)
     assert d["l1_hit_keys"] == 0  # a new process: nothing in L1 before these requests
     assert d["l2_hit_keys"] == chunks(done), d  # every chunk survived on a live replica
+    assert d["l2_hit_tokens"] == chunks(done) * CHUNK, d
     assert d["memkv_loaded_keys"] >= chunks(done), d
     assert d["external_hits"] == cacheable(done), d
     assert [c.text for c in done] == [rig.baseline[p] for p in REUSE]

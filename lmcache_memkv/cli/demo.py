@@ -129,7 +129,10 @@ def demo(
     ] = None,
     keep_logs: Annotated[bool, typer.Option("--keep-logs", help="Keep the logs (kept anyway on failure).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of tables.")] = False,
-    timeout: Annotated[int, typer.Option(help="Give up (and stop everything) after this many seconds.")] = 300,
+    timeout: Annotated[
+        int | None,
+        typer.Option(help="Give up (and stop everything) after this many seconds [default: 300; 1800 with --vllm]."),
+    ] = None,
     vllm: Annotated[
         bool,
         typer.Option(
@@ -148,8 +151,13 @@ def demo(
         if prompts < 1:
             typer.echo(f"memkv demo: --prompts must be at least 1, got {prompts}", err=True)
             raise typer.Exit(2)
-        # --tokens words per prompt (one token each); the default --timeout is too short for vLLM start-up.
-        raise typer.Exit(run_vllm_demo(prompts, tokens, layers, hidden, log_dir, json_output, max(timeout, 1800)))
+        if timeout is not None and timeout < 60:
+            typer.echo(f"memkv demo: --timeout must be at least 60 seconds with --vllm, got {timeout}", err=True)
+            raise typer.Exit(2)
+        # --tokens words per prompt (one token each); vLLM's start-up takes minutes on a small CPU.
+        raise typer.Exit(run_vllm_demo(prompts, tokens, layers, hidden, log_dir, json_output, timeout or 1800))
+    if timeout is None:
+        timeout = 300
     from lmcache_memkv.cli.extras import require_lmcache
 
     require_lmcache("demo")

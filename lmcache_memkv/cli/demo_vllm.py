@@ -18,6 +18,7 @@ import contextlib
 import json
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -333,11 +334,15 @@ def run_vllm_demo(
     if importlib.util.find_spec("vllm") is None:
         print(
             "memkv demo --vllm needs vLLM's CPU build in this environment: `make test-vllm` in a checkout "
-            "creates .venv-vllm; then run .venv-vllm/bin/memkv demo --vllm"
+            "creates .venv-vllm; then run .venv-vllm/bin/memkv demo --vllm",
+            file=sys.stderr,
         )
         return 2
     if hidden % 64 or hidden < 64 or layers < 1:
-        print("memkv demo: --hidden must be a positive multiple of 64 (heads of 64) and --layers at least 1")
+        print(
+            "memkv demo: --hidden must be a positive multiple of 64 (heads of 64) and --layers at least 1",
+            file=sys.stderr,
+        )
         return 2
     return VllmDemo(prompts, words, layers, hidden, log_dir, json_output, timeout_s).execute()
 
