@@ -1,5 +1,6 @@
-# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use with the pinned development requirements.
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite); `make test-vllm`
+# runs the real vLLM tests in their own venv (not in CI: minutes).
+# demo and test create .venv on first use with the pinned development requirements.
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
