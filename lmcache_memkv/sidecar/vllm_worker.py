@@ -45,20 +45,17 @@ from lmcache_memkv.sidecar.process import LOOPBACK, free_loopback_port, parse_me
 
 __all__ = [
     "EXTERNAL_HITS",
-    "PROMPT_TOKENS",
     "Completion",
     "TinyModel",
     "VllmStartError",
     "VllmWorker",
     "WorkerConfig",
     "make_tiny_llama",
-    "vllm_available",
     "word_prompts",
 ]
 
-# vLLM's counters: prompt tokens it was asked for, and those an external KV connector supplied.
+# vLLM's counter of prompt tokens an external KV connector (here: LMCache, from MemKV) supplied.
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
-PROMPT_TOKENS = "vllm:prompt_tokens_total"
 
 _VOCAB_WORDS = 480  # plus 3 special tokens: a small vocabulary keeps the embedding tiny
 _SPECIALS = ("<unk>", "<s>", "</s>")
@@ -67,17 +64,6 @@ _LIVE: set[subprocess.Popen[bytes]] = set()
 
 class VllmStartError(RuntimeError):
     """The worker exited or never answered; the message carries its log tail."""
-
-
-def vllm_available(python: str | Path | None = None) -> bool:
-    """Whether ``python`` (default: this interpreter) can import vLLM, without importing it here."""
-    exe = str(python or sys.executable)
-    if exe == sys.executable:
-        import importlib.util
-
-        return importlib.util.find_spec("vllm") is not None
-    probe = subprocess.run([exe, "-c", "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"])
-    return probe.returncode == 0
 
 
 @dataclass(frozen=True)
