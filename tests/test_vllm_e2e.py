@@ -26,7 +26,7 @@ import pytest
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("real vLLM tests: `make test-vllm` builds their environment and runs them", allow_module_level=True)
 
-from cluster_util import FAST_ARGS, wait_until
+from cluster_util import wait_until
 from nodeproc import NodeProcess, memkv_command, node_env
 
 from lmcache_memkv.sidecar.process import SidecarConfig, SidecarProcess
@@ -53,6 +53,10 @@ L1_GB = 16 / 1024  # 16 MiB per sidecar: its own small L1 (a 256-token chunk is 
 L2_HIT_KEYS = "lmcache_mp_lookup_hit_l2_keys"
 L1_HIT_KEYS = "lmcache_mp_lookup_hit_l1_keys"
 L2_HIT_TOKENS = "lmcache_mp_lookup_hit_l2_tokens"
+# Membership timings for nodes that share two cores with three vLLM workers: a node that stalls
+# longer than peers wait before declaring it DEAD drops its data (self-fencing, by design), and
+# the tests' usual sub-second timings (cluster_util.FAST_ARGS) let a busy moment do that here.
+NODE_ARGS = ["--heartbeat-interval", "1", "--suspect-after", "5", "--dead-after", "10"]
 HEARTBEAT_S = 2.0  # the connector's ping interval, so a restarted sidecar is found again soon
 # What LMCache's vLLM connector logs when its sidecar goes away and when it is back.
 DEGRADED = "LMCache server is unhealthy"
@@ -146,7 +150,7 @@ class Rig:
         plain.stop()  # two cores: the reference worker's job is done
 
     def _node(self, *args: str) -> NodeProcess:
-        node = NodeProcess.start(capacity="256MiB", args=[*FAST_ARGS, *args], log_dir=self.tmp / "logs")
+        node = NodeProcess.start(capacity="256MiB", args=[*NODE_ARGS, *args], log_dir=self.tmp / "logs")
         self.nodes.append(node)
         return node
 
