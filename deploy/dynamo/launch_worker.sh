@@ -27,6 +27,10 @@
 #   LMCACHE_HTTP_PORT      sidecar admin port, /metrics + /status (default 8080)
 #   LMCACHE_L1_SIZE_GB     sidecar L1 pool size           (default 20)
 #   LMCACHE_EVICTION_POLICY  L1 eviction policy           (default LRU)
+#   LMCACHE_TRANSFER_MODE  --supported-transfer-mode      (default auto: serves both
+#                          lmcache-driven GPU workers and engine-driven ones, which is
+#                          what vLLM's CPU build and the engine_driven connector use;
+#                          LMCache's own default, lmcache_driven, leaves those hanging)
 #   LMCACHE_L2_ADAPTER     --l2-adapter JSON              (default {"type":"memkv"})
 #   LMCACHE_SERVER_ARGS    extra `lmcache server` flags, split on whitespace
 #   LMCACHE_BIN            the lmcache command            (default lmcache)
@@ -46,6 +50,7 @@ LMCACHE_HTTP_HOST="${LMCACHE_HTTP_HOST:-127.0.0.1}"
 LMCACHE_HTTP_PORT="${LMCACHE_HTTP_PORT:-8080}"
 LMCACHE_L1_SIZE_GB="${LMCACHE_L1_SIZE_GB:-20}"
 LMCACHE_EVICTION_POLICY="${LMCACHE_EVICTION_POLICY:-LRU}"
+LMCACHE_TRANSFER_MODE="${LMCACHE_TRANSFER_MODE:-auto}"
 default_l2_adapter='{"type":"memkv"}'
 LMCACHE_L2_ADAPTER="${LMCACHE_L2_ADAPTER:-${default_l2_adapter}}"
 LMCACHE_SERVER_ARGS="${LMCACHE_SERVER_ARGS:-}"
@@ -95,6 +100,7 @@ sidecar_cmd=(
     --http-port "${LMCACHE_HTTP_PORT}"
     --l1-size-gb "${LMCACHE_L1_SIZE_GB}"
     --eviction-policy "${LMCACHE_EVICTION_POLICY}"
+    --supported-transfer-mode "${LMCACHE_TRANSFER_MODE}"
     --l2-adapter "${LMCACHE_L2_ADAPTER}"
     ${extra_args[@]+"${extra_args[@]}"}
 )

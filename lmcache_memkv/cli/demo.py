@@ -129,8 +129,35 @@ def demo(
     ] = None,
     keep_logs: Annotated[bool, typer.Option("--keep-logs", help="Keep the logs (kept anyway on failure).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of tables.")] = False,
-    timeout: Annotated[int, typer.Option(help="Give up (and stop everything) after this many seconds.")] = 300,
+    timeout: Annotated[
+        int | None,
+        typer.Option(help="Give up (and stop everything) after this many seconds [default: 300; 1800 with --vllm]."),
+    ] = None,
+    vllm: Annotated[
+        bool,
+        typer.Option(
+            "--vllm",
+            help="Real vLLM CPU workers on two 'hosts' instead: B reuses through MemKV the KV that A computed "
+            "(needs vLLM's CPU build: `make test-vllm` creates .venv-vllm; minutes).",
+        ),
+    ] = False,
+    prompts: Annotated[int, typer.Option(help="With --vllm: prompts each worker serves.")] = 3,
+    layers: Annotated[int, typer.Option(help="With --vllm: layers of the random-weight Llama.")] = 8,
+    hidden: Annotated[int, typer.Option(help="With --vllm: its hidden size (a multiple of 64).")] = 512,
 ) -> None:
+    if vllm:
+        from lmcache_memkv.cli.demo_vllm import run_vllm_demo
+
+        if prompts < 1:
+            typer.echo(f"memkv demo: --prompts must be at least 1, got {prompts}", err=True)
+            raise typer.Exit(2)
+        if timeout is not None and timeout < 60:
+            typer.echo(f"memkv demo: --timeout must be at least 60 seconds with --vllm, got {timeout}", err=True)
+            raise typer.Exit(2)
+        # --tokens words per prompt (one token each); vLLM's start-up takes minutes on a small CPU.
+        raise typer.Exit(run_vllm_demo(prompts, tokens, layers, hidden, log_dir, json_output, timeout or 1800))
+    if timeout is None:
+        timeout = 300
     from lmcache_memkv.cli.extras import require_lmcache
 
     require_lmcache("demo")
