@@ -409,6 +409,7 @@ def guest_env(env: Mapping[str, str], venv: Path | None) -> dict[str, str]:
     out["PATH"] += ":/usr/sbin:/sbin"
     out["MEMKV_RDMA_DEVICE"] = GUEST_DEVICE
     out["MEMKV_RDMA_GID_INDEX"] = str(GUEST_GID_INDEX)
+    out["MEMKV_RDMA_ADDR"] = GUEST_ADDR.split("/")[0]
     out["MEMKV_RDMA_IN_VM"] = "1"
     return out
 
