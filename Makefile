@@ -42,7 +42,7 @@ test: lint venv-pyverbs
 # ibv_devices lists a device; fails (rather than skips) when neither can run.
 test-rdma: $(STAMP) venv-pyverbs
 	MEMKV_RDMA_REQUIRED=1 LMCACHE_TRACK_USAGE=false LMCACHE_DISABLE_BANNER=1 \
-	  $(BIN)/pytest -q -p no:cacheprovider -m rdma -rs tests/rdma $(PYTEST_ARGS)
+	  $(BIN)/pytest -q -s -p no:cacheprovider -m rdma -rs tests/rdma $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/node_throughput.py
