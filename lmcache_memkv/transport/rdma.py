@@ -346,29 +346,23 @@ class QueuePair:
         d = self.dev
         e = d._e
         try:
+            # One attribute set, RESET -> INIT -> RTR -> RTS in pyverbs' to_rts.
             attr = QPAttr()
             attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
             attr.port_num = d.port
             attr.pkey_index = 0
-            self.qp.to_init(attr)
-            gid = GID()
-            gid.gid = gid_text(peer.gid)
-            gr = GlobalRoute(dgid=gid, sgid_index=d.gid_index, hop_limit=64)
-            ah = AHAttr(gr=gr, is_global=1, port_num=d.port, dlid=peer.lid)
-            attr = QPAttr()
             attr.path_mtu = min(d.mtu, peer.mtu)
             attr.dest_qp_num = peer.qp_num
             attr.rq_psn = peer.psn
-            attr.max_dest_rd_atomic = d.max_rd_atom
-            attr.min_rnr_timer = 12
-            attr.ah_attr = ah
-            self.qp.to_rtr(attr)
-            attr = QPAttr()
             attr.sq_psn = self.psn
-            attr.timeout = 14  # 4.096us * 2^14 = 67 ms per try: a dead peer fails the WR in well under a second
+            attr.max_dest_rd_atomic = d.max_rd_atom
+            attr.max_rd_atomic = d.max_rd_atom
+            attr.min_rnr_timer = 12
+            attr.timeout = 14  # 4.096us * 2^14 = 67 ms per try: a dead peer fails the WR in about half a second
             attr.retry_cnt = 7
             attr.rnr_retry = 7
-            attr.max_rd_atomic = d.max_rd_atom
+            gr = GlobalRoute(dgid=GID(gid_text(peer.gid)), sgid_index=d.gid_index, hop_limit=64)
+            attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=d.port, dlid=peer.lid)
             self.qp.to_rts(attr)
         except Exception as exc:
             raise RdmaError(f"RDMA: cannot connect a queue pair on {d.name} to QP {peer.qp_num}: {exc}") from None
