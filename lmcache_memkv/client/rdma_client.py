@@ -121,7 +121,9 @@ class RdmaDataClient:
             left = max(0.05, deadline - time.monotonic())
             stub = session_pb2_grpc.SessionStub(self._channels.get(self.control_endpoint))
             try:
-                reply = stub.Hello(request, timeout=left)
+                # wait_for_ready: a first connect slower than the channel's short connect timeout
+                # (a loaded host) is retried within our deadline instead of failing the session.
+                reply = stub.Hello(request, timeout=left, wait_for_ready=True)
             except grpc.RpcError as exc:
                 raise ConnectError(
                     f"memkv node {self.endpoint}: RDMA session set-up (Session.Hello at {self.control_endpoint}) failed: "

@@ -426,6 +426,8 @@ class QueuePair:
         if self.fenced:
             return
         self.fenced = True
+        if self.peer is None:
+            return  # never connected: the device can reach no memory through it
         from pyverbs.qp import QPAttr
 
         e = self.dev._e
