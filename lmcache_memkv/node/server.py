@@ -210,7 +210,7 @@ class NodeServer:
             except RdmaError as exc:
                 sock.close()
                 self._listener = None
-                raise OSError(f"{exc}") from None
+                raise OSError(f"--rdma-device {self.config.rdma_device}: {exc}") from None
         self.core = NodeCore(
             self.config, self.arena, self.store, self.fence, self.metrics, lambda: self.write_gate(), self.stats,
             self.started_at, self.rdma,

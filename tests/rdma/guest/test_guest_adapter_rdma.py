@@ -19,6 +19,13 @@ from nodeproc import NodeProcess
 KEYS = 8
 SIZE_KB = 64
 
+# torch and lmcache imports take about two minutes each in the emulated guest: opt in with
+# MEMKV_RDMA_SLOW=1 (and MEMKV_RDMA_VM_TIMEOUT_S=1500) or run on real hardware.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MEMKV_RDMA_SLOW") != "1" and os.environ.get("MEMKV_RDMA_IN_VM") == "1",
+    reason="heavy (lmcache + torch in the emulated guest): set MEMKV_RDMA_SLOW=1",
+)
+
 
 @pytest.fixture
 def rdma_node(rdma_device: str, rdma_gid_index: int, tmp_path: Path) -> Iterator[NodeProcess]:
@@ -34,7 +41,7 @@ def rdma_node(rdma_device: str, rdma_gid_index: int, tmp_path: Path) -> Iterator
         node.stop()
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(1200)
 def test_lmcache_bench_l2_over_rdma_verifies_every_key(
     rdma_node: NodeProcess, rdma_device: str, rdma_gid_index: int, tmp_path: Path
 ) -> None:
@@ -51,7 +58,7 @@ def test_lmcache_bench_l2_over_rdma_verifies_every_key(
     ]  # fmt: skip
     env = dict(os.environ, LMCACHE_TRACK_USAGE="false", LMCACHE_DISABLE_BANNER="1", MEMKV_LOG_LEVEL="INFO")
     env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=360, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1100, stdin=subprocess.DEVNULL)
     text = proc.stdout + proc.stderr
     print(text[-4000:])
     assert proc.returncode == 0, text[-4000:]
