@@ -74,3 +74,43 @@ def test_lmcache_bench_l2_over_rdma_verifies_every_key(
     print(f"node byte counters: rdma in {rdma_in:.0f}, rdma out {rdma_out:.0f}, tcp {tcp:.0f}")
     assert rdma_in >= value_bytes and rdma_out >= value_bytes
     assert tcp == 0
+
+
+@pytest.mark.timeout(1500)
+def test_lmcache_server_spills_chunks_over_rdma_and_reads_them_back_byte_exact(
+    rdma_node: NodeProcess, rdma_device: str, rdma_gid_index: int, tmp_path: Path
+) -> None:
+    """A real ``lmcache server`` with a small L1 and the memkv adapter on verbs: chunks leave L1
+    for the node and come back byte-exact, the node's RDMA counters carrying every value byte."""
+    from lmcache_memkv.sidecar.process import SidecarConfig, SidecarProcess
+    from lmcache_memkv.sidecar.workload import Workload, WorkloadConfig
+
+    adapter = {
+        "type": "memkv", "servers": rdma_node.control, "transport": "rdma", "rdma_devices": rdma_device,
+        "rdma_gid_index": rdma_gid_index, "timeout_s": 30, "fail_fast": True,
+    }  # fmt: skip
+    # 16 chunks of L1 (512 KiB each), evicting half at half full: a 32-chunk workload must leave L1.
+    config = SidecarConfig(l2_adapters=[adapter], l1_size_gb=8 / 1024, eviction_trigger_watermark=0.5, eviction_ratio=0.5)
+    sidecar = SidecarProcess(config, log_dir=tmp_path / "logs", ready_timeout_s=900.0)
+    try:
+        sidecar.start()
+        status = next(a for a in sidecar.status()["storage_manager"]["l2_adapters"] if a.get("type") == "memkv")
+        assert status["transport"] == "rdma", status
+        with Workload(sidecar, WorkloadConfig(seed=41, l1_headroom=0.75, drain_timeout_s=300, l1_headroom_timeout_s=120)) as wl:
+            stored = wl.store(8, 1024)
+            assert stored.ok, stored
+            sidecar.admin.wait_events_settled()
+            got = wl.retrieve(stored.requests)
+            assert got.ok, got
+            assert (got.chunks_verified, got.mismatches, got.misses) == (32, 0, 0)
+        chunk = 512 * 1024
+        rdma_in = rdma_node.metric("memkv_node_transport_bytes_total", transport="rdma", direction="in")
+        rdma_out = rdma_node.metric("memkv_node_transport_bytes_total", transport="rdma", direction="out")
+        print(f"node byte counters: rdma in {rdma_in:.0f}, rdma out {rdma_out:.0f}")
+        assert rdma_in >= 32 * chunk  # every chunk went to the node by RDMA READ
+        assert rdma_out >= chunk  # what L1 no longer held came back by RDMA WRITE
+        assert rdma_node.metric("memkv_node_transport_bytes_total", transport="tcp") == 0
+        assert sidecar.metric("memkv_l2_bytes", direction="load", transport="rdma") >= chunk
+    finally:
+        sidecar.stop()
+        print(f"sidecar log: {sidecar.log_path}")
