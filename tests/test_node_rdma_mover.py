@@ -126,3 +126,29 @@ def test_a_named_rdma_device_that_cannot_open_stops_the_node() -> None:
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "--rdma-device" in proc.stderr or "nosuchdev0" in proc.stderr, proc.stderr
+
+
+def test_the_tcp_path_never_imports_pyverbs() -> None:
+    """A node and a TCP client moving values (and the adapter's transport choice for tcp) leave
+    pyverbs unloaded: hosts without verbs never pay for it, nor break on it."""
+    code = """
+import sys
+from lmcache_memkv.node.config import NodeConfig
+from lmcache_memkv.node.server import NodeServer
+from lmcache_memkv.client.node_client import NodeClient
+from lmcache_memkv.adapter.settings import resolve
+from lmcache_memkv.adapter.memkv_l2_adapter import _choose_transport
+from lmcache_memkv.adapter.metrics import get_metrics
+s = NodeServer(NodeConfig(listen="127.0.0.1:0", capacity=8 << 20, node_id="n"))
+s.start()
+c = NodeClient(s.endpoint)
+assert c.put([b"k"], [b"v" * 100]) == [0]
+buf = bytearray(100)
+assert c.get_into([b"k"], [buf]) == [100] and buf == b"v" * 100
+assert _choose_transport(resolve({"servers": "h:1", "transport": "tcp"}, env={}), None, get_metrics())[0] == "tcp"
+c.close(); s.stop(0)
+assert not [m for m in sys.modules if m.startswith("pyverbs")], "pyverbs was imported"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
