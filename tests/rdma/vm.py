@@ -443,6 +443,7 @@ class Result:
     boot_s: float | None  # launch to "ready" (device up, command about to start)
     total_s: float
     reason: str = ""
+    qemu_pid: int = 0
 
 
 def run(
@@ -539,13 +540,15 @@ def run(
         total = time.monotonic() - started
         boot_s = boot[0] if boot else None
         if timed_out:
-            return Result(EXIT_TIMEOUT, boot_s, total, f"timed out after {timeout:.0f} s" + _tail(console_log, share))
+            why = f"timed out after {timeout:.0f} s" + _tail(console_log, share)
+            return Result(EXIT_TIMEOUT, boot_s, total, why, proc.pid)
         status_file = share / "status"
         if status_file.exists():
-            return Result(int(status_file.read_text().strip() or EXIT_NO_GUEST), boot_s, total)
+            return Result(int(status_file.read_text().strip() or EXIT_NO_GUEST), boot_s, total, "", proc.pid)
         setup = share / "setup-error"
         why = f"guest setup failed: {setup.read_text().strip()}" if setup.exists() else "guest stopped without a status"
-        return Result(EXIT_NO_GUEST, boot_s, total, why + f" (qemu exit {proc.returncode})" + _tail(console_log, share))
+        why += f" (qemu exit {proc.returncode})" + _tail(console_log, share)
+        return Result(EXIT_NO_GUEST, boot_s, total, why, proc.pid)
 
 
 def _tail(console_log: list[bytes], share: Path) -> str:
