@@ -200,9 +200,9 @@ def _is_static_elf(path: Path) -> bool:
 
 
 def qemu_binary() -> str:
-    qemu = os.environ.get("MEMKV_VM_QEMU") or shutil.which("qemu-system-x86_64")
-    if not qemu:
-        raise GuestUnavailable("qemu-system-x86_64 not found (install qemu-system-x86)")
+    qemu = os.environ.get("MEMKV_VM_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+    if not os.access(qemu, os.X_OK):
+        raise GuestUnavailable(f"{qemu} not found (install qemu-system-x86)")
     return qemu
 
 
