@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import lzma
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -147,8 +149,12 @@ def test_qemu_dies_with_the_launcher(guest_ready: None, sig: signal.Signals) -> 
         stderr=subprocess.DEVNULL,
     )
     qemu = 0
+    shares: list[str] = []
     try:
         qemu = _qemu_child(launcher.pid)
+        # A SIGKILLed launcher cannot remove its run directory: note it for the clean-up below.
+        cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes().decode(errors="replace")
+        shares = re.findall(r"path=(/[^,\x00]*memkv-vm-[^,\x00]*)", cmdline)
         launcher.send_signal(sig)
         launcher.wait(timeout=30)
         assert _gone_within(qemu, 10), f"qemu {qemu} outlived the launcher ({sig.name})"
@@ -158,3 +164,5 @@ def test_qemu_dies_with_the_launcher(guest_ready: None, sig: signal.Signals) -> 
             launcher.wait()
         if qemu and _alive(qemu):
             os.kill(qemu, signal.SIGKILL)
+        for share in shares:
+            shutil.rmtree(share, ignore_errors=True)

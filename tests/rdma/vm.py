@@ -19,6 +19,9 @@ same harness runs on any x86-64 Linux host with the packages (see ``.ci/run``). 
 initramfs are cached under ``$MEMKV_VM_CACHE`` (default ``~/.cache/memkv-rdma-guest/``), keyed by
 kernel version and the content of this file's guest scripts; a missing cache is rebuilt.
 
+Debugging: ``--console`` copies the guest console to stderr; ``MEMKV_VM_APPEND`` replaces the
+kernel command line (drop ``quiet`` to see the kernel boot); ``MEMKV_VM_ACCEL=tcg|kvm``.
+
 Exit status: the command's own; 124 when ``--timeout`` expired; 125 when the guest could not
 run the command (the reason and the console's tail go to stderr). QEMU dies with the launcher
 (PR_SET_PDEATHSIG), on SIGTERM/SIGINT and on timeout.
@@ -476,17 +479,19 @@ def run(
         qemu = [
             qemu_binary(),
             *_accel(),
-            "-machine", "pc",
+            "-machine", "pc",  # microvm boots faster but hung in 3 of 4 tries here
             "-smp", str(smp),
             "-m", str(memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(assets.kernel),
             "-initrd", str(assets.initrd),
-            "-append", "console=ttyS0 quiet mitigations=off panic=-1 random.trust_cpu=on",
+            "-append", os.environ.get("MEMKV_VM_APPEND", "console=ttyS0 quiet mitigations=off panic=-1"),
             "-chardev", f"file,id=con,path=/proc/self/fd/{pipes[0][1]}",
             "-serial", "chardev:con",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={share},mount_tag=runshare,security_model=none",
+            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev", f"local,id=runshare,path={share},security_model=none",
+            "-device", "virtio-9p-pci,fsdev=runshare,mount_tag=runshare",
             "-device", "virtio-serial-pci",
             "-chardev", f"file,id=out,path=/proc/self/fd/{pipes[1][1]}",
             "-device", "virtserialport,chardev=out,name=memkv.stdout",
