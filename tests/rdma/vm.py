@@ -34,6 +34,7 @@ import bz2
 import ctypes
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -226,9 +227,8 @@ def check_host() -> Kernel:
     for tool, pkg in (("ip", "iproute2"), ("rdma", "iproute2"), ("ibv_devices", "ibverbs-utils")):
         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
             raise GuestUnavailable(f"{tool} not found (install {pkg})")
-    if not Path("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so").exists() and not list(
-        Path("/usr/lib").glob("*/libibverbs/librxe-rdmav*.so")
-    ):
+    libdirs = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+    if not any(any(Path(d).glob("libibverbs/librxe-rdmav*.so")) for d in libdirs):
         raise GuestUnavailable("the rxe verbs provider is missing (install ibverbs-providers)")
     return find_kernel()
 
@@ -248,7 +248,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     if payload.startswith(b"\xfd7zXZ\x00"):
         elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     elif payload.startswith(b"\x1f\x8b"):
-        elf = gzip.GzipFile(fileobj=__import__("io").BytesIO(payload)).read()
+        elf = gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
     elif payload.startswith(b"\x5d\x00\x00"):
         elf = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
     elif payload.startswith(b"BZh"):
@@ -360,8 +360,6 @@ def build_assets(kernel: Kernel, cache_root: Path | None = None) -> Assets:
     cache.mkdir(parents=True, exist_ok=True)
 
     _write_atomic(assets.kernel, extract_vmlinux(kernel.vmlinuz.read_bytes()))
-
-    import io
 
     buf = io.BytesIO()
     cpio = Cpio(buf)
