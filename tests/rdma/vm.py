@@ -19,6 +19,9 @@ same harness runs on any x86-64 Linux host with the packages (see ``.ci/run``). 
 initramfs are cached under ``$MEMKV_VM_CACHE`` (default ``~/.cache/memkv-rdma-guest/``), keyed by
 kernel version and the content of this file's guest scripts; a missing cache is rebuilt.
 
+Debugging: ``--console`` copies the guest console to stderr; ``MEMKV_VM_APPEND`` replaces the
+kernel command line (drop ``quiet`` to see the kernel boot); ``MEMKV_VM_ACCEL=tcg|kvm``.
+
 Exit status: the command's own; 124 when ``--timeout`` expired; 125 when the guest could not
 run the command (the reason and the console's tail go to stderr). QEMU dies with the launcher
 (PR_SET_PDEATHSIG), on SIGTERM/SIGINT and on timeout.
@@ -31,6 +34,7 @@ import bz2
 import ctypes
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -200,9 +204,9 @@ def _is_static_elf(path: Path) -> bool:
 
 
 def qemu_binary() -> str:
-    qemu = os.environ.get("MEMKV_VM_QEMU") or shutil.which("qemu-system-x86_64")
-    if not qemu:
-        raise GuestUnavailable("qemu-system-x86_64 not found (install qemu-system-x86)")
+    qemu = os.environ.get("MEMKV_VM_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+    if not os.access(qemu, os.X_OK):
+        raise GuestUnavailable(f"{qemu} not found (install qemu-system-x86)")
     return qemu
 
 
@@ -223,9 +227,8 @@ def check_host() -> Kernel:
     for tool, pkg in (("ip", "iproute2"), ("rdma", "iproute2"), ("ibv_devices", "ibverbs-utils")):
         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
             raise GuestUnavailable(f"{tool} not found (install {pkg})")
-    if not Path("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so").exists() and not list(
-        Path("/usr/lib").glob("*/libibverbs/librxe-rdmav*.so")
-    ):
+    libdirs = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+    if not any(any(Path(d).glob("libibverbs/librxe-rdmav*.so")) for d in libdirs):
         raise GuestUnavailable("the rxe verbs provider is missing (install ibverbs-providers)")
     return find_kernel()
 
@@ -245,7 +248,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     if payload.startswith(b"\xfd7zXZ\x00"):
         elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     elif payload.startswith(b"\x1f\x8b"):
-        elf = gzip.GzipFile(fileobj=__import__("io").BytesIO(payload)).read()
+        elf = gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
     elif payload.startswith(b"\x5d\x00\x00"):
         elf = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
     elif payload.startswith(b"BZh"):
@@ -358,8 +361,6 @@ def build_assets(kernel: Kernel, cache_root: Path | None = None) -> Assets:
 
     _write_atomic(assets.kernel, extract_vmlinux(kernel.vmlinuz.read_bytes()))
 
-    import io
-
     buf = io.BytesIO()
     cpio = Cpio(buf)
     for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules"):
@@ -443,6 +444,7 @@ class Result:
     boot_s: float | None  # launch to "ready" (device up, command about to start)
     total_s: float
     reason: str = ""
+    qemu_pid: int = 0
 
 
 def run(
@@ -475,17 +477,19 @@ def run(
         qemu = [
             qemu_binary(),
             *_accel(),
-            "-machine", "pc",
+            "-machine", "pc",  # microvm boots faster but hung in 3 of 4 tries here
             "-smp", str(smp),
             "-m", str(memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(assets.kernel),
             "-initrd", str(assets.initrd),
-            "-append", "console=ttyS0 quiet mitigations=off panic=-1 random.trust_cpu=on",
+            "-append", os.environ.get("MEMKV_VM_APPEND", "console=ttyS0 quiet mitigations=off panic=-1"),
             "-chardev", f"file,id=con,path=/proc/self/fd/{pipes[0][1]}",
             "-serial", "chardev:con",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={share},mount_tag=runshare,security_model=none",
+            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev", f"local,id=runshare,path={share},security_model=none",
+            "-device", "virtio-9p-pci,fsdev=runshare,mount_tag=runshare",
             "-device", "virtio-serial-pci",
             "-chardev", f"file,id=out,path=/proc/self/fd/{pipes[1][1]}",
             "-device", "virtserialport,chardev=out,name=memkv.stdout",
@@ -539,13 +543,15 @@ def run(
         total = time.monotonic() - started
         boot_s = boot[0] if boot else None
         if timed_out:
-            return Result(EXIT_TIMEOUT, boot_s, total, f"timed out after {timeout:.0f} s" + _tail(console_log, share))
+            why = f"timed out after {timeout:.0f} s" + _tail(console_log, share)
+            return Result(EXIT_TIMEOUT, boot_s, total, why, proc.pid)
         status_file = share / "status"
         if status_file.exists():
-            return Result(int(status_file.read_text().strip() or EXIT_NO_GUEST), boot_s, total)
+            return Result(int(status_file.read_text().strip() or EXIT_NO_GUEST), boot_s, total, "", proc.pid)
         setup = share / "setup-error"
         why = f"guest setup failed: {setup.read_text().strip()}" if setup.exists() else "guest stopped without a status"
-        return Result(EXIT_NO_GUEST, boot_s, total, why + f" (qemu exit {proc.returncode})" + _tail(console_log, share))
+        why += f" (qemu exit {proc.returncode})" + _tail(console_log, share)
+        return Result(EXIT_NO_GUEST, boot_s, total, why, proc.pid)
 
 
 def _tail(console_log: list[bytes], share: Path) -> str:

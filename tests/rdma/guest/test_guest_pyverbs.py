@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ PORT = 1
 
 
 @pytest.fixture
-def verbs(rdma_device: str) -> Iterator[tuple[object, object, object]]:
+def verbs(rdma_device: str) -> Iterator[tuple[Any, Any, Any]]:
     from pyverbs.cq import CQ
     from pyverbs.device import Context
     from pyverbs.pd import PD
@@ -28,7 +29,7 @@ def verbs(rdma_device: str) -> Iterator[tuple[object, object, object]]:
         yield ctx, pd, cq
 
 
-def _connect(ctx: object, pd: object, cq: object, gid_index: int) -> tuple[object, object]:
+def _connect(ctx: Any, pd: Any, cq: Any, gid_index: int) -> tuple[Any, Any]:
     import pyverbs.enums as e
     from pyverbs.addr import AHAttr, GlobalRoute
     from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
@@ -36,8 +37,8 @@ def _connect(ctx: object, pd: object, cq: object, gid_index: int) -> tuple[objec
     cap = QPCap(max_send_wr=4, max_recv_wr=4, max_send_sge=1, max_recv_sge=1)
     init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap, sq_sig_all=1)
     qa, qb = QP(pd, init), QP(pd, init)
-    gid = ctx.query_gid(PORT, gid_index)  # type: ignore[attr-defined]
-    mtu = ctx.query_port(PORT).active_mtu  # type: ignore[attr-defined]
+    gid = ctx.query_gid(PORT, gid_index)
+    mtu = ctx.query_port(PORT).active_mtu
     for qp, peer, psn in ((qa, qb, 100), (qb, qa, 200)):
         attr = QPAttr()
         attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
@@ -56,23 +57,23 @@ def _connect(ctx: object, pd: object, cq: object, gid_index: int) -> tuple[objec
     return qa, qb
 
 
-def _one_sided(qp: object, cq: object, opcode: int, local: object, remote: object) -> None:
+def _one_sided(qp: Any, cq: Any, opcode: int, local: Any, remote: Any) -> None:
     import pyverbs.enums as e
     from pyverbs.wr import SGE, SendWR
 
-    wr = SendWR(opcode=opcode, num_sge=1, sg=[SGE(local.buf, SIZE, local.lkey)])  # type: ignore[attr-defined]
-    wr.set_wr_rdma(remote.rkey, remote.buf)  # type: ignore[attr-defined]
-    qp.post_send(wr)  # type: ignore[attr-defined]
+    wr = SendWR(opcode=opcode, num_sge=1, sg=[SGE(local.buf, SIZE, local.lkey)])
+    wr.set_wr_rdma(remote.rkey, remote.buf)
+    qp.post_send(wr)
     deadline = time.monotonic() + 60
     while True:
-        n, wcs = cq.poll()  # type: ignore[attr-defined]
+        n, wcs = cq.poll()
         if n:
             assert wcs[0].status == e.IBV_WC_SUCCESS, f"work completion status {wcs[0].status}"
             return
         assert time.monotonic() < deadline, "no completion within 60 s"
 
 
-def test_rc_loopback_write_and_read(verbs: tuple[object, object, object], rdma_gid_index: int) -> None:
+def test_rc_loopback_write_and_read(verbs: tuple[Any, Any, Any], rdma_gid_index: int) -> None:
     import pyverbs.enums as e
     from pyverbs.mr import MR
 
@@ -81,8 +82,8 @@ def test_rc_loopback_write_and_read(verbs: tuple[object, object, object], rdma_g
     with ExitStack() as stack:
         src, dst, back = (stack.enter_context(MR(pd, SIZE, access)) for _ in range(3))
         qa, qb = _connect(ctx, pd, cq, rdma_gid_index)
-        stack.callback(qa.close)  # type: ignore[attr-defined]
-        stack.callback(qb.close)  # type: ignore[attr-defined]
+        stack.callback(qa.close)
+        stack.callback(qb.close)
         payload = os.urandom(SIZE)
         src.write(payload, SIZE)
 
