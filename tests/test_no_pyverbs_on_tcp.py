@@ -16,8 +16,9 @@ for m in pkgutil.walk_packages(lmcache_memkv.__path__, "lmcache_memkv."):
     if ".proto.memkv" not in m.name:
         importlib.import_module(m.name)
 from lmcache_memkv.adapter.memkv_l2_adapter import _choose_transport
+from lmcache_memkv.adapter.metrics import get_metrics
 from lmcache_memkv.adapter.settings import resolve
-assert _choose_transport(resolve({"servers": "h:1", "transport": "tcp"}, env={})) == "tcp"
+assert _choose_transport(resolve({"servers": "h:1", "transport": "tcp"}, env={}), None, get_metrics())[0] == "tcp"
 print("\\n".join(sorted(n for n in sys.modules if n.split(".")[0] == "pyverbs")))
 """
 
