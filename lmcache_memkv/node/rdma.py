@@ -92,8 +92,10 @@ class RdmaSessions:
             while len(self._sessions) >= self._max:
                 old.append(self._sessions.popitem(last=False)[1])
             self._sessions[token] = _Session(token, client_id, qp, region, time.monotonic())
-        for s in old:
-            s.qp.close()
+        if old:
+            # Closing fences and waits (bounded) for flushed completions: never on the caller's
+            # thread, which is the control plane's event loop.
+            threading.Thread(target=_close_all, args=(old,), name="memkv-rdma-close", daemon=True).start()
         return token, qp.info
 
     def _get(self, token: int, client_id: bytes) -> _Session:
@@ -134,6 +136,11 @@ class RdmaSessions:
         for s in sessions:
             s.qp.close()
         self.device.close()
+
+
+def _close_all(sessions: list[_Session]) -> None:
+    for s in sessions:
+        s.qp.close()
 
 
 def open_rdma(
