@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lmcache.v1.distributed.internal_api import L1MemoryDesc
     from lmcache.v1.memory_management import MemoryObj
 
+    from lmcache_memkv.client.rdma_client import TransportChooser
     from lmcache_memkv.cluster import ClusterClient
 
 log = logging.getLogger("memkv.adapter")
@@ -96,9 +97,9 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
             "  any one suffices, the rest are found through the cluster view [MEMKV_SERVERS] (required)\n"
             "- prefix (str): namespace prefix for every key (default '') [MEMKV_PREFIX]\n"
             "- replicas (int 1..8): nodes each chunk is written to (default 1) [MEMKV_REPLICAS]\n"
-            "- transport (auto|tcp|rdma): data plane (default auto). This release moves bytes over TCP only:\n"
-            "  auto uses TCP (RDMA devices are only noted); rdma fails at start-up until the verbs data\n"
-            "  path is built [MEMKV_TRANSPORT]\n"
+            "- transport (auto|tcp|rdma): data plane (default auto). rdma: value bytes move by verbs\n"
+            "  (the node RDMA-READs/WRITEs L1 pages), or the sidecar refuses to start, naming why; auto: verbs\n"
+            "  to nodes that advertise rdma when this host has a usable device, else TCP [MEMKV_TRANSPORT]\n"
             "- num_workers (int 1..64): I/O threads per operation kind (default 4) [MEMKV_NUM_WORKERS]\n"
             "- timeout_s (float): bound on every remote call; a dead node becomes misses after it\n"
             "  (default 5.0) [MEMKV_TIMEOUT_S]\n"
@@ -106,7 +107,9 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
             "  (default 30) [MEMKV_LEASE_TTL_S]\n"
             "- auth_key_file (str): file with the 64-hex shared key [or MEMKV_AUTH_KEY]\n"
             "- tls_ca (str): CA bundle for a TLS control plane [MEMKV_TLS_CA]\n"
-            "- rdma_devices (str|list): RDMA devices to use [MEMKV_RDMA_DEVICES]\n"
+            "- rdma_devices (str|list): RDMA devices to use, first that opens wins [MEMKV_RDMA_DEVICES]\n"
+            "- rdma_port (int 1..255): device port (default 1) [MEMKV_RDMA_PORT]\n"
+            "- rdma_gid_index (int 0..255): GID index, e.g. the RoCE v2 IPv4 one (default 0) [MEMKV_RDMA_GID_INDEX]\n"
             "- fail_fast (bool): refuse to start when no node answers, instead of starting degraded\n"
             "  (misses, failed stores) and connecting in the background (default false) [MEMKV_FAIL_FAST]\n"
             "- cluster_id (str): refuse nodes that name another cluster (default: trust the first cluster\n"
@@ -142,12 +145,17 @@ class MemKVL2Adapter(L2AdapterInterface):
         s = config.settings
         self._settings = s
         self._prefix = s.prefix
-        self._transport = _choose_transport(s)
-        # l1_memory_desc (the L1 pool's address range) is what a verbs data path registers once;
-        # the TCP data plane reads and writes L1 pages through MemoryObj views and needs nothing from it.
         self._m = get_metrics()
+        # l1_memory_desc (the L1 pool's address range) is what the verbs data path registers once;
+        # the TCP data plane reads and writes L1 pages through MemoryObj views and needs nothing from it.
+        self._transport, self._transport_why, self._chooser = _choose_transport(s, l1_memory_desc, self._m)
         self._replicas_unmet = 0
-        self._cluster = cluster if cluster is not None else _connect(s, self._m)
+        try:
+            self._cluster = cluster if cluster is not None else _connect(s, self._m, self._chooser)
+        except BaseException:
+            if self._chooser is not None:
+                self._chooser.close()
+            raise
 
         self._store_efd = create_event_notifier()
         self._lookup_efd = create_event_notifier()
@@ -267,7 +275,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._m.keys.labels("store", "stored").inc(len(stored))
         if len(stored) < len(keys):
             self._m.keys.labels("store", "failed").inc(len(keys) - len(stored))
-        self._m.bytes.labels("store").inc(moved)
+        self._m.bytes.labels("store", self._transport).inc(moved)
         if stored:
             self._tell_listeners(self._notify_keys_stored, stored, stored_sizes)
         self._finish("store", started)
@@ -384,7 +392,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._m.ops.labels("load", outcome).inc()
         self._m.keys.labels("load", "hit").inc(len(loaded))
         self._m.keys.labels("load", "miss").inc(len(keys) - len(loaded))
-        self._m.bytes.labels("load").inc(moved)
+        self._m.bytes.labels("load", self._transport).inc(moved)
         if loaded:
             self._tell_listeners(self._notify_keys_accessed, loaded)
         self._finish("load", started)
@@ -496,6 +504,7 @@ class MemKVL2Adapter(L2AdapterInterface):
             "current_size_bytes": usage.total_bytes_used,
             "servers": list(self._settings.servers),
             "transport": self._transport,
+            "transport_reason": self._transport_why,
             "replicas": self._settings.replicas,
             "replicas_unmet": self._replicas_unmet,
             "prefix": self._prefix,
@@ -521,33 +530,63 @@ class MemKVL2Adapter(L2AdapterInterface):
             pool.shutdown(wait=True, cancel_futures=False)
         self._usage_thread.join(timeout=self._settings.timeout_s)
         self._cluster.close()
+        if self._chooser is not None:
+            self._chooser.close()  # after the cluster client: its data clients use the device
         with self._lock:
             self._efds_closed = True
             for efd in (self._store_efd, self._lookup_efd, self._load_efd):
                 efd.close()
 
 
-def _choose_transport(s: AdapterSettings) -> str:
-    """The data plane to use. The verbs data path is not built yet, so every choice ends on TCP
-    or fails loudly: asking for RDMA must never silently mean something else."""
-    from lmcache_memkv.transport.rdma import rdma_devices
+def _choose_transport(
+    s: AdapterSettings, l1: L1MemoryDesc | None, metrics: AdapterMetrics
+) -> tuple[str, str, TransportChooser | None]:
+    """The data plane (tcp or rdma), why, and for rdma the client factory holding the verbs side.
 
+    ``rdma`` uses verbs or raises ConfigError naming what is missing: asking for RDMA must never
+    silently mean something else. ``auto`` uses verbs when this host can (device, pyverbs, an L1
+    pool to register) and then talks verbs to the nodes that advertise "rdma", TCP to the rest.
+    """
     if s.transport == "tcp":
-        return "tcp"
+        return "tcp", "transport tcp configured", None
+    from lmcache_memkv.client.rdma_client import RdmaSide, TransportChooser
+    from lmcache_memkv.control.channel import ChannelPool
+    from lmcache_memkv.control.tls import ca_from_env
+    from lmcache_memkv.transport.rdma import RdmaError, rdma_devices
+
+    required = s.transport == "rdma"
     devices = rdma_devices(s.rdma_devices)
-    if s.transport == "rdma":
-        if not devices:
-            raise ConfigError(
-                "memkv adapter: 'transport' is 'rdma' but this host has no usable RDMA device "
-                "(ibv_devices lists none); use 'auto' or 'tcp'"
-            )
-        raise ConfigError(
-            f"memkv adapter: 'transport' is 'rdma' and devices {', '.join(devices)} exist, but this release "
-            "moves bytes over TCP only (the verbs data path is not built yet); use 'auto' or 'tcp'"
-        )
-    if devices:
-        log.info("RDMA devices %s found; this release's data plane is TCP, using tcp", ", ".join(devices))
-    return "tcp"
+    problem = ""
+    if not devices:
+        wanted = f" among {', '.join(s.rdma_devices)}" if s.rdma_devices else ""
+        problem = f"this host has no usable RDMA device{wanted} (ibv_devices lists none, or pyverbs cannot be imported)"
+    elif l1 is None or not l1.ptr or not l1.size:
+        problem = "LMCache passed no L1 memory descriptor to register (L1MemoryDesc ptr/size)"
+    side = None
+    if not problem:
+        errors = []
+        for name in devices:
+            try:
+                side = RdmaSide(name, s.rdma_port, s.rdma_gid_index, int(l1.ptr), int(l1.size))  # type: ignore[union-attr]
+                break
+            except RdmaError as exc:
+                errors.append(str(exc))
+        if side is None:
+            problem = "; ".join(errors)
+    if side is None:
+        if required:
+            raise ConfigError(f"memkv adapter: 'transport' is 'rdma' but {problem}; use 'auto' or 'tcp'")
+        return "tcp", f"auto: TCP because {problem}", None
+    wire = metrics.wire_bytes
+    chooser = TransportChooser(
+        side, ChannelPool(s.auth_key, s.tls_ca or ca_from_env()), required, lambda t, d, n: wire.labels(t, d).inc(n)
+    )
+    d = side.device
+    why = f"{s.transport}: verbs on {d.name} port {d.port} GID index {d.gid_index}, L1 pool of {side.region.length} bytes registered"
+    if not required:
+        why += " (nodes that do not advertise rdma get TCP)"
+    log.info("memkv data plane: %s", why)
+    return "rdma", why, chooser
 
 
 def _store_outcome(oks: list[bool], reachable: int) -> str:
@@ -560,7 +599,7 @@ def _store_outcome(oks: list[bool], reachable: int) -> str:
     return "unavailable" if reachable == 0 else "failed"
 
 
-def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
+def _connect(s: AdapterSettings, metrics: AdapterMetrics, chooser: TransportChooser | None = None) -> ClusterClient:
     """The cluster client, started. With no node answering: fail_fast raises (``lmcache server``
     exits); otherwise the adapter starts degraded (misses, failed stores) and the client keeps
     trying in the background, so a memory-tier outage never stops inference workers."""
@@ -576,6 +615,7 @@ def _connect(s: AdapterSettings, metrics: AdapterMetrics) -> ClusterClient:
         tls_ca=s.tls_ca,
         on_node_error=lambda node_id, kind: errors.labels(node_id, kind).inc(),
         cluster_id=s.cluster_id,
+        member_client_factory=chooser,
     )
     try:
         client.start()

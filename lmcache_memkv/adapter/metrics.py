@@ -20,6 +20,7 @@ class AdapterMetrics:
     ops: Counter
     keys: Counter
     bytes: Counter
+    wire_bytes: Counter
     latency: Histogram
     node_errors: Counter
     view_epoch: Gauge
@@ -40,7 +41,8 @@ def get_metrics() -> AdapterMetrics:
             _metrics = AdapterMetrics(
                 ops=Counter("memkv_l2_ops", "Adapter tasks by operation and outcome.", ["op", "outcome"]),
                 keys=Counter("memkv_l2_keys", "Keys handled by operation and outcome (hit, miss, stored, failed).", ["op", "outcome"]),
-                bytes=Counter("memkv_l2_bytes", "Value bytes moved, by direction (store, load).", ["direction"]),
+                bytes=Counter("memkv_l2_bytes", "Value bytes stored or loaded, by direction (store, load) and the adapter's data plane (tcp, rdma).", ["direction", "transport"]),
+                wire_bytes=Counter("memkv_l2_wire_bytes", "Value bytes moved per node call (replicas each count), by the transport that moved them (tcp, rdma) and direction.", ["transport", "direction"]),
                 latency=Histogram("memkv_l2_op_seconds", "Task latency from submit to completion.", ["op"], buckets=_BUCKETS),
                 node_errors=Counter("memkv_l2_node_errors", "Failed calls to a node, by kind (timeout, connect, protocol, server; busy: still queued behind that node's other calls at the deadline).", ["node", "kind"]),
                 view_epoch=Gauge("memkv_l2_view_epoch", "Epoch of the cluster view the adapter routes by."),

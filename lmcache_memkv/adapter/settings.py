@@ -32,6 +32,8 @@ _ENV = {
     "auth_key_file": "MEMKV_AUTH_KEY_FILE",
     "tls_ca": "MEMKV_TLS_CA",
     "rdma_devices": "MEMKV_RDMA_DEVICES",
+    "rdma_port": "MEMKV_RDMA_PORT",
+    "rdma_gid_index": "MEMKV_RDMA_GID_INDEX",
     "fail_fast": "MEMKV_FAIL_FAST",
     "cluster_id": "MEMKV_CLUSTER_ID",
 }
@@ -52,6 +54,8 @@ class AdapterSettings:
     auth_key: bytes | None = field(default=None, repr=False)
     tls_ca: str | None = None
     rdma_devices: tuple[str, ...] = ()
+    rdma_port: int = 1
+    rdma_gid_index: int = 0
     fail_fast: bool = False  # refuse to start (as before) instead of starting degraded
     cluster_id: str | None = None  # refuse nodes of another cluster (None: pin the first one seen)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
@@ -199,6 +203,10 @@ def resolve(fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
         out["tls_ca"] = str(v[0])
     if (v := get("rdma_devices")) is not None:
         out["rdma_devices"] = _str_list("rdma_devices", *v)
+    if (v := get("rdma_port")) is not None:
+        out["rdma_port"] = _int("rdma_port", *v, 1, 255)
+    if (v := get("rdma_gid_index")) is not None:
+        out["rdma_gid_index"] = _int("rdma_gid_index", *v, 0, 255)
     if (v := get("fail_fast")) is not None:
         out["fail_fast"] = _bool("fail_fast", *v)
     if (v := get("cluster_id")) is not None and str(v[0]).strip():

@@ -88,6 +88,18 @@ def node(
         int, typer.Option(help="Deleted keys remembered so older writes cannot revive them; past it, older writes are refused.", envvar="MEMKV_MAX_TOMBSTONES")
     ] = 100_000,
     drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.", envvar="MEMKV_DRAIN_TIMEOUT")] = 30.0,
+    rdma_device: Annotated[
+        str | None,
+        typer.Option(
+            help="RDMA device for the verbs data path (e.g. mlx5_0, rxe0); must open or the node refuses to start. "
+            "Default: the first of MEMKV_RDMA_DEVICES (or of all devices) if one opens, else TCP only; 'none': TCP only.",
+            envvar="MEMKV_RDMA_DEVICE",
+        ),
+    ] = None,
+    rdma_port: Annotated[int, typer.Option(help="Port of the RDMA device.", envvar="MEMKV_RDMA_PORT")] = 1,
+    rdma_gid_index: Annotated[
+        int, typer.Option(help="GID table index (RoCE v2 over IPv4 is often 1 or 3; `show_gids` lists them).", envvar="MEMKV_RDMA_GID_INDEX")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.", envvar="MEMKV_LOG_LEVEL")] = "info",
 ) -> None:
     from lmcache_memkv.auth import load_key
@@ -118,6 +130,7 @@ def node(
     )
     max_lease_ttl, lease_budget, max_tombstones = (values[k] for k in ("max_lease_ttl", "lease_budget", "max_tombstones"))
     max_watchers = values["max_watchers"]
+    rdma_device, rdma_port, rdma_gid_index = (values[k] for k in ("rdma_device", "rdma_port", "rdma_gid_index"))
     auth_key_file, log_level = values["auth_key_file"], values["log_level"]
     # MEMKV_SEED and config files may list several endpoints in one comma-separated string.
     seeds = [part.strip() for entry in values["seed"] or [] for part in str(entry).split(",") if part.strip()]
@@ -159,6 +172,9 @@ def node(
             tls_cert=tls_cert,
             tls_key=tls_key,
             max_watchers=max_watchers,
+            rdma_device=rdma_device,
+            rdma_port=rdma_port,
+            rdma_gid_index=rdma_gid_index,
         )
         check_capacity(config.capacity)
     except ValueError as exc:

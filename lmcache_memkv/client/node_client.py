@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TypeVar
 
 from lmcache_memkv.client.connection import Connection
@@ -163,6 +163,11 @@ class NodeClient:
         finally:
             if conn is not None:
                 self._checkin(conn)
+
+    def connection(self, what: str, timeout_s: float | None) -> AbstractContextManager[tuple[Connection, float]]:
+        """A pooled, authenticated connection and the call's deadline, with this client's error
+        handling (the RDMA data client sends its requests through it)."""
+        return self._conn(what, timeout_s)
 
     def _call(self, msg: Message, kind: type[M], what: str, timeout_s: float | None, payload: Sequence[Buffer] = ()) -> M:
         with self._conn(what, timeout_s) as (conn, deadline):

@@ -132,13 +132,16 @@ class ClusterClient:
         cluster_id: str | None = None,
         data_client_factory: DataClientFactory | None = None,
         threads_per_node: int = DEFAULT_THREADS_PER_NODE,
+        member_client_factory: Callable[[Member, bytes | None, float, bytes], DataClient] | None = None,
     ) -> None:
         """``on_node_error(node_id, kind)`` hears of every failed node call (kind: timeout,
         connect, protocol, server, or busy: queued behind that node's other calls until the
         deadline) — the adapter counts them in its metrics. ``cluster_id``: refuse nodes naming
         another cluster (None: pin the first id a node names). ``data_client_factory`` makes the
         client for one node (``NodeClient`` over TCP by default). ``threads_per_node`` bounds
-        the threads one node's calls may hold, so a frozen node cannot starve the others."""
+        the threads one node's calls may hold, so a frozen node cannot starve the others.
+        ``member_client_factory``, when given, is asked instead with the whole member record (its
+        control endpoint and transports: how the RDMA client sets up its session)."""
         self._on_node_error = on_node_error
         self.servers = [s.strip() for s in servers if s and s.strip()]
         if not self.servers:
@@ -162,6 +165,7 @@ class ClusterClient:
         self._view = ClusterView()  # replaced whole, so readers need no lock
         self._view_lock = threading.Lock()
         self._new_client: DataClientFactory = data_client_factory or TCP_CLIENT
+        self._member_client = member_client_factory
         self._nodes: dict[str, tuple[int, str, DataClient]] = {}  # node_id -> (incarnation, endpoint, client)
         self._nodes_lock = threading.Lock()
         self._suspicion = LocalSuspicion()
@@ -308,7 +312,10 @@ class ClusterClient:
             entry = self._nodes.get(m.node_id)
             if entry is not None and entry[0] == m.incarnation and entry[1] == m.data_endpoint:
                 return entry[2]
-            client = self._new_client(m.data_endpoint, self._key, self.timeout_s, self.client_id)
+            if self._member_client is not None:
+                client = self._member_client(m, self._key, self.timeout_s, self.client_id)
+            else:
+                client = self._new_client(m.data_endpoint, self._key, self.timeout_s, self.client_id)
             self._nodes[m.node_id] = (m.incarnation, m.data_endpoint, client)
         if entry is not None:
             entry[2].close()

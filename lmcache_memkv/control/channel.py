@@ -17,7 +17,11 @@ MAX_MESSAGE = 16 << 20
 # default reconnect back-off (which grows to two minutes).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    # gRPC core takes this as the shortest time one connect attempt may take (MIN_CONNECT_TIMEOUT
+    # of its backoff protocol), not only as a backoff: at 100 ms a handshake on a loaded host (or
+    # an emulated guest) timed out "before receiving SETTINGS frame" and the call failed. A refused
+    # connection still fails at once; every call keeps its own deadline.
+    ("grpc.min_reconnect_backoff_ms", 2000),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -153,7 +153,7 @@ class ControlPlane:
             state=State.ALIVE,
             data_endpoint=_advertised(data_host, data_port, config.advertise_host),
             control_endpoint=_advertised(host, port, config.advertise_host),
-            transports=("tcp",),
+            transports=("rdma", "tcp") if server.rdma is not None else ("tcp",),
             capacity_bytes=stats["capacity_bytes"],
             used_bytes=stats["used_bytes"],
         )
@@ -187,7 +187,7 @@ class ControlPlane:
             self.membership, keepalive_s, changes, config.max_watchers, self._cluster_id, self.swim, self._count
         )
         maintenance = MaintenanceService(self.membership, self.status, self._peers, self._cluster_id)
-        session = SessionService(self.membership, config.auth_key, self._cluster_id)
+        session = SessionService(self.membership, config.auth_key, self._cluster_id, rdma=server.rdma)
         self._loop.run(self._register(maintenance, session), _LOOP_CALL_S)
 
     async def _new_server(self, interceptor: StrictDecoding) -> grpc.aio.Server:

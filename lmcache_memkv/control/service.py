@@ -46,7 +46,7 @@ from lmcache_memkv.proto.memkv.v1 import (
     session_pb2,
     session_pb2_grpc,
 )
-from lmcache_memkv.wire.constants import VERSION
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, VERSION
 
 log = logging.getLogger("memkv.control")
 _MAX_NONCE = 64
@@ -391,10 +391,15 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
 
 
 class SessionService(session_pb2_grpc.SessionServicer):
-    def __init__(self, membership: Membership, key: bytes | None, cluster_id: str = "") -> None:
+    """Transport negotiation; for "rdma" also the queue-pair exchange (``rdma``: the node's
+    sessions, None without a verbs device). The caller proved the key in its call metadata (the
+    interceptor checked it) and the answer proves it back, over the client's nonce."""
+
+    def __init__(self, membership: Membership, key: bytes | None, cluster_id: str = "", rdma: Any = None) -> None:
         self._m = membership
         self._key = key
         self._cluster_id = cluster_id
+        self._rdma = rdma
 
     async def Hello(self, request: session_pb2.HelloRequest, context: Any) -> session_pb2.HelloResponse:
         if request.protocol_version != VERSION:
@@ -415,10 +420,42 @@ class SessionService(session_pb2_grpc.SessionServicer):
                 f"no common transport: client offers {offered}, node {me.node_id} has {list(me.transports)}",
             )
         proof = auth.session_proof(self._key, request.client_nonce) if self._key is not None else b""
-        return session_pb2.HelloResponse(
+        reply = session_pb2.HelloResponse(
             header=_header(self._m, self._cluster_id),
             protocol_version=VERSION,
             transport=chosen,
             data_endpoint=me.data_endpoint,
             server_proof=proof,
+        )
+        if chosen == "rdma":
+            await self._rdma_session(request, reply, context)
+        return reply
+
+    async def _rdma_session(self, request: session_pb2.HelloRequest, reply: session_pb2.HelloResponse, context: Any) -> None:
+        from lmcache_memkv.transport.rdma import QpInfo, RdmaError, Region
+
+        if self._rdma is None:
+            await _abort_async(context, grpc.StatusCode.FAILED_PRECONDITION, "this node has no RDMA device")
+        try:
+            client_id = bytes.fromhex(request.client_id)
+        except ValueError:
+            client_id = b""
+        if len(client_id) != CLIENT_ID_LEN:
+            await _invalid_async(context, f"Hello: client_id must be {CLIENT_ID_LEN} bytes in hex")
+        if not request.HasField("rdma_endpoint") or len(request.memory_regions) != 1:
+            await _invalid_async(context, "Hello: transport rdma needs the client's queue pair and exactly one memory region")
+        ep, mr = request.rdma_endpoint, request.memory_regions[0]
+        peer = QpInfo(qp_num=ep.qp_num, gid=bytes(ep.gid), psn=ep.psn, mtu=ep.mtu, lid=ep.lid, gid_index=ep.gid_index)
+        try:
+            peer.check()
+            token, mine = self._rdma.open(client_id, peer, Region(addr=mr.addr, length=mr.length, lkey=0, rkey=mr.rkey))
+        except ValueError as exc:
+            await _invalid_async(context, f"Hello: {exc}")
+        except RdmaError as exc:
+            await _abort_async(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        reply.session_id = token
+        reply.rdma_endpoint.CopyFrom(
+            session_pb2.RdmaEndpoint(
+                lid=mine.lid, gid=mine.gid, qp_num=mine.qp_num, psn=mine.psn, mtu=mine.mtu, gid_index=mine.gid_index
+            )
         )

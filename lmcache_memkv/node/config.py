@@ -50,6 +50,11 @@ class NodeConfig:
     # Watch streams served at once: each costs memory (a coroutine and gRPC's stream buffers,
     # no thread), so the cap only bounds that; far above a fleet's sidecars.
     max_watchers: int = 10_000
+    # RDMA data path: None finds a device (MEMKV_RDMA_DEVICES first) and falls back to TCP alone;
+    # a name must open or the node refuses to start; "none" turns verbs off.
+    rdma_device: str | None = None
+    rdma_port: int = 1
+    rdma_gid_index: int = 0
     # True when node_id was derived from the listen address; with port 0 the server
     # replaces it once the real port is known (else every ephemeral node is "HOST-0").
     node_id_auto: bool = field(default=False, init=False, repr=False)
@@ -111,5 +116,11 @@ class NodeConfig:
             raise ValueError(
                 f"--cluster-id must be 1-63 characters of letters, digits, '.', '_' or '-', got {self.cluster_id!r}"
             )
+        if not 1 <= self.rdma_port <= 255:
+            raise ValueError(f"--rdma-port must be in 1..255, got {self.rdma_port}")
+        if not 0 <= self.rdma_gid_index <= 255:
+            raise ValueError(f"--rdma-gid-index must be in 0..255, got {self.rdma_gid_index}")
+        if self.rdma_device is not None and not self.rdma_device.strip():
+            raise ValueError("--rdma-device must name a device (or 'none')")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")

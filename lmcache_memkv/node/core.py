@@ -21,7 +21,7 @@ from lmcache_memkv.node.arena import Arena
 from lmcache_memkv.node.config import NodeConfig
 from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
-from lmcache_memkv.node.movers import Mover
+from lmcache_memkv.node.movers import Mover, RdmaMovers
 from lmcache_memkv.node.store import Extent, Fenced, Store
 from lmcache_memkv.wire.constants import ErrorCode, Op, Status
 from lmcache_memkv.wire.frames import Header
@@ -39,6 +39,10 @@ from lmcache_memkv.wire.messages import (
     PingResponse,
     PutRequest,
     PutResponse,
+    RdmaGetRequest,
+    RdmaGetResponse,
+    RdmaPutRequest,
+    RdmaPutResponse,
     ReleaseRequest,
     ReleaseResponse,
     StatsResponse,
@@ -55,7 +59,7 @@ class PutPlan:
     when the transfer failed.
     """
 
-    def __init__(self, core: NodeCore, rid: int, msg: PutRequest, generation: int) -> None:
+    def __init__(self, core: NodeCore, rid: int, msg: PutRequest | RdmaPutRequest, generation: int) -> None:
         self._core = core
         self.rid = rid
         self.keys = msg.keys
@@ -65,6 +69,7 @@ class PutPlan:
         self._writable = core.write_gate()  # asked once per request, as before the split
         self._slot: Extent | None = None
         self.statuses: list[Status] = []
+        self._response = RdmaPutResponse if isinstance(msg, RdmaPutRequest) else PutResponse
 
     def claim(self, i: int) -> memoryview | None:
         assert self._slot is None and i == len(self.statuses), "values are claimed in order, one at a time"
@@ -96,7 +101,7 @@ class PutPlan:
         core = self._core
         core.metrics.bytes_in.labels(core.node_label).inc(sum(self.sizes))
         core.metrics.items.labels(core.node_label, "put").inc(len(self.keys))
-        return encode(PutResponse(statuses=self.statuses), self.rid)
+        return encode(self._response(statuses=self.statuses), self.rid)
 
     @property
     def outcome(self) -> str:
@@ -106,9 +111,10 @@ class PutPlan:
 class GetPlan:
     """One GET: extents pinned (an overwrite cannot tear them) until ``release``; ``head`` answers."""
 
-    def __init__(self, core: NodeCore, rid: int, msg: GetRequest) -> None:
+    def __init__(self, core: NodeCore, rid: int, msg: GetRequest | RdmaGetRequest) -> None:
         self._core = core
         self.extents: list[Extent] = []
+        self.found: list[int] = []  # request positions of ``extents``, in order (where RDMA writes them)
         statuses: list[Status] = []
         lengths: list[int] = []
         versions: list[int] = []
@@ -119,8 +125,10 @@ class GetPlan:
                 lengths.append(ext.length if ext else 0)
                 versions.append(version)
                 if status == Status.OK and ext is not None:
+                    self.found.append(len(statuses) - 1)
                     self.extents.append(ext)
-            self.head = encode(GetResponse(statuses=statuses, lengths=lengths, versions=versions), rid)
+            response = RdmaGetResponse if isinstance(msg, RdmaGetRequest) else GetResponse
+            self.head = encode(response(statuses=statuses, lengths=lengths, versions=versions), rid)
         except BaseException:
             self.release()
             raise
@@ -154,6 +162,7 @@ class NodeCore:
         write_gate: Callable[[], bool],
         stats: Callable[[], dict[str, int]],
         started_at: float,
+        rdma: RdmaMovers | None = None,
     ) -> None:
         self.config = config
         self.arena = arena
@@ -164,6 +173,7 @@ class NodeCore:
         self.write_gate = write_gate
         self._stats = stats
         self._started_at = started_at
+        self.rdma = rdma  # None: this node has no verbs device (RPUT/RGET are refused)
 
     def serve(self, header: Header, msg: Message, generation: int, client_id: bytes, mover: Mover, deadline: float) -> None:
         """Serve one request whose header and meta are in; raises ``Fenced`` or a transport error."""
@@ -173,14 +183,22 @@ class NodeCore:
             raise Fenced("the node dropped its data since this connection was opened")
         rid = header.request_id
         outcome = "ok"
-        if isinstance(msg, PutRequest):
+        transport = "tcp"
+        if isinstance(msg, RdmaPutRequest | RdmaGetRequest):
+            if self.rdma is None:
+                raise ProtocolError("this node has no RDMA device: RPUT and RGET are not served", ErrorCode.UNKNOWN_OP)
+            mover = self.rdma.mover(msg, client_id, mover)  # checks the session and every remote range
+            transport = "rdma"
+        if isinstance(msg, PutRequest | RdmaPutRequest):
             put = PutPlan(self, rid, msg, generation)
             try:
                 mover.put(put, deadline)
             finally:
                 put.abandon()  # no-op unless the transfer of a claimed value failed
             outcome = put.outcome
-        elif isinstance(msg, GetRequest):
+            landed = sum(n for n, st in zip(put.sizes, put.statuses, strict=False) if st == Status.OK)
+            self.metrics.transport_bytes.labels(self.node_label, transport, "in").inc(landed)
+        elif isinstance(msg, GetRequest | RdmaGetRequest):
             get = GetPlan(self, rid, msg)
             try:
                 mover.get(get, deadline)
@@ -189,6 +207,7 @@ class NodeCore:
             finally:
                 get.release()
             self.metrics.bytes_out.labels(self.node_label).inc(sent)
+            self.metrics.transport_bytes.labels(self.node_label, transport, "out").inc(sent)
             self.metrics.items.labels(self.node_label, "get").inc(get.count)
         else:
             mover.reply([encode(self.inline(msg, client_id), rid)], deadline)

@@ -80,6 +80,16 @@ class NodeMetrics:
         self.items = Counter("memkv_node_items", "Keys handled inside batches, by opcode.", [*node, "op"], registry=r)
         self.bytes_in = Counter("memkv_node_received_bytes", "Value bytes received (PUT).", node, registry=r)
         self.bytes_out = Counter("memkv_node_sent_bytes", "Value bytes sent (GET).", node, registry=r)
+        # Value bytes by transport: over RDMA the node's own verbs moved them, over TCP its sockets.
+        self.transport_bytes = Counter(
+            "memkv_node_transport_bytes",
+            "Value bytes moved, by transport (tcp, rdma) and direction (in: PUT, out: GET).",
+            [*node, "transport", "direction"],
+            registry=r,
+        )
+        self.rdma_fences = Counter(
+            "memkv_node_rdma_fences", "RDMA queue pairs moved to ERR after a failed or timed-out transfer.", node, registry=r
+        )
         self.latency = Histogram(
             "memkv_node_request_seconds", "Time to serve a request.", [*node, "op"], buckets=_LATENCY_BUCKETS,
             registry=r,

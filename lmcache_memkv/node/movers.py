@@ -5,23 +5,32 @@ request's deadline. The TCP mover reads each PUT value straight into its arena e
 (``recv_into``) and sends a GET's answer and values in gathered writes (``sendmsg`` of arena
 views): no copies of value bytes in Python.
 
-An RDMA mover fits the same seam: its PUT posts an RDMA READ from the client's registered page
+The RDMA mover uses the same seam: its PUT posts an RDMA READ from the client's registered page
 (address and rkey from the request) into the view ``claim`` returns, waits for the completion,
 then calls ``landed``; its GET posts RDMA WRITEs of ``views()`` into the client's pages and
 waits for every completion before ``reply`` sends the answer, so a client never sees OK for
 bytes that have not landed. A refused value costs it nothing (there are no bytes to drain).
+Its answers go back on the connection's socket. A transfer that fails or runs out of time
+fences the session's queue pair (ERR) before the plan gives its extents back, so no late READ
+or WRITE can touch an extent that is reused.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from lmcache_memkv.errors import ProtocolError
 from lmcache_memkv.transport.tcp import Buffer, drain, recv_into_exact, send_views, wait_for_data
+from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
     from lmcache_memkv.node.core import GetPlan, PutPlan
+    from lmcache_memkv.transport.rdma import QueuePair, Region
+    from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
 
@@ -71,3 +80,92 @@ class TcpMover:
 
     def reply(self, frames: Sequence[Buffer], deadline: float) -> None:
         send_views(self.sock, frames, deadline)
+
+
+class RdmaMovers(Protocol):
+    def mover(self, msg: RdmaPutRequest | RdmaGetRequest, client_id: bytes, tcp: Mover) -> Mover:
+        """The mover for one RDMA request: its session checked (it belongs to ``client_id``) and
+        every remote range inside the session's registered region; ``tcp`` carries the answer."""
+        ...
+
+
+class RdmaMover:
+    """Moves one request's values with one-sided verbs; the answer rides the TCP connection."""
+
+    def __init__(
+        self,
+        qp: QueuePair,
+        arena: Region,
+        addrs: Sequence[int],
+        rkeys: Sequence[int],
+        tcp: Mover,
+        on_fence: Callable[[], None] | None = None,
+    ) -> None:
+        self.qp = qp
+        self.arena = arena
+        self.addrs = addrs
+        self.rkeys = rkeys
+        self.tcp = tcp
+        self._on_fence = on_fence
+
+    def _local(self, view: memoryview) -> int:
+        from lmcache_memkv.transport.rdma import buffer_address
+
+        addr, length = buffer_address(view)
+        if not self.arena.contains(addr, length):  # pragma: no cover - views come from the arena
+            raise ProtocolError("internal: a view outside the registered arena", ErrorCode.INTERNAL)
+        return addr
+
+    def _run(self, ops: list[tuple[str, int, int, int, int, int]], deadline: float) -> None:
+        try:
+            if _FAULTS.delay_s:
+                time.sleep(_FAULTS.delay_s)  # test hook only: a transfer that starts late
+            self.qp.post_and_wait(ops, deadline)
+        except BaseException:
+            # Before any extent goes back: a late READ must not land in a reused extent, nor a
+            # late WRITE read one that an overwrite is filling.
+            self.qp.fence()
+            if self._on_fence is not None:
+                self._on_fence()
+            raise
+
+    def put(self, plan: PutPlan, deadline: float) -> None:
+        from lmcache_memkv.transport.rdma import READ
+
+        for i, size in enumerate(plan.sizes):
+            dst = plan.claim(i)
+            if dst is None:
+                continue  # refused: nothing to read, nothing to drain
+            if size:
+                self._run([(READ, self._local(dst), self.arena.lkey, size, self.addrs[i], self.rkeys[i])], deadline)
+            plan.landed()
+        self.tcp.reply([plan.answer()], deadline)
+
+    def get(self, plan: GetPlan, deadline: float) -> None:
+        from lmcache_memkv.transport.rdma import WRITE
+
+        ops = [
+            (WRITE, self._local(view), self.arena.lkey, view.nbytes, self.addrs[i], self.rkeys[i])
+            for i, view in zip(plan.found, plan.views(), strict=True)
+            if view.nbytes
+        ]
+        if ops:
+            self._run(ops, deadline)  # every WRITE completed before the answer says OK
+        self.tcp.reply([plan.head], deadline)
+
+    def reply(self, frames: Sequence[Buffer], deadline: float) -> None:
+        self.tcp.reply(frames, deadline)
+
+
+class _Faults:
+    """Test hook: ``MEMKV_FAULT_RDMA_DELAY_S`` in a node's environment delays every RDMA transfer
+    by that long before it is posted (the fencing test's late WRITE). Unset in production."""
+
+    def __init__(self) -> None:
+        try:
+            self.delay_s = max(0.0, float(os.environ.get("MEMKV_FAULT_RDMA_DELAY_S", "0") or 0))
+        except ValueError:
+            self.delay_s = 0.0
+
+
+_FAULTS = _Faults()

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lmcache_memkv.endpoints import format_endpoint, parse_endpoint
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
@@ -44,12 +45,16 @@ from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
 from lmcache_memkv.node.movers import TcpMover
 from lmcache_memkv.node.store import Fenced, Store
+from lmcache_memkv.transport.rdma import RdmaError
 from lmcache_memkv.transport.tcp import PeerClosed, send_views, tune
 from lmcache_memkv.wire.constants import ErrorCode
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.messages import ErrorFrame, Message, encode
 from lmcache_memkv.wire.reader import FrameReader
 from lmcache_memkv.wire.state import MAX_AUTH_META, ServerProtocol
+
+if TYPE_CHECKING:
+    from lmcache_memkv.node.rdma import RdmaSessions
 
 log = logging.getLogger("memkv.node")
 _LINGER_S = 1.0  # after an error frame: how long we keep reading so the peer gets to see it
@@ -138,6 +143,7 @@ class NodeServer:
         self.write_gate: Callable[[], bool] = lambda: True
         self.metrics = NodeMetrics(config.node_id, self.stats)
         self.core: NodeCore | None = None
+        self.rdma: RdmaSessions | None = None  # set by start() when a verbs device opens
         self._listener: socket.socket | None = None
         self._listener_lock = threading.Lock()
         self._ep: select.epoll | None = None
@@ -193,9 +199,22 @@ class NodeServer:
             self.metrics_address = self.metrics.serve(
                 self.config.metrics_listen, lambda: self.serving.is_set() and not self._stopping.is_set()
             )
+        if self.config.rdma_device != "none":
+            from lmcache_memkv.node.rdma import open_rdma
+
+            try:
+                self.rdma = open_rdma(
+                    self.config.rdma_device, self.config.rdma_port, self.config.rdma_gid_index, self.arena,
+                    self.metrics, self.config.node_id, required=self.config.rdma_device is not None,
+                )  # fmt: skip
+            except RdmaError as exc:
+                sock.close()
+                self._listener = None
+                raise OSError(f"--rdma-device {self.config.rdma_device}: {exc}") from None
         self.core = NodeCore(
-            self.config, self.arena, self.store, self.fence, self.metrics, lambda: self.write_gate(), self.stats, self.started_at
-        )
+            self.config, self.arena, self.store, self.fence, self.metrics, lambda: self.write_gate(), self.stats,
+            self.started_at, self.rdma,
+        )  # fmt: skip
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
@@ -263,6 +282,8 @@ class NodeServer:
                     os.close(wake_fd)
         for _ in self._workers:
             self._jobs.put(None)
+        if self.rdma is not None:
+            self.rdma.close()
         return not leftover
 
     def stats(self) -> dict[str, int]:
@@ -640,6 +661,10 @@ class NodeServer:
             self.metrics.protocol_errors.labels(node, "timeout").inc()
             log.info("closing connection from %s: %s", peer, exc)
             code, message = ErrorCode.TIMEOUT, f"frame not completed in time: {exc}"
+        elif isinstance(exc, RdmaError):
+            self.metrics.protocol_errors.labels(node, "rdma").inc()
+            log.info("RDMA transfer for %s failed (queue pair fenced): %s", peer, exc)
+            code, message = ErrorCode.INTERNAL, f"RDMA transfer failed: {exc}"
         elif isinstance(exc, (PeerClosed, ConnectionError)):
             self._close(conn)
             return

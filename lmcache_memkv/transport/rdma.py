@@ -1,19 +1,58 @@
-"""RDMA (verbs) support: device discovery now, imported lazily so TCP-only hosts never load pyverbs.
+"""RDMA (verbs) transport: a thin layer over pyverbs, imported lazily so TCP-only hosts never load it.
 
-This machine's kernel has no InfiniBand support, so everything here degrades to "no
-devices" and ``MEMKV_TRANSPORT=auto`` runs over TCP.
+One ``VerbsDevice`` per process side: it opens the device by name, allocates a protection
+domain, registers memory regions (the node's arena once, the adapter's L1 pool once) and owns
+one completion queue with one poller thread. ``QueuePair`` is an RC queue pair brought through
+INIT, RTR and RTS from the peer's QPN, GID, PSN and MTU. Only the node posts work requests (it
+READs PUT values from client pages and WRITEs GET values into them), so the client's queue pair
+is a passive responder and the client needs no poller. ``post_and_wait`` keeps at most
+``max_outstanding`` work requests in flight per queue pair and waits for them against a deadline;
+``fence`` moves the queue pair to the error state, which flushes what is outstanding and makes
+the device refuse every later access through it, so a timed-out transfer can never land late.
+A fenced queue pair is not reused: a new one is set up over ``Session.Hello``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import logging
-from collections.abc import Sequence
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache_memkv.errors import MemKVError, MemKVTimeout
 
 log = logging.getLogger("memkv.rdma")
 
+READ = "read"
+WRITE = "write"
+_CQ_ENTRIES = 4096
+_MAX_OUTSTANDING = 16  # work requests in flight per queue pair (node-driven, so the node bounds its own burst)
+_POLL_BATCH = 32
+_IDLE_SLEEP_MAX_S = 0.001  # the poller backs off to this when the CQ is quiet
+_FLUSH_WAIT_S = 2.0  # after moving a QP to ERR: how long we wait for the flushed completions
+_SYSFS = "/sys/class/infiniband"
+MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
+
+
+class RdmaError(MemKVError):
+    """A verbs call or a work request failed (the queue pair is then unusable)."""
+
 
 def rdma_devices(wanted: Sequence[str] = ()) -> list[str]:
-    """Names of usable RDMA devices (restricted to ``wanted`` when given); [] without pyverbs."""
+    """Names of usable RDMA devices (restricted to ``wanted`` when given); [] without pyverbs.
+
+    The kernel's device list is read first, so a host without verbs never imports pyverbs.
+    """
+    try:
+        if not os.listdir(_SYSFS):
+            return []
+    except OSError:
+        return []
     try:
         import pyverbs.device as d
     except ImportError:
@@ -26,3 +65,392 @@ def rdma_devices(wanted: Sequence[str] = ()) -> list[str]:
     if wanted:
         names = [n for n in names if n in set(wanted)]
     return names
+
+
+def env_devices(environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """``MEMKV_RDMA_DEVICES`` (comma-separated) as a tuple; empty when unset."""
+    raw = (os.environ if environ is None else environ).get("MEMKV_RDMA_DEVICES", "")
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+# ---------------------------------------------------------------------- buffer addresses
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PYBUF_SIMPLE = 0
+
+
+def buffer_address(buf: Any) -> tuple[int, int]:
+    """(address, length) of a contiguous buffer, read-only ones included, without copying it.
+
+    The address stays valid only while the caller keeps ``buf`` (and what it views) alive.
+    """
+    pb = _PyBuffer()
+    _get_buffer(buf, ctypes.byref(pb), _PYBUF_SIMPLE)  # raises BufferError for non-contiguous views
+    try:
+        return int(pb.buf or 0), int(pb.len)
+    finally:
+        _release_buffer(ctypes.byref(pb))
+
+
+# ---------------------------------------------------------------------- addressing
+
+
+@dataclass(frozen=True)
+class QpInfo:
+    """What a peer needs to connect to one queue pair (carried in ``Session.Hello``)."""
+
+    qp_num: int
+    gid: bytes  # 16 bytes
+    psn: int
+    mtu: int  # IBV_MTU enum value (1..5)
+    lid: int = 0
+    gid_index: int = 0
+
+    def check(self) -> None:
+        """Everything a peer sent, bounded before use."""
+        if len(self.gid) != 16:
+            raise ValueError(f"GID must be 16 bytes, got {len(self.gid)}")
+        if not 0 < self.qp_num < 1 << 24:
+            raise ValueError(f"QP number {self.qp_num} out of range")
+        if not 0 <= self.psn < 1 << 24:
+            raise ValueError(f"PSN {self.psn} out of range")
+        if self.mtu not in MTU_BYTES:
+            raise ValueError(f"MTU {self.mtu} is not an IBV_MTU value")
+        if not 0 <= self.lid < 1 << 16 or not 0 <= self.gid_index < 256:
+            raise ValueError("LID or GID index out of range")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A registered memory region: what the local side posts with (lkey) and the peer targets (rkey)."""
+
+    addr: int
+    length: int
+    lkey: int
+    rkey: int
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.addr <= addr and addr + length <= self.addr + self.length
+
+
+def gid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return ":".join(h[i : i + 4] for i in range(0, 32, 4))
+
+
+# ---------------------------------------------------------------------- device
+
+
+class _Waiter:
+    """One caller's batch of work requests: counts completions, remembers the first failure."""
+
+    __slots__ = ("cond", "done", "error", "posted")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.posted = 0
+        self.done = 0
+        self.error: str | None = None
+
+
+class VerbsDevice:
+    """One opened device: context, protection domain, one CQ and its poller, registered regions."""
+
+    def __init__(self, name: str, port: int = 1, gid_index: int = 0, max_outstanding: int = _MAX_OUTSTANDING) -> None:
+        try:
+            import pyverbs.enums as e
+            from pyverbs.cq import CQ
+            from pyverbs.device import Context
+            from pyverbs.pd import PD
+        except ImportError as exc:
+            raise RdmaError(f"RDMA: pyverbs cannot be imported ({exc}); install rdma-core's python3-pyverbs") from None
+        self._e = e
+        self.name = name
+        self.port = port
+        self.gid_index = gid_index
+        self.max_outstanding = max_outstanding
+        try:
+            self.ctx = Context(name=name)
+        except Exception as exc:
+            raise RdmaError(f"RDMA device {name!r} cannot be opened: {exc}") from None
+        try:
+            port_attr = self.ctx.query_port(port)
+            if port_attr.state != e.IBV_PORT_ACTIVE:
+                raise RdmaError(f"RDMA device {name!r} port {port} is not active (state {port_attr.state})")
+            self.mtu = int(port_attr.active_mtu)
+            self.lid = int(port_attr.lid)
+            gid = self.ctx.query_gid(port, gid_index)
+            self.gid = bytes.fromhex(str(gid.gid).replace(":", ""))
+            if not any(self.gid):
+                raise RdmaError(f"RDMA device {name!r} port {port} has no GID at index {gid_index}")
+            attr = self.ctx.query_device()
+            self.max_rd_atom = max(1, min(int(attr.max_qp_rd_atom), int(attr.max_qp_init_rd_atom), max_outstanding))
+            self.pd = PD(self.ctx)
+            self.cq = CQ(self.ctx, _CQ_ENTRIES, None, None, 0)
+        except RdmaError:
+            self.ctx.close()
+            raise
+        except Exception as exc:
+            self.ctx.close()
+            raise RdmaError(f"RDMA device {name!r} port {port} GID index {gid_index}: {exc}") from None
+        self._mrs: list[Any] = []
+        self._waiters: dict[int, tuple[_Waiter, QueuePair]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._closed = False
+
+    def register(self, addr: int, length: int, remote: bool) -> Region:
+        """Register ``[addr, addr+length)`` once; ``remote``: the peer may READ and WRITE it."""
+        e = self._e
+        from pyverbs.mr import MR
+
+        access = e.IBV_ACCESS_LOCAL_WRITE
+        if remote:
+            access |= e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
+        try:
+            mr = MR(self.pd, length, access, address=addr)
+        except Exception as exc:
+            raise RdmaError(f"RDMA: cannot register {length} bytes at 0x{addr:x} on {self.name}: {exc}") from None
+        self._mrs.append(mr)
+        return Region(addr=addr, length=length, lkey=int(mr.lkey), rkey=int(mr.rkey))
+
+    def create_qp(self) -> QueuePair:
+        return QueuePair(self)
+
+    def start_poller(self) -> None:
+        """The node's completion poller (the client posts nothing and needs none)."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_loop, name=f"memkv-cq-{self.name}", daemon=True)
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        idle = 0.0
+        e = self._e
+        while not self._stop.is_set():
+            try:
+                n, wcs = self.cq.poll(num_entries=_POLL_BATCH)
+            except Exception as exc:  # the CQ itself failed: nothing more will complete
+                log.error("RDMA completion queue on %s failed: %s", self.name, exc)
+                self._fail_all(f"completion queue failed: {exc}")
+                return
+            if not n:
+                idle = min(_IDLE_SLEEP_MAX_S, idle * 2 or 20e-6)
+                time.sleep(idle)
+                continue
+            idle = 0.0
+            for wc in wcs[:n]:
+                with self._lock:
+                    entry = self._waiters.pop(int(wc.wr_id), None)
+                if entry is None:
+                    continue
+                waiter, qp = entry
+                qp._slots.release()
+                with waiter.cond:
+                    waiter.done += 1
+                    if wc.status != e.IBV_WC_SUCCESS and waiter.error is None:
+                        waiter.error = f"work request failed: status {wc.status}"
+                    waiter.cond.notify_all()
+
+    def _fail_all(self, why: str) -> None:
+        with self._lock:
+            entries, self._waiters = list(self._waiters.values()), {}
+        for waiter, qp in entries:
+            qp._slots.release()
+            with waiter.cond:
+                waiter.done += 1
+                waiter.error = waiter.error or why
+                waiter.cond.notify_all()
+
+    def _track(self, waiter: _Waiter, qp: QueuePair) -> int:
+        wr_id = next(self._ids)
+        with self._lock:
+            self._waiters[wr_id] = (waiter, qp)
+        return wr_id
+
+    def _untrack(self, wr_id: int) -> None:
+        with self._lock:
+            self._waiters.pop(wr_id, None)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(2)
+        for mr in self._mrs:
+            try:
+                mr.close()
+            except Exception:
+                pass
+        try:
+            self.ctx.close()  # closes the PD, CQ and QPs pyverbs tracks under it
+        except Exception as exc:
+            log.debug("closing %s: %s", self.name, exc)
+
+
+class QueuePair:
+    """One RC queue pair on a ``VerbsDevice``."""
+
+    def __init__(self, dev: VerbsDevice) -> None:
+        from pyverbs.qp import QP, QPCap, QPInitAttr
+
+        e = dev._e
+        self.dev = dev
+        self.psn = int.from_bytes(os.urandom(3), "big")
+        cap = QPCap(max_send_wr=dev.max_outstanding, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+        init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=dev.cq, rcq=dev.cq, cap=cap, sq_sig_all=1)
+        try:
+            self.qp = QP(dev.pd, init)
+        except Exception as exc:
+            raise RdmaError(f"RDMA: cannot create a queue pair on {dev.name}: {exc}") from None
+        self._slots = threading.BoundedSemaphore(dev.max_outstanding)
+        self.fenced = False
+        self.peer: QpInfo | None = None
+
+    @property
+    def info(self) -> QpInfo:
+        d = self.dev
+        return QpInfo(qp_num=int(self.qp.qp_num), gid=d.gid, psn=self.psn, mtu=d.mtu, lid=d.lid, gid_index=d.gid_index)
+
+    def connect(self, peer: QpInfo) -> None:
+        """RESET -> INIT -> RTR -> RTS towards ``peer`` (checked first: it came over the network)."""
+        from pyverbs.addr import GID, AHAttr, GlobalRoute
+        from pyverbs.qp import QPAttr
+
+        peer.check()
+        d = self.dev
+        e = d._e
+        try:
+            # One attribute set, RESET -> INIT -> RTR -> RTS in pyverbs' to_rts.
+            attr = QPAttr()
+            attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
+            attr.port_num = d.port
+            attr.pkey_index = 0
+            attr.path_mtu = min(d.mtu, peer.mtu)
+            attr.dest_qp_num = peer.qp_num
+            attr.rq_psn = peer.psn
+            attr.sq_psn = self.psn
+            attr.max_dest_rd_atomic = d.max_rd_atom
+            attr.max_rd_atomic = d.max_rd_atom
+            attr.min_rnr_timer = 12
+            attr.timeout = 14  # 4.096us * 2^14 = 67 ms per try: a dead peer fails the WR in about half a second
+            attr.retry_cnt = 7
+            attr.rnr_retry = 7
+            gr = GlobalRoute(dgid=GID(gid_text(peer.gid)), sgid_index=d.gid_index, hop_limit=64)
+            attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=d.port, dlid=peer.lid)
+            self.qp.to_rts(attr)
+        except Exception as exc:
+            raise RdmaError(f"RDMA: cannot connect a queue pair on {d.name} to QP {peer.qp_num}: {exc}") from None
+        self.peer = peer
+
+    def post_and_wait(
+        self,
+        ops: Sequence[tuple[str, int, int, int, int, int]],
+        deadline: float,
+        before_wait: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``(kind, local_addr, lkey, length, remote_addr, rkey)`` operations, at most the
+        device's bound outstanding at once, and return once every one completed successfully.
+
+        Raises ``MemKVTimeout`` at the deadline and ``RdmaError`` on a failed work request; either
+        way the caller must ``fence`` before it reuses (or lets anyone reuse) the local memory.
+        ``before_wait`` is a test hook: it runs after the posts, before the wait.
+        """
+        if self.fenced:
+            raise RdmaError("RDMA queue pair was fenced; set up a new session")
+        from pyverbs.wr import SGE, SendWR
+
+        e = self.dev._e
+        waiter = _Waiter()
+        opcode = {READ: e.IBV_WR_RDMA_READ, WRITE: e.IBV_WR_RDMA_WRITE}
+        for kind, laddr, lkey, length, raddr, rkey in ops:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._slots.acquire(timeout=left):
+                raise MemKVTimeout(f"RDMA: no free work request slot within the deadline ({waiter.done} done)")
+            with waiter.cond:
+                if waiter.error is not None:
+                    self._slots.release()
+                    raise RdmaError(f"RDMA {kind}: {waiter.error}")
+            wr_id = self.dev._track(waiter, self)
+            wr = SendWR(wr_id=wr_id, opcode=opcode[kind], num_sge=1, sg=[SGE(laddr, length, lkey)],
+                        send_flags=e.IBV_SEND_SIGNALED)  # fmt: skip
+            wr.set_wr_rdma(rkey, raddr)
+            try:
+                self.qp.post_send(wr)
+            except Exception as exc:
+                self.dev._untrack(wr_id)
+                self._slots.release()
+                raise RdmaError(f"RDMA: posting a {kind} of {length} bytes failed: {exc}") from None
+            with waiter.cond:
+                waiter.posted += 1
+        if before_wait is not None:
+            before_wait()
+        with waiter.cond:
+            while waiter.done < waiter.posted and waiter.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MemKVTimeout(f"RDMA: {waiter.posted - waiter.done} of {waiter.posted} transfers incomplete at the deadline")
+                waiter.cond.wait(left)
+            if waiter.error is not None:
+                raise RdmaError(f"RDMA: {waiter.error}")
+
+    def fence(self) -> None:
+        """Move the queue pair to ERR: outstanding work requests are flushed and the device takes
+        no further access through it, so nothing lands late in memory its owner reuses. Then wait
+        (bounded) for the flushed completions, so the poller's slots come back."""
+        if self.fenced:
+            return
+        self.fenced = True
+        if self.peer is None:
+            return  # never connected: the device can reach no memory through it
+        from pyverbs.qp import QPAttr
+
+        e = self.dev._e
+        try:
+            attr = QPAttr()
+            attr.qp_state = e.IBV_QPS_ERR
+            self.qp.modify(attr, e.IBV_QP_STATE)
+        except Exception as exc:
+            log.error("RDMA: cannot move QP %d to ERR: %s", int(self.qp.qp_num), exc)
+        deadline = time.monotonic() + _FLUSH_WAIT_S
+        if self.dev._poller is None:
+            return  # no poller (client side): nothing of ours is outstanding
+        while time.monotonic() < deadline:
+            with self.dev._lock:
+                pending = any(qp is self for _, qp in self.dev._waiters.values())
+            if not pending:
+                return
+            time.sleep(0.001)
+        log.warning("RDMA: QP %d still had unflushed work requests %.1fs after ERR", int(self.qp.qp_num), _FLUSH_WAIT_S)
+
+    def close(self) -> None:
+        self.fence()
+        try:
+            self.qp.close()
+        except Exception as exc:
+            log.debug("closing a QP: %s", exc)

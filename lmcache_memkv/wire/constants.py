@@ -24,10 +24,17 @@ class Op(enum.IntEnum):
     LIST = 0x15
     PING = 0x16
     STATS = 0x17
+    # RDMA forms of PUT and GET: the request names, per value, the client's registered page
+    # (address and rkey); the node moves the bytes with verbs, so no value bytes ride the frame.
+    RPUT = 0x18
+    RGET = 0x19
     ERROR = 0x7F
 
 
-REQUEST_OPS = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.RELEASE, Op.DELETE, Op.LIST, Op.PING, Op.STATS})
+REQUEST_OPS = frozenset(
+    {Op.PUT, Op.GET, Op.EXISTS, Op.RELEASE, Op.DELETE, Op.LIST, Op.PING, Op.STATS, Op.RPUT, Op.RGET}
+)
+MAX_RKEY = 0xFFFFFFFF  # verbs rkeys are 32 bits
 
 
 class Status(enum.IntEnum):
@@ -63,3 +70,4 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 9
     FENCED = 10  # the node dropped its data (it may have been declared DEAD); reconnect
     BUSY = 11  # connection budget spent; try later
+    NO_SESSION = 12  # RPUT/RGET names no live RDMA session of this client: set up a new one (Session.Hello)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lmcache_memkv.errors import ProtocolError
-from lmcache_memkv.wire.constants import CLIENT_ID_LEN, NONCE_LEN, RESPONSE_BIT, ErrorCode, Op, Status
+from lmcache_memkv.wire.constants import CLIENT_ID_LEN, MAX_RKEY, NONCE_LEN, RESPONSE_BIT, ErrorCode, Op, Status
 from lmcache_memkv.wire.frames import MAX_REQUEST_ID, Header, encode_header
 from lmcache_memkv.wire.limits import Limits
 
@@ -271,6 +271,34 @@ class GetRequest(Message):
 
 
 @dataclass(frozen=True)
+class RdmaPutRequest(Message):
+    """PUT over verbs: the node RDMA-READs each value from the client's page ``addrs[i]`` (``rkeys[i]``)
+    inside the session's registered region; no value bytes follow the frame."""
+
+    op: ClassVar[Op] = Op.RPUT
+    session: int
+    keys: Sequence[bytes]
+    sizes: Sequence[int]
+    versions: Sequence[int]
+    addrs: Sequence[int]
+    rkeys: Sequence[int]
+
+
+@dataclass(frozen=True)
+class RdmaGetRequest(Message):
+    """GET over verbs: the node RDMA-WRITEs each found value to ``addrs[i]`` (``rkeys[i]``), waits
+    for every completion, then answers; ``capacities`` and ``exact`` as for GET."""
+
+    op: ClassVar[Op] = Op.RGET
+    session: int
+    keys: Sequence[bytes]
+    capacities: Sequence[int]
+    addrs: Sequence[int]
+    rkeys: Sequence[int]
+    exact: bool = False
+
+
+@dataclass(frozen=True)
 class ExistsRequest(Message):
     """Look up keys; a non-zero ``lease_ttl_ms`` also leases each found key (one lease id each)."""
 
@@ -342,6 +370,11 @@ class DeleteResponse(StatusResponse):
 
 
 @dataclass(frozen=True)
+class RdmaPutResponse(StatusResponse):
+    op: ClassVar[Op] = Op.RPUT
+
+
+@dataclass(frozen=True)
 class GetResponse(Message):
     """Per key status, value length and version; the payload holds the OK values, in order."""
 
@@ -353,6 +386,16 @@ class GetResponse(Message):
 
     def payload_len(self) -> int:
         return sum(n for s, n in zip(self.statuses, self.lengths, strict=True) if s == Status.OK)
+
+
+@dataclass(frozen=True)
+class RdmaGetResponse(GetResponse):
+    """As GET's answer, but the values are already in the client's pages: no payload."""
+
+    op: ClassVar[Op] = Op.RGET
+
+    def payload_len(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -421,6 +464,11 @@ def _encode_keyed(w: _Writer, keys: Sequence[bytes], *cols: Sequence[int]) -> No
     w.buf += b"".join([_blob16(k) + pack(*vals) for k, *vals in zip(keys, *cols, strict=True)])
 
 
+def _check_rkeys(rkeys: Sequence[int]) -> None:
+    if any(not 0 <= k <= MAX_RKEY for k in rkeys):
+        raise ValueError("an rkey must fit 32 bits")
+
+
 def _encode_records(w: _Writer, statuses: Sequence[Status], *cols: Sequence[int]) -> None:
     n = len(statuses)
     for col in cols:
@@ -463,6 +511,15 @@ def _encode_meta(msg: Message) -> bytes:
     elif isinstance(msg, GetRequest):
         w.u8(1 if msg.exact else 0)
         _encode_keyed(w, msg.keys, msg.capacities)
+    elif isinstance(msg, RdmaPutRequest):
+        _check_rkeys(msg.rkeys)
+        w.u64(msg.session)
+        _encode_keyed(w, msg.keys, msg.sizes, msg.versions, msg.addrs, msg.rkeys)
+    elif isinstance(msg, RdmaGetRequest):
+        _check_rkeys(msg.rkeys)
+        w.u8(1 if msg.exact else 0)
+        w.u64(msg.session)
+        _encode_keyed(w, msg.keys, msg.capacities, msg.addrs, msg.rkeys)
     elif isinstance(msg, ExistsRequest):
         w.u32(msg.lease_ttl_ms)
         _encode_keys(w, msg.keys)
@@ -513,6 +570,12 @@ def encode(msg: Message, request_id: int) -> bytes:
 # --------------------------------------------------------------------------- decode
 
 
+def _check_remote(rkeys: Sequence[int]) -> None:
+    """Only the shape is checked here; the node checks each range against the session's region."""
+    if rkeys and max(rkeys) > MAX_RKEY:
+        raise ProtocolError(f"rkey {max(rkeys)} does not fit 32 bits", ErrorCode.BAD_FRAME)
+
+
 def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
     if op is Op.AUTH:
         client_nonce = r.raw(NONCE_LEN)
@@ -529,6 +592,19 @@ def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
         # buffer is fine (values over it are misses), so the value limit does not apply.
         keys, (caps,) = r.keyed(limits, 1, None)
         return GetRequest(keys=keys, capacities=caps, exact=bool(flags))
+    if op is Op.RPUT:
+        session = r.u64()
+        keys, (sizes, versions, addrs, rkeys) = r.keyed(limits, 4, limits.max_value_len)
+        _check_remote(rkeys)
+        return RdmaPutRequest(session=session, keys=keys, sizes=sizes, versions=versions, addrs=addrs, rkeys=rkeys)
+    if op is Op.RGET:
+        flags = r.u8()
+        if flags > 1:
+            raise ProtocolError(f"unknown RGET flags 0x{flags:02x}", ErrorCode.BAD_FRAME)
+        session = r.u64()
+        keys, (caps, addrs, rkeys) = r.keyed(limits, 3, None)
+        _check_remote(rkeys)
+        return RdmaGetRequest(session=session, keys=keys, capacities=caps, addrs=addrs, rkeys=rkeys, exact=bool(flags))
     if op is Op.EXISTS:
         ttl = r.u32()
         return ExistsRequest(keys=r.keys(limits), lease_ttl_ms=ttl)
@@ -573,12 +649,13 @@ def _decode_request(op: Op, r: _Reader, limits: Limits) -> Message:
 
 
 def _decode_response(op: Op, r: _Reader, limits: Limits) -> Message:
-    if op in (Op.PUT, Op.RELEASE, Op.DELETE):
-        cls = {Op.PUT: PutResponse, Op.RELEASE: ReleaseResponse, Op.DELETE: DeleteResponse}[op]
+    if op in (Op.PUT, Op.RELEASE, Op.DELETE, Op.RPUT):
+        cls = {Op.PUT: PutResponse, Op.RELEASE: ReleaseResponse, Op.DELETE: DeleteResponse, Op.RPUT: RdmaPutResponse}[op]
         return cls(statuses=r.statuses(limits))
-    if op is Op.GET:
+    if op in (Op.GET, Op.RGET):
         statuses, lengths, (versions,) = r.records(limits, 2)
-        return GetResponse(statuses=statuses, lengths=lengths, versions=versions)
+        get_cls = RdmaGetResponse if op is Op.RGET else GetResponse
+        return get_cls(statuses=statuses, lengths=lengths, versions=versions)
     if op is Op.EXISTS:
         statuses, lengths, (versions, lease_ids) = r.records(limits, 3)
         return ExistsResponse(statuses=statuses, lengths=lengths, versions=versions, lease_ids=lease_ids)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lmcache_memkv.proto.memkv.v1 import member_pb2 as memkv_dot_v1_dot_member__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memkv/v1/session.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"e\n\x0cRdmaEndpoint\x12\x0b\n\x03lid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\x0c\x12\x0e\n\x06qp_num\x18\x03 \x01(\r\x12\x0b\n\x03psn\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\x12\x11\n\tgid_index\x18\x06 \x01(\r\":\n\x0cMemoryRegion\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0c\n\x04rkey\x18\x03 \x01(\r\"\xc4\x01\n\x0cHelloRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\ntransports\x18\x03 \x03(\t\x12\x14\n\x0c\x63lient_nonce\x18\x04 \x01(\x0c\x12-\n\rrdma_endpoint\x18\n \x01(\x0b\x32\x16.memkv.v1.RdmaEndpoint\x12.\n\x0ememory_regions\x18\x0b \x03(\x0b\x32\x16.memkv.v1.MemoryRegion\"\xf2\x01\n\rHelloResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x14\n\x0cserver_proof\x18\x05 \x01(\x0c\x12-\n\rrdma_endpoint\x18\n \x01(\x0b\x32\x16.memkv.v1.RdmaEndpoint\x12.\n\x0ememory_regions\x18\x0b \x03(\x0b\x32\x16.memkv.v1.MemoryRegion2C\n\x07Session\x12\x38\n\x05Hello\x12\x16.memkv.v1.HelloRequest\x1a\x17.memkv.v1.HelloResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memkv/v1/session.proto\x12\x08memkv.v1\x1a\x15memkv/v1/member.proto\"e\n\x0cRdmaEndpoint\x12\x0b\n\x03lid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\x0c\x12\x0e\n\x06qp_num\x18\x03 \x01(\r\x12\x0b\n\x03psn\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\x12\x11\n\tgid_index\x18\x06 \x01(\r\":\n\x0cMemoryRegion\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0c\n\x04rkey\x18\x03 \x01(\r\"\xc4\x01\n\x0cHelloRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\ntransports\x18\x03 \x03(\t\x12\x14\n\x0c\x63lient_nonce\x18\x04 \x01(\x0c\x12-\n\rrdma_endpoint\x18\n \x01(\x0b\x32\x16.memkv.v1.RdmaEndpoint\x12.\n\x0ememory_regions\x18\x0b \x03(\x0b\x32\x16.memkv.v1.MemoryRegion\"\x86\x02\n\rHelloResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.memkv.v1.ResponseHeader\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x14\n\x0cserver_proof\x18\x05 \x01(\x0c\x12-\n\rrdma_endpoint\x18\n \x01(\x0b\x32\x16.memkv.v1.RdmaEndpoint\x12.\n\x0ememory_regions\x18\x0b \x03(\x0b\x32\x16.memkv.v1.MemoryRegion\x12\x12\n\nsession_id\x18\x0c \x01(\x06\x32\x43\n\x07Session\x12\x38\n\x05Hello\x12\x16.memkv.v1.HelloRequest\x1a\x17.memkv.v1.HelloResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREQUEST']._serialized_start=223
   _globals['_HELLOREQUEST']._serialized_end=419
   _globals['_HELLORESPONSE']._serialized_start=422
-  _globals['_HELLORESPONSE']._serialized_end=664
-  _globals['_SESSION']._serialized_start=666
-  _globals['_SESSION']._serialized_end=733
+  _globals['_HELLORESPONSE']._serialized_end=684
+  _globals['_SESSION']._serialized_start=686
+  _globals['_SESSION']._serialized_end=753
 # @@protoc_insertion_point(module_scope)

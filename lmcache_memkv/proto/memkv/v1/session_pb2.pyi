@@ -50,7 +50,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., client_nonce: _Optional[bytes] = ..., rdma_endpoint: _Optional[_Union[RdmaEndpoint, _Mapping]] = ..., memory_regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("header", "protocol_version", "transport", "data_endpoint", "server_proof", "rdma_endpoint", "memory_regions")
+    __slots__ = ("header", "protocol_version", "transport", "data_endpoint", "server_proof", "rdma_endpoint", "memory_regions", "session_id")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class HelloResponse(_message.Message):
     SERVER_PROOF_FIELD_NUMBER: _ClassVar[int]
     RDMA_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     header: _member_pb2.ResponseHeader
     protocol_version: int
     transport: str
@@ -65,4 +66,5 @@ class HelloResponse(_message.Message):
     server_proof: bytes
     rdma_endpoint: RdmaEndpoint
     memory_regions: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
-    def __init__(self, header: _Optional[_Union[_member_pb2.ResponseHeader, _Mapping]] = ..., protocol_version: _Optional[int] = ..., transport: _Optional[str] = ..., data_endpoint: _Optional[str] = ..., server_proof: _Optional[bytes] = ..., rdma_endpoint: _Optional[_Union[RdmaEndpoint, _Mapping]] = ..., memory_regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ...) -> None: ...
+    session_id: int
+    def __init__(self, header: _Optional[_Union[_member_pb2.ResponseHeader, _Mapping]] = ..., protocol_version: _Optional[int] = ..., transport: _Optional[str] = ..., data_endpoint: _Optional[str] = ..., server_proof: _Optional[bytes] = ..., rdma_endpoint: _Optional[_Union[RdmaEndpoint, _Mapping]] = ..., memory_regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., session_id: _Optional[int] = ...) -> None: ...
