@@ -85,7 +85,7 @@ def status(
     # Readable at 80 columns: each endpoint pair on two lines (never folded mid-address), node ids
     # fold, and the incarnation (a start time in ms) shown as the UTC start minute; --json has it raw.
     table.add_column("node", overflow="fold")
-    table.add_column("state")
+    table.add_column("state\ntransports")
     table.add_column("data\ncontrol", no_wrap=True)
     table.add_column("used /\ncapacity", justify="right")
     table.add_column("started\n(UTC)", justify="right")
@@ -93,7 +93,7 @@ def status(
         style = _STYLE.get(str(m.state), "")
         table.add_row(
             m.node_id,
-            f"[{style}]{m.state}[/{style}]" if style else str(m.state),
+            (f"[{style}]{m.state}[/{style}]" if style else str(m.state)) + "\n" + ("+".join(m.transports) or "-"),
             f"{m.data_endpoint}\n{m.control_endpoint}",
             f"{format_size(m.used_bytes)} /\n{format_size(m.capacity_bytes)}",
             _started(m.incarnation),
