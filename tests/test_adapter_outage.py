@@ -252,5 +252,7 @@ def test_replicas_above_live_nodes_with_a_real_cluster(
 
 def test_help_says_what_auto_and_servers_really_do() -> None:
     text = MemKVL2AdapterConfig.help()
-    assert "auto uses TCP" in text and "picks RDMA" not in text
+    # auto's rule as the code applies it (_choose_transport): verbs only where both ends can.
+    assert "auto: verbs\n  to nodes that advertise rdma when this host has a usable device, else TCP" in text
+    assert "or the sidecar refuses to start, naming why" in text
     assert "data endpoints (:9900" in text and "fail_fast" in text and "MEMKV_FAIL_FAST" in text

@@ -95,8 +95,9 @@ mount -t tmpfs -o mode=0755 rw /rw
 mkdir /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot || fail "overlay"
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
-# The host's /tmp and /run are its own business: the guest gets empty ones.
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# The host's /run is its own business: the guest gets an empty one. /tmp stays the host's, seen
+# through the overlay (the guest's writes land in its tmpfs), since a checkout or venv may live
+# there: CI clones under /tmp.
 mount -t tmpfs -o mode=0755 run /newroot/run
 mkdir -p /newroot/run/memkv-vm/share
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 runshare /newroot/run/memkv-vm/share || fail "9p mount of the run directory"
@@ -402,7 +403,7 @@ def guest_env(env: Mapping[str, str], venv: Path | None) -> dict[str, str]:
     device the guest tests use."""
     out = {k: v for k, v in env.items() if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)}
     for k in ("PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST", "TMPDIR"):
-        out.pop(k, None)  # the guest has its own cwd, shell and (empty) /tmp
+        out.pop(k, None)  # the guest has its own cwd and shell; a TMPDIR may name a host-only mount
     if venv is not None:
         out["VIRTUAL_ENV"] = str(venv)
         out["PATH"] = f"{venv / 'bin'}:{out.get('PATH', '/usr/bin:/bin')}"
