@@ -55,6 +55,10 @@ class NullQP:
 
 class FakeDev:
     name = "fake0"
+    gid = b"\2" * 16
+    mtu = 3
+    lid = 0
+    gid_index = 0
 
     def __init__(self, poller: bool = True) -> None:
         self._e = types.SimpleNamespace(
@@ -219,3 +223,76 @@ def test_poller_sets_the_error_before_the_slot_comes_back() -> None:
     )  # fmt: skip
     rdma.VerbsDevice._poll_loop(poller)  # type: ignore[arg-type]
     assert seen and seen[0] is not None
+
+
+# ---------------------------------------------------------------------- the node's session table
+
+
+class FakeVerbs:
+    """Stands in for VerbsDevice under RdmaSessions: QPs created on it after close() would be the
+    segfault (create_qp on a closed PD/CQ)."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.closed = False
+        self.gate = gate
+        self.entered = threading.Event()
+        self.qps: list[QueuePair] = []
+
+    def create_qp(self) -> QueuePair:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.closed:
+            raise AssertionError("create_qp on a closed device (segfault in real pyverbs)")
+        qp = make_qp(dev=FakeDev(poller=False))
+        qp.peer = None
+        qp.connect = lambda peer: None  # type: ignore[method-assign]
+        self.qps.append(qp)
+        return qp
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def sessions_on(dev: FakeVerbs) -> Any:
+    from lmcache_memkv.node.rdma import RdmaSessions
+
+    s = RdmaSessions.__new__(RdmaSessions)
+    s.device = dev  # type: ignore[assignment]
+    s._max = 4
+    s._sessions = __import__("collections").OrderedDict()
+    s._lock = threading.Lock()
+    s._open_lock = threading.Lock()
+    s.closed = False
+    s._closers = []
+    return s
+
+
+PEER = rdma.QpInfo(qp_num=5, gid=b"\1" * 16, psn=1, mtu=3)
+REGION = rdma.Region(addr=0x1000, length=4096, lkey=0, rkey=9)
+
+
+def test_open_after_close_is_refused_not_a_qp_on_a_closed_device() -> None:
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    s.close()
+    assert dev.closed
+    with pytest.raises(RdmaError, match="shutting down"):
+        s.open(b"c" * 16, PEER, REGION)
+
+
+def test_close_waits_for_an_open_under_way_and_closes_its_qp() -> None:
+    gate = threading.Event()
+    dev = FakeVerbs(gate)
+    s = sessions_on(dev)
+    t = threading.Thread(target=s.open, args=(b"c" * 16, PEER, REGION))
+    t.start()
+    assert dev.entered.wait(5)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    time.sleep(0.05)
+    assert not dev.closed  # close() waits for the open under way
+    gate.set()
+    t.join(5)
+    closer.join(5)
+    assert dev.closed and len(dev.qps) == 1 and dev.qps[0].closed

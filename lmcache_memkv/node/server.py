@@ -283,7 +283,16 @@ class NodeServer:
         for _ in self._workers:
             self._jobs.put(None)
         if self.rdma is not None:
-            self.rdma.close()
+            # Workers may still be inside an RDMA transfer: let them finish (each is bounded by
+            # its request's deadline) before their queue pairs and the device go away.
+            join_by = time.monotonic() + self.config.frame_timeout_s + 1.0
+            for w in self._workers:
+                if w is not threading.current_thread():
+                    w.join(max(0.0, join_by - time.monotonic()))
+            stuck = sum(w.is_alive() for w in self._workers)
+            if stuck:
+                log.warning("%d workers still busy at shutdown; closing RDMA sessions under them", stuck)
+            self.rdma.close()  # also refuses Session.Hello from here on (the control plane still runs)
         return not leftover
 
     def stats(self) -> dict[str, int]:
