@@ -79,3 +79,73 @@ def test_hello_to_a_dead_node_fails_fast_not_at_the_deadline() -> None:
         assert time.monotonic() - t0 < 5.0  # wait_for_ready would have waited all 10 s
     finally:
         c._channels.close()
+
+
+# ---------------------------------------------------------------------- Session.Hello on the node
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.code: Any = None
+
+    async def abort(self, code: Any, message: str) -> None:
+        self.code = code
+        raise Aborted(message)
+
+
+def _hello_request() -> Any:
+    from lmcache_memkv.proto.memkv.v1 import session_pb2
+
+    return session_pb2.HelloRequest(
+        client_id=(b"c" * 16).hex(),
+        rdma_endpoint=session_pb2.RdmaEndpoint(gid=b"\1" * 16, qp_num=5, psn=1, mtu=3),
+        memory_regions=[session_pb2.MemoryRegion(addr=0x1000, length=4096, rkey=2)],
+    )
+
+
+def test_hello_sets_up_the_queue_pair_off_the_event_loop() -> None:
+    import asyncio
+
+    from lmcache_memkv.control.service import SessionService
+    from lmcache_memkv.proto.memkv.v1 import session_pb2
+
+    threads: list[threading.Thread] = []
+
+    class Sessions:
+        def open(self, client_id: bytes, peer: QpInfo, region: Region) -> tuple[int, QpInfo]:
+            threads.append(threading.current_thread())
+            return 7, QpInfo(qp_num=9, gid=b"\2" * 16, psn=3, mtu=3)
+
+    svc = SessionService(None, None, rdma=Sessions())  # type: ignore[arg-type]
+    reply = session_pb2.HelloResponse()
+
+    async def call() -> threading.Thread:
+        await svc._rdma_session(_hello_request(), reply, FakeContext())
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(call())
+    assert threads and threads[0] is not loop_thread and reply.session_id == 7
+
+
+def test_hello_after_the_node_closed_its_rdma_side_is_unavailable() -> None:
+    import asyncio
+
+    import grpc
+
+    from lmcache_memkv.control.service import SessionService
+    from lmcache_memkv.proto.memkv.v1 import session_pb2
+    from lmcache_memkv.transport.rdma import RdmaError
+
+    class Closed:
+        def open(self, *a: Any) -> Any:
+            raise RdmaError("the node is shutting down: no new RDMA sessions")
+
+    ctx = FakeContext()
+    svc = SessionService(None, None, rdma=Closed())  # type: ignore[arg-type]
+    with pytest.raises(Aborted):
+        asyncio.run(svc._rdma_session(_hello_request(), session_pb2.HelloResponse(), ctx))
+    assert ctx.code is grpc.StatusCode.UNAVAILABLE
