@@ -149,3 +149,16 @@ def test_hello_after_the_node_closed_its_rdma_side_is_unavailable() -> None:
     with pytest.raises(Aborted):
         asyncio.run(svc._rdma_session(_hello_request(), session_pb2.HelloResponse(), ctx))
     assert ctx.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_abort_transfers_fences_the_session_without_the_lock() -> None:
+    c = client()
+    qp: Any = FakeQP()
+    c._session = (1, qp)
+    c._lock.acquire()  # a Hello under way elsewhere must not delay the abort
+    try:
+        c.abort_transfers()
+        assert qp.fenced and not qp.closed  # the running call closes it when it fails
+    finally:
+        c._lock.release()
+        c._channels.close()

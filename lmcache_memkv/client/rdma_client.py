@@ -177,6 +177,14 @@ class RdmaDataClient:
         log.info("memkv node %s: RDMA session fenced after %s: %s", self.endpoint, type(why).__name__, why)
         session[1].close()
 
+    def abort_transfers(self) -> None:
+        """Fence the current session now, from the caller's thread: a call still running (its
+        lane thread maybe starved) must not let the node's RGET WRITE into a page LMCache is
+        about to reuse. No lock: a Hello under way may hold it; its new QP is not in use yet."""
+        session = self._session
+        if session is not None:
+            session[1].fence()  # the running call sees the fence and drops the session itself
+
     def _run(self, what: str, timeout_s: float | None, body: Callable[[int, float], object]) -> object:
         budget = self.timeout_s if timeout_s is None else timeout_s
         if budget <= 0:
