@@ -72,11 +72,15 @@ def test_hello_to_a_dead_node_fails_fast_not_at_the_deadline() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     c = client(f"127.0.0.1:{port}")
+    fenced: Any = FakeQP()
+    fenced.fence()  # aborted under a call that then succeeded: nobody else closes it
+    c._session = (1, fenced)
     try:
         t0 = time.monotonic()
         with pytest.raises(ConnectError):
             c._current(time.monotonic() + 10.0)
         assert time.monotonic() - t0 < 5.0  # wait_for_ready would have waited all 10 s
+        assert fenced.closed and c._session is None
     finally:
         c._channels.close()
 

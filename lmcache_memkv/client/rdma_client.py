@@ -158,6 +158,9 @@ class RdmaDataClient:
             if self._closed:
                 raise ConnectError(f"client for memkv node {self.endpoint} is closed")
             if self._session is None or self._session[1].fenced:
+                old, self._session = self._session, None
+                if old is not None:
+                    old[1].close()  # fenced by abort_transfers under a call that then succeeded
                 self._session = self._hello(deadline)
             return self._session
         finally:
