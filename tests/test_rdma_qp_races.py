@@ -264,6 +264,8 @@ def sessions_on(dev: FakeVerbs) -> Any:
     s._lock = threading.Lock()
     s._open_lock = threading.Lock()
     s.closed = False
+    s._device_closed = False
+    s._quiesced = []
     s._closers = []
     return s
 
@@ -296,3 +298,17 @@ def test_close_waits_for_an_open_under_way_and_closes_its_qp() -> None:
     t.join(5)
     closer.join(5)
     assert dev.closed and len(dev.qps) == 1 and dev.qps[0].closed
+
+
+def test_quiesce_fences_sessions_refuses_new_ones_and_close_destroys_them() -> None:
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    s.open(b"c" * 16, PEER, REGION)
+    qp = dev.qps[0]
+    s.quiesce()
+    assert qp.fenced and not qp.closed and not dev.closed  # a worker may still hold it
+    with pytest.raises(RdmaError, match="shutting down"):
+        s.open(b"d" * 16, PEER, REGION)
+    s.close()
+    assert qp.closed and dev.closed
+    s.close()  # idempotent

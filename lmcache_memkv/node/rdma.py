@@ -67,7 +67,9 @@ class RdmaSessions:
         # Held across a whole open() (create_qp .. insert) and by close() to set ``closed``: no
         # queue pair is ever created on a protection domain and CQ that close() is destroying.
         self._open_lock = threading.Lock()
-        self.closed = False
+        self.closed = False  # no new sessions (set by quiesce or close)
+        self._device_closed = False
+        self._quiesced: list[_Session] = []  # fenced at shutdown, destroyed by close()
         self._closers: list[threading.Thread] = []  # threads closing replaced/evicted sessions
 
     def describe(self) -> str:
@@ -140,15 +142,29 @@ class RdmaSessions:
         with self._lock:
             return len(self._sessions)
 
+    def quiesce(self) -> None:
+        """Shutdown, step one: refuse new sessions and fence every one (ERR flushes what is
+        outstanding, so a worker inside a transfer returns at once instead of at its deadline).
+        The queue pairs stay allocated until ``close``: workers may still hold them."""
+        with self._open_lock:  # waits for an open() under way: its QP is then in the table
+            self.closed = True
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+            self._quiesced.extend(sessions)
+        for s in sessions:
+            s.qp.fence()
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new sessions, close every one (fence, destroy), then the device. Idempotent."""
-        with self._open_lock:  # waits for an open() under way: its QP is then in the table
-            if self.closed:
+        with self._open_lock:
+            if self._device_closed:
                 return
+            self._device_closed = True
             self.closed = True
             closers = list(self._closers)
         with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+            sessions, self._sessions = [*self._quiesced, *self._sessions.values()], OrderedDict()
+            self._quiesced = []
         for s in sessions:
             s.qp.close()
         deadline = time.monotonic() + timeout_s

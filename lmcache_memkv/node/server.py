@@ -283,8 +283,10 @@ class NodeServer:
         for _ in self._workers:
             self._jobs.put(None)
         if self.rdma is not None:
-            # Workers may still be inside an RDMA transfer: let them finish (each is bounded by
-            # its request's deadline) before their queue pairs and the device go away.
+            # Workers may still be inside an RDMA transfer. Fence every session first (their
+            # transfers fail at once, not at their deadlines), join the workers (bounded), and
+            # only then destroy the queue pairs and the device they might still touch.
+            self.rdma.quiesce()
             join_by = time.monotonic() + self.config.frame_timeout_s + 1.0
             for w in self._workers:
                 if w is not threading.current_thread():
@@ -292,7 +294,7 @@ class NodeServer:
             stuck = sum(w.is_alive() for w in self._workers)
             if stuck:
                 log.warning("%d workers still busy at shutdown; closing RDMA sessions under them", stuck)
-            self.rdma.close()  # also refuses Session.Hello from here on (the control plane still runs)
+            self.rdma.close()  # Session.Hello is refused since quiesce (the control plane still runs)
         return not leftover
 
     def stats(self) -> dict[str, int]:
