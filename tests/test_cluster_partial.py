@@ -318,10 +318,19 @@ class AnswersTooLate(NodeClient):
     """Fault injection: a transport that overruns its deadline, answering a lookup (leases
     granted on the node) only after the caller has stopped waiting."""
 
+    aborts: list[tuple[threading.Thread, bool]] = []  # class-wide: the factory makes the instances
+    running = False
+
     def lookup(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> ExistsResponse:
         reply = super().lookup(keys, lease_ttl_s, timeout_s)
+        self.running = True
         time.sleep((timeout_s or self.timeout_s) + 1.0)
+        self.running = False
         return reply
+
+    def abort_transfers(self) -> None:
+        # Records who aborted, and whether the call was still running then (it must be).
+        self.aborts.append((threading.current_thread(), self.running))
 
 
 def test_leases_answered_after_the_caller_gave_up_are_released(pair: InProcCluster) -> None:
@@ -345,6 +354,9 @@ def test_leases_answered_after_the_caller_gave_up_are_released(pair: InProcClust
         found = client.exists(keys, lease_ttl_s=60)
         took = time.monotonic() - began
         assert took < client.timeout_s + 1.0  # it did not wait for the late answer
+        # And before returning it aborted the slow node's transfers itself (RDMA: fenced its
+        # session), from the caller's thread, while that call was still running.
+        assert AnswersTooLate.aborts == [(threading.current_thread(), True)]
         assert [k for k, n in zip(keys, found) if n is None] == [k for k in keys if k in on_slow]
         assert client.health()["leases_held"] == len(keys) - len(on_slow)
         # The late answer's leases are recorded nowhere: they are given back, not left to their TTL.

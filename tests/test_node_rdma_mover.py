@@ -24,9 +24,10 @@ REGION = Region(addr=BASE, length=len(ARENA), lkey=7, rkey=0)
 
 
 class FakeQP:
-    def __init__(self, events: list[str], fail: BaseException | None = None) -> None:
+    def __init__(self, events: list[str], fail: BaseException | None = None, safe: bool = True) -> None:
         self.events = events
         self.fail = fail
+        self.safe = safe
         self.posted: list[tuple[str, int, int, int, int, int]] = []
 
     def post_and_wait(self, ops: Sequence[tuple[str, int, int, int, int, int]], deadline: float) -> None:
@@ -35,8 +36,9 @@ class FakeQP:
         if self.fail is not None:
             raise self.fail
 
-    def fence(self) -> None:
+    def fence(self) -> bool:
         self.events.append("fence")
+        return self.safe
 
 
 class FakeTcp:
@@ -61,6 +63,9 @@ class FakePut:
     def landed(self) -> None:
         self.events.append("landed")
 
+    def quarantine(self) -> None:
+        self.events.append("quarantine")
+
     def answer(self) -> bytes:
         return b"answer"
 
@@ -68,6 +73,12 @@ class FakePut:
 class FakeGet:
     found = [0, 2]
     head = b"head"
+
+    def __init__(self, events: list[str] | None = None) -> None:
+        self.events = events if events is not None else []
+
+    def quarantine(self) -> None:
+        self.events.append("quarantine")
 
     def views(self) -> list[memoryview]:
         return [memoryview(ARENA)[0:10], memoryview(ARENA)[200:230]]
@@ -110,6 +121,20 @@ def test_timed_out_get_fences_and_never_answers() -> None:
     with pytest.raises(MemKVTimeout):
         mover(FakeQP(events, MemKVTimeout("late")), events, fences).get(FakeGet(), deadline=1e18)  # type: ignore[arg-type]
     assert events == ["post", "fence"] and fences == [1]
+
+
+@pytest.mark.parametrize("op", ["put", "get"])
+def test_an_unconfirmed_fence_quarantines_the_extents(op: str) -> None:
+    """The flushed completions never came back: a late READ/WRITE may still touch the extents,
+    so the plan must not give them back (the core's abandon/release then finds nothing)."""
+    events: list[str] = []
+    m = mover(FakeQP(events, MemKVTimeout("late"), safe=False), events, [])
+    with pytest.raises(MemKVTimeout):
+        if op == "put":
+            m.put(FakePut(events), deadline=1e18)  # type: ignore[arg-type]
+        else:
+            m.get(FakeGet(events), deadline=1e18)  # type: ignore[arg-type]
+    assert events[-2:] == ["fence", "quarantine"]
 
 
 def test_rdma_flags_are_checked() -> None:

@@ -186,6 +186,9 @@ class NodeClient:
         self._closed = True
         self._drop_idle()
 
+    def abort_transfers(self) -> None:
+        """No-op: over TCP the node writes nothing into the caller's memory once a call returns."""
+
     # ------------------------------------------------------------------ operations
 
     def put(

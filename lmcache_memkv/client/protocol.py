@@ -47,6 +47,11 @@ class DataClient(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional (the cluster client looks it up with getattr): ``abort_transfers()`` makes sure no
+    # transfer of a call that is still running can touch the caller's memory any more (RDMA:
+    # fence the session's queue pair); called, from the caller's thread, for a node whose call
+    # the fan-out gave up on. TCP needs nothing.
+
 
 # endpoint, shared key, timeout, client id -> a client for one node (``NodeClient`` by default)
 DataClientFactory = Callable[[str, bytes | None, float, bytes], DataClient]

@@ -31,7 +31,7 @@ from lmcache_memkv.control import auth
 from lmcache_memkv.control.channel import ChannelPool, describe_rpc_error
 from lmcache_memkv.control.member import Member
 from lmcache_memkv.control.response_auth import HELLO, ReplyRefused
-from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, ProtocolError, ServerError
+from lmcache_memkv.errors import AuthError, ConnectError, MemKVError, MemKVTimeout, ProtocolError, ServerError
 from lmcache_memkv.proto.memkv.v1 import session_pb2, session_pb2_grpc
 from lmcache_memkv.transport.rdma import QpInfo, QueuePair, VerbsDevice, buffer_address
 from lmcache_memkv.versions import CLOCK
@@ -121,9 +121,9 @@ class RdmaDataClient:
             left = max(0.05, deadline - time.monotonic())
             stub = session_pb2_grpc.SessionStub(self._channels.get(self.control_endpoint))
             try:
-                # wait_for_ready: a first connect slower than the channel's short connect timeout
-                # (a loaded host) is retried within our deadline instead of failing the session.
-                reply = stub.Hello(request, timeout=left, wait_for_ready=True)
+                # No wait_for_ready: with it a dead node would cost the whole deadline on every
+                # call; a slow first handshake is covered by the channel's reconnect backoff.
+                reply = stub.Hello(request, timeout=left)
             except grpc.RpcError as exc:
                 raise ConnectError(
                     f"memkv node {self.endpoint}: RDMA session set-up (Session.Hello at {self.control_endpoint}) failed: "
@@ -151,21 +151,42 @@ class RdmaDataClient:
             raise
 
     def _current(self, deadline: float) -> tuple[int, QueuePair]:
-        with self._lock:  # one Hello at a time; others wait for its session
+        # One Hello at a time; others wait for its session, but never past their own deadline.
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise MemKVTimeout(f"memkv node {self.endpoint}: RDMA session set-up by another call did not finish in time")
+        try:
             if self._closed:
                 raise ConnectError(f"client for memkv node {self.endpoint} is closed")
             if self._session is None or self._session[1].fenced:
+                old, self._session = self._session, None
+                if old is not None:
+                    old[1].close()  # fenced by abort_transfers under a call that then succeeded
                 self._session = self._hello(deadline)
             return self._session
+        finally:
+            self._lock.release()
 
-    def _fence(self, session: tuple[int, QueuePair], why: BaseException) -> None:
+    def _fence(self, session: tuple[int, QueuePair], why: BaseException, deadline: float) -> None:
         """Our queue pair to ERR before the failed call returns: no late access to our pages."""
-        session[1].fence()
-        with self._lock:
-            if self._session is session:
-                self._session = None
+        session[1].fence()  # first: it needs no lock, and the pages are safe once it returns
+        # Forget the session if we can get the lock before the call's deadline (a Hello under
+        # way may hold it); if not, _current sees the fenced QP and replaces it anyway.
+        if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                if self._session is session:
+                    self._session = None
+            finally:
+                self._lock.release()
         log.info("memkv node %s: RDMA session fenced after %s: %s", self.endpoint, type(why).__name__, why)
         session[1].close()
+
+    def abort_transfers(self) -> None:
+        """Fence the current session now, from the caller's thread: a call still running (its
+        lane thread maybe starved) must not let the node's RGET WRITE into a page LMCache is
+        about to reuse. No lock: a Hello under way may hold it; its new QP is not in use yet."""
+        session = self._session
+        if session is not None:
+            session[1].fence()  # the running call sees the fence and drops the session itself
 
     def _run(self, what: str, timeout_s: float | None, body: Callable[[int, float], object]) -> object:
         budget = self.timeout_s if timeout_s is None else timeout_s
@@ -177,12 +198,12 @@ class RdmaDataClient:
             try:
                 return body(session[0], deadline)
             except ServerError as exc:
-                self._fence(session, exc)
+                self._fence(session, exc, deadline)
                 if exc.code == ErrorCode.NO_SESSION and attempt == 0 and time.monotonic() < deadline:
                     continue  # the node dropped our session (fenced, restarted, evicted): set up a new one
                 raise
             except BaseException as exc:
-                self._fence(session, exc)
+                self._fence(session, exc, deadline)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

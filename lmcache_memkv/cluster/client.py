@@ -419,9 +419,23 @@ class ClusterClient:
                 out[node_id] = self._busy(node_id)
             else:
                 out[node_id] = MemKVTimeout(f"memkv node {node_id}: call still running {_GRACE_S}s past its deadline")
+                # The caller may reuse its buffers as soon as we return, and the running call's
+                # own fence waits on its (possibly starved) lane thread: fence it from here.
+                self._abort_transfers(node_id)
                 if late is not None:
                     future.add_done_callback(partial(self._late, node_id, late))
         return out
+
+    def _abort_transfers(self, node_id: str) -> None:
+        with self._nodes_lock:
+            entry = self._nodes.get(node_id)
+        abort = getattr(entry[2], "abort_transfers", None) if entry is not None else None
+        if abort is None:
+            return
+        try:
+            abort()
+        except Exception:  # the call itself will fail and fence; nothing more we can do here
+            log.exception("memkv node %s: aborting the transfers of a call past its deadline failed", node_id)
 
     def _busy(self, node_id: str) -> _NodeBusy:
         if self._on_node_error is not None:

@@ -448,7 +448,10 @@ class SessionService(session_pb2_grpc.SessionServicer):
         peer = QpInfo(qp_num=ep.qp_num, gid=bytes(ep.gid), psn=ep.psn, mtu=ep.mtu, lid=ep.lid, gid_index=ep.gid_index)
         try:
             peer.check()
-            token, mine = self._rdma.open(client_id, peer, Region(addr=mr.addr, length=mr.length, lkey=0, rkey=mr.rkey))
+            region = Region(addr=mr.addr, length=mr.length, lkey=0, rkey=mr.rkey)
+            # create_qp and the modify_qp calls are blocking verbs (slow on soft-RoCE): off the
+            # control plane's event loop, which also answers the SWIM probes.
+            token, mine = await asyncio.to_thread(self._rdma.open, client_id, peer, region)
         except ValueError as exc:
             await _invalid_async(context, f"Hello: {exc}")
         except RdmaError as exc:

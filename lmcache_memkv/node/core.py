@@ -13,6 +13,7 @@ into the client's page) uses the same plans.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -48,6 +49,8 @@ from lmcache_memkv.wire.messages import (
     StatsResponse,
     encode,
 )
+
+log = logging.getLogger("memkv.node.core")
 
 
 class PutPlan:
@@ -96,6 +99,13 @@ class PutPlan:
         if slot is not None:
             self._core.store.abort(slot)
 
+    def quarantine(self) -> None:
+        """Drop the claimed extent without giving it back: the RDMA fence could not confirm that
+        no late READ lands in it, and leaking its bytes is better than serving a torn value."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            log.error("RDMA fence unconfirmed: quarantining %d arena bytes at offset %d", slot.length, slot.offset)
+
     def answer(self) -> bytes:
         """The PUT's response frame, once every value has been claimed."""
         core = self._core
@@ -143,6 +153,13 @@ class GetPlan:
         extents, self.extents = self.extents, []
         if extents:
             self._core.store.unpin(extents)
+
+    def quarantine(self) -> None:
+        """Keep the extents pinned for good: the RDMA fence could not confirm that no late WRITE
+        still reads them, so no overwrite may ever fill them."""
+        extents, self.extents = self.extents, []
+        if extents:
+            log.error("RDMA fence unconfirmed: %d extents stay pinned", len(extents))
 
     @property
     def outcome(self) -> str:

@@ -12,7 +12,8 @@ waits for every completion before ``reply`` sends the answer, so a client never 
 bytes that have not landed. A refused value costs it nothing (there are no bytes to drain).
 Its answers go back on the connection's socket. A transfer that fails or runs out of time
 fences the session's queue pair (ERR) before the plan gives its extents back, so no late READ
-or WRITE can touch an extent that is reused.
+or WRITE can touch an extent that is reused. If the fence cannot confirm that (the flushed
+completions did not come back in time), the plan's extents are quarantined: leaked, never reused.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class RdmaMover:
         self.rkeys = rkeys
         self.tcp = tcp
         self._on_fence = on_fence
+        self.unsafe = False  # a fence could not confirm the device is done with our extents
 
     def _local(self, view: memoryview) -> int:
         from lmcache_memkv.transport.rdma import buffer_address
@@ -124,7 +126,8 @@ class RdmaMover:
         except BaseException:
             # Before any extent goes back: a late READ must not land in a reused extent, nor a
             # late WRITE read one that an overwrite is filling.
-            self.qp.fence()
+            if not self.qp.fence():
+                self.unsafe = True
             if self._on_fence is not None:
                 self._on_fence()
             raise
@@ -137,7 +140,12 @@ class RdmaMover:
             if dst is None:
                 continue  # refused: nothing to read, nothing to drain
             if size:
-                self._run([(READ, self._local(dst), self.arena.lkey, size, self.addrs[i], self.rkeys[i])], deadline)
+                try:
+                    self._run([(READ, self._local(dst), self.arena.lkey, size, self.addrs[i], self.rkeys[i])], deadline)
+                except BaseException:
+                    if self.unsafe:
+                        plan.quarantine()  # a late READ may still land: the extent is never reused
+                    raise
             plan.landed()
         self.tcp.reply([plan.answer()], deadline)
 
@@ -150,7 +158,12 @@ class RdmaMover:
             if view.nbytes
         ]
         if ops:
-            self._run(ops, deadline)  # every WRITE completed before the answer says OK
+            try:
+                self._run(ops, deadline)  # every WRITE completed before the answer says OK
+            except BaseException:
+                if self.unsafe:
+                    plan.quarantine()  # a late WRITE may still read them: keep them pinned for good
+                raise
         self.tcp.reply([plan.head], deadline)
 
     def reply(self, frames: Sequence[Buffer], deadline: float) -> None:

@@ -64,6 +64,13 @@ class RdmaSessions:
         self._max = max_sessions
         self._sessions: OrderedDict[int, _Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        # Held across a whole open() (create_qp .. insert) and by close() to set ``closed``: no
+        # queue pair is ever created on a protection domain and CQ that close() is destroying.
+        self._open_lock = threading.Lock()
+        self.closed = False  # no new sessions (set by quiesce or close)
+        self._device_closed = False
+        self._quiesced: list[_Session] = []  # fenced at shutdown, destroyed by close()
+        self._closers: list[threading.Thread] = []  # threads closing replaced/evicted sessions
 
     def describe(self) -> str:
         d = self.device
@@ -77,26 +84,31 @@ class RdmaSessions:
         peer.check()
         if region.length <= 0 or region.addr < 0 or region.addr + region.length > 1 << 64 or region.rkey >> 32:
             raise ValueError("memory region out of range")
-        qp = self.device.create_qp()
-        try:
-            qp.connect(peer)
-        except BaseException:
-            qp.close()
-            raise
-        token = int.from_bytes(os.urandom(8), "big") or 1
-        old: list[_Session] = []
-        with self._lock:
-            for t, s in list(self._sessions.items()):
-                if s.client_id == client_id:
-                    old.append(self._sessions.pop(t))
-            while len(self._sessions) >= self._max:
-                old.append(self._sessions.popitem(last=False)[1])
-            self._sessions[token] = _Session(token, client_id, qp, region, time.monotonic())
-        if old:
-            # Closing fences and waits (bounded) for flushed completions: never on the caller's
-            # thread, which is the control plane's event loop.
-            threading.Thread(target=_close_all, args=(old,), name="memkv-rdma-close", daemon=True).start()
-        return token, qp.info
+        with self._open_lock:
+            if self.closed:
+                raise RdmaError("the node is shutting down: no new RDMA sessions")
+            qp = self.device.create_qp()
+            try:
+                qp.connect(peer)
+            except BaseException:
+                qp.close()
+                raise
+            token = int.from_bytes(os.urandom(8), "big") or 1
+            old: list[_Session] = []
+            with self._lock:
+                for t, s in list(self._sessions.items()):
+                    if s.client_id == client_id:
+                        old.append(self._sessions.pop(t))
+                while len(self._sessions) >= self._max:
+                    old.append(self._sessions.popitem(last=False)[1])
+                self._sessions[token] = _Session(token, client_id, qp, region, time.monotonic())
+            if old:
+                # Closing fences and waits (bounded) for flushed completions: not on the caller's
+                # thread. Tracked so close() can wait for it before the device goes.
+                closer = threading.Thread(target=_close_all, args=(old,), name="memkv-rdma-close", daemon=True)
+                self._closers = [t for t in self._closers if t.is_alive()] + [closer]
+                closer.start()
+            return token, qp.info
 
     def _get(self, token: int, client_id: bytes) -> _Session:
         with self._lock:
@@ -130,11 +142,39 @@ class RdmaSessions:
         with self._lock:
             return len(self._sessions)
 
-    def close(self) -> None:
+    def quiesce(self) -> None:
+        """Shutdown, step one: refuse new sessions and fence every one (ERR flushes what is
+        outstanding, so a worker inside a transfer returns at once instead of at its deadline).
+        The queue pairs stay allocated until ``close``: workers may still hold them."""
+        with self._open_lock:  # waits for an open() under way: its QP is then in the table
+            self.closed = True
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+            self._quiesced.extend(sessions)
+        for s in sessions:
+            s.qp.fence()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Refuse new sessions, close every one (fence, destroy), then the device. Idempotent."""
+        with self._open_lock:
+            if self._device_closed:
+                return
+            self._device_closed = True
+            self.closed = True
+            closers = list(self._closers)
+        with self._lock:
+            sessions, self._sessions = [*self._quiesced, *self._sessions.values()], OrderedDict()
+            self._quiesced = []
         for s in sessions:
             s.qp.close()
+        deadline = time.monotonic() + timeout_s
+        for t in closers:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                # Its QPs are fenced (or being fenced) under their own locks; closing the context
+                # under it would race a destroy, so leave the device to process exit.
+                log.error("RDMA: a session close thread is stuck; not closing the device")
+                return
         self.device.close()
 
 

@@ -283,7 +283,18 @@ class NodeServer:
         for _ in self._workers:
             self._jobs.put(None)
         if self.rdma is not None:
-            self.rdma.close()
+            # Workers may still be inside an RDMA transfer. Fence every session first (their
+            # transfers fail at once, not at their deadlines), join the workers (bounded), and
+            # only then destroy the queue pairs and the device they might still touch.
+            self.rdma.quiesce()
+            join_by = time.monotonic() + self.config.frame_timeout_s + 1.0
+            for w in self._workers:
+                if w is not threading.current_thread():
+                    w.join(max(0.0, join_by - time.monotonic()))
+            stuck = sum(w.is_alive() for w in self._workers)
+            if stuck:
+                log.warning("%d workers still busy at shutdown; closing RDMA sessions under them", stuck)
+            self.rdma.close()  # Session.Hello is refused since quiesce (the control plane still runs)
         return not leftover
 
     def stats(self) -> dict[str, int]:

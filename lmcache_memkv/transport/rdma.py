@@ -268,22 +268,29 @@ class VerbsDevice:
                 if entry is None:
                     continue
                 waiter, qp = entry
-                qp._slots.release()
+                # The error first, then the slot: a poster that gets this slot back must see the
+                # failure before it posts again.
                 with waiter.cond:
                     waiter.done += 1
                     if wc.status != e.IBV_WC_SUCCESS and waiter.error is None:
                         waiter.error = f"work request failed: status {wc.status}"
                     waiter.cond.notify_all()
+                qp._slots.release()
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, only: QueuePair | None = None) -> None:
+        """Complete outstanding work requests with ``why`` (those of ``only`` when given)."""
         with self._lock:
-            entries, self._waiters = list(self._waiters.values()), {}
+            if only is None:
+                entries, self._waiters = list(self._waiters.values()), {}
+            else:
+                ids = [i for i, (_, qp) in self._waiters.items() if qp is only]
+                entries = [self._waiters.pop(i) for i in ids]
         for waiter, qp in entries:
-            qp._slots.release()
             with waiter.cond:
                 waiter.done += 1
                 waiter.error = waiter.error or why
                 waiter.cond.notify_all()
+            qp._slots.release()
 
     def _track(self, waiter: _Waiter, qp: QueuePair) -> int:
         wr_id = next(self._ids)
@@ -314,7 +321,12 @@ class VerbsDevice:
 
 
 class QueuePair:
-    """One RC queue pair on a ``VerbsDevice``."""
+    """One RC queue pair on a ``VerbsDevice``.
+
+    pyverbs' ``QP.close()`` NULLs the C pointer, and any later verb through it would hand NULL to
+    libibverbs (a segfault), so every verb that may race with ``close`` runs under ``_lock`` and
+    checks ``closed`` first.
+    """
 
     def __init__(self, dev: VerbsDevice) -> None:
         from pyverbs.qp import QP, QPCap, QPInitAttr
@@ -328,14 +340,19 @@ class QueuePair:
             self.qp = QP(dev.pd, init)
         except Exception as exc:
             raise RdmaError(f"RDMA: cannot create a queue pair on {dev.name}: {exc}") from None
+        self.qp_num = int(self.qp.qp_num)  # cached: reading it after close would dereference NULL
         self._slots = threading.BoundedSemaphore(dev.max_outstanding)
+        self._lock = threading.Lock()  # guards fenced/closed against post_send, modify and destroy
         self.fenced = False
+        self.closed = False
+        self._flushed = threading.Event()  # set once the first fence() knows whether it is safe
+        self._fence_safe = False
         self.peer: QpInfo | None = None
 
     @property
     def info(self) -> QpInfo:
         d = self.dev
-        return QpInfo(qp_num=int(self.qp.qp_num), gid=d.gid, psn=self.psn, mtu=d.mtu, lid=d.lid, gid_index=d.gid_index)
+        return QpInfo(qp_num=self.qp_num, gid=d.gid, psn=self.psn, mtu=d.mtu, lid=d.lid, gid_index=d.gid_index)
 
     def connect(self, peer: QpInfo) -> None:
         """RESET -> INIT -> RTR -> RTS towards ``peer`` (checked first: it came over the network)."""
@@ -345,28 +362,31 @@ class QueuePair:
         peer.check()
         d = self.dev
         e = d._e
-        try:
-            # One attribute set, RESET -> INIT -> RTR -> RTS in pyverbs' to_rts.
-            attr = QPAttr()
-            attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
-            attr.port_num = d.port
-            attr.pkey_index = 0
-            attr.path_mtu = min(d.mtu, peer.mtu)
-            attr.dest_qp_num = peer.qp_num
-            attr.rq_psn = peer.psn
-            attr.sq_psn = self.psn
-            attr.max_dest_rd_atomic = d.max_rd_atom
-            attr.max_rd_atomic = d.max_rd_atom
-            attr.min_rnr_timer = 12
-            attr.timeout = 14  # 4.096us * 2^14 = 67 ms per try: a dead peer fails the WR in about half a second
-            attr.retry_cnt = 7
-            attr.rnr_retry = 7
-            gr = GlobalRoute(dgid=GID(gid_text(peer.gid)), sgid_index=d.gid_index, hop_limit=64)
-            attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=d.port, dlid=peer.lid)
-            self.qp.to_rts(attr)
-        except Exception as exc:
-            raise RdmaError(f"RDMA: cannot connect a queue pair on {d.name} to QP {peer.qp_num}: {exc}") from None
-        self.peer = peer
+        with self._lock:
+            if self.closed or self.fenced:
+                raise RdmaError("RDMA queue pair was fenced or closed before it was connected")
+            try:
+                # One attribute set, RESET -> INIT -> RTR -> RTS in pyverbs' to_rts.
+                attr = QPAttr()
+                attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
+                attr.port_num = d.port
+                attr.pkey_index = 0
+                attr.path_mtu = min(d.mtu, peer.mtu)
+                attr.dest_qp_num = peer.qp_num
+                attr.rq_psn = peer.psn
+                attr.sq_psn = self.psn
+                attr.max_dest_rd_atomic = d.max_rd_atom
+                attr.max_rd_atomic = d.max_rd_atom
+                attr.min_rnr_timer = 12
+                attr.timeout = 14  # 4.096us * 2^14 = 67 ms per try: a dead peer fails the WR in about half a second
+                attr.retry_cnt = 7
+                attr.rnr_retry = 7
+                gr = GlobalRoute(dgid=GID(gid_text(peer.gid)), sgid_index=d.gid_index, hop_limit=64)
+                attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=d.port, dlid=peer.lid)
+                self.qp.to_rts(attr)
+            except Exception as exc:
+                raise RdmaError(f"RDMA: cannot connect a queue pair on {d.name} to QP {peer.qp_num}: {exc}") from None
+            self.peer = peer
 
     def post_and_wait(
         self,
@@ -377,12 +397,12 @@ class QueuePair:
         """Run ``(kind, local_addr, lkey, length, remote_addr, rkey)`` operations, at most the
         device's bound outstanding at once, and return once every one completed successfully.
 
-        Raises ``MemKVTimeout`` at the deadline and ``RdmaError`` on a failed work request; either
-        way the caller must ``fence`` before it reuses (or lets anyone reuse) the local memory.
-        ``before_wait`` is a test hook: it runs after the posts, before the wait.
+        Raises ``MemKVTimeout`` at the deadline and ``RdmaError`` on a failed work request or a
+        fenced or closed queue pair; either way the caller must ``fence`` before it reuses (or lets
+        anyone reuse) the local memory. ``before_wait`` is a test hook: it runs after the posts,
+        before the wait.
         """
-        if self.fenced:
-            raise RdmaError("RDMA queue pair was fenced; set up a new session")
+        self._check_usable()
         from pyverbs.wr import SGE, SendWR
 
         e = self.dev._e
@@ -400,12 +420,18 @@ class QueuePair:
             wr = SendWR(wr_id=wr_id, opcode=opcode[kind], num_sge=1, sg=[SGE(laddr, length, lkey)],
                         send_flags=e.IBV_SEND_SIGNALED)  # fmt: skip
             wr.set_wr_rdma(rkey, raddr)
-            try:
-                self.qp.post_send(wr)
-            except Exception as exc:
-                self.dev._untrack(wr_id)
-                self._slots.release()
-                raise RdmaError(f"RDMA: posting a {kind} of {length} bytes failed: {exc}") from None
+            # The check and the post under one lock: a fence or close between them would have us
+            # post to a fenced queue pair (a WR nobody flushes) or to a destroyed one (NULL).
+            with self._lock:
+                try:
+                    self._check_usable()
+                    self.qp.post_send(wr)
+                except Exception as exc:
+                    self.dev._untrack(wr_id)
+                    self._slots.release()
+                    if isinstance(exc, RdmaError):
+                        raise
+                    raise RdmaError(f"RDMA: posting a {kind} of {length} bytes failed: {exc}") from None
             with waiter.cond:
                 waiter.posted += 1
         if before_wait is not None:
@@ -419,38 +445,78 @@ class QueuePair:
             if waiter.error is not None:
                 raise RdmaError(f"RDMA: {waiter.error}")
 
-    def fence(self) -> None:
-        """Move the queue pair to ERR: outstanding work requests are flushed and the device takes
-        no further access through it, so nothing lands late in memory its owner reuses. Then wait
-        (bounded) for the flushed completions, so the poller's slots come back."""
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise RdmaError("RDMA queue pair was closed; set up a new session")
         if self.fenced:
-            return
-        self.fenced = True
-        if self.peer is None:
-            return  # never connected: the device can reach no memory through it
-        from pyverbs.qp import QPAttr
+            raise RdmaError("RDMA queue pair was fenced; set up a new session")
 
-        e = self.dev._e
-        try:
-            attr = QPAttr()
-            attr.qp_state = e.IBV_QPS_ERR
-            self.qp.modify(attr, e.IBV_QP_STATE)
-        except Exception as exc:
-            log.error("RDMA: cannot move QP %d to ERR: %s", int(self.qp.qp_num), exc)
-        deadline = time.monotonic() + _FLUSH_WAIT_S
+    def fence(self) -> bool:
+        """Make sure the device takes no further access through this queue pair; True once that
+        is known, False if it cannot be (then the local memory it addressed must never be reused).
+
+        The first caller moves the queue pair to ERR (outstanding work requests are flushed and
+        the device refuses later access) and waits, bounded, for the flushed completions; every
+        other caller waits for that outcome (bounded) instead of returning early. If ERR cannot
+        be set, the queue pair is destroyed: ``ibv_destroy_qp`` guarantees no access after it."""
+        with self._lock:
+            first = not self.fenced
+            self.fenced = True
+            if first:
+                if self.closed or self.peer is None:
+                    # Destroyed, or never connected: the device can reach no memory through it.
+                    self._fence_safe = True
+                    self._flushed.set()
+                    return True
+                from pyverbs.qp import QPAttr
+
+                e = self.dev._e
+                try:
+                    attr = QPAttr()
+                    attr.qp_state = e.IBV_QPS_ERR
+                    self.qp.modify(attr, e.IBV_QP_STATE)
+                except Exception as exc:
+                    log.error("RDMA: cannot move QP %d to ERR (%s): destroying it instead", self.qp_num, exc)
+                    self._fence_safe = self._destroy_locked()
+                    self.dev._fail_all("queue pair destroyed after a failed fence", only=self)
+                    self._flushed.set()
+                    return self._fence_safe
+        if not first:
+            if not self._flushed.wait(_FLUSH_WAIT_S + 1.0):
+                return False  # the first fencer is stuck: assume the worst
+            return self._fence_safe
+        self._fence_safe = self._wait_flushed()
+        self._flushed.set()
+        return self._fence_safe
+
+    def _wait_flushed(self) -> bool:
+        """Wait (bounded) until none of our work requests is outstanding; False at the bound."""
         if self.dev._poller is None:
-            return  # no poller (client side): nothing of ours is outstanding
+            return True  # no poller (client side): nothing of ours is outstanding
+        deadline = time.monotonic() + _FLUSH_WAIT_S
         while time.monotonic() < deadline:
             with self.dev._lock:
                 pending = any(qp is self for _, qp in self.dev._waiters.values())
             if not pending:
-                return
+                return True
             time.sleep(0.001)
-        log.warning("RDMA: QP %d still had unflushed work requests %.1fs after ERR", int(self.qp.qp_num), _FLUSH_WAIT_S)
+        log.warning("RDMA: QP %d still had unflushed work requests %.1fs after ERR", self.qp_num, _FLUSH_WAIT_S)
+        return False
 
-    def close(self) -> None:
-        self.fence()
+    def _destroy_locked(self) -> bool:
+        """Destroy the QP (caller holds ``_lock``); True if the device confirmed it."""
+        if self.closed:
+            return True
+        self.closed = True  # first: nobody may pass the pointer pyverbs is about to NULL
         try:
             self.qp.close()
+            return True
         except Exception as exc:
-            log.debug("closing a QP: %s", exc)
+            log.error("RDMA: destroying QP %d failed: %s", self.qp_num, exc)
+            return False
+
+    def close(self) -> None:
+        """Fence, then destroy. Safe from any thread, any number of times."""
+        self.fence()
+        with self._lock:
+            self._destroy_locked()
