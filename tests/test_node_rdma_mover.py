@@ -6,9 +6,11 @@ WRITE can touch them; a GET answers only after every WRITE completed. Real verbs
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +143,27 @@ def test_rdma_flags_are_checked() -> None:
     for kw, flag in (({"rdma_port": 0}, "--rdma-port"), ({"rdma_gid_index": 256}, "--rdma-gid-index"), ({"rdma_device": " "}, "--rdma-device")):
         with pytest.raises(ValueError, match=flag):
             NodeConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_max_rdma_sessions_is_checked_and_reaches_the_config() -> None:
+    assert NodeConfig().max_rdma_sessions == 1024
+    assert NodeConfig(max_rdma_sessions=7).max_rdma_sessions == 7
+    with pytest.raises(ValueError, match="--max-rdma-sessions must be at least 1, got 0"):
+        NodeConfig(max_rdma_sessions=0)
+
+
+def test_max_rdma_sessions_from_the_environment_and_the_settings_file(tmp_path: Path) -> None:
+    """Same machinery as every node flag: MEMKV_MAX_RDMA_SESSIONS, ``max-rdma-sessions:`` in the
+    file; a bad value names the flag and where it came from (checked before anything starts)."""
+    cmd = [sys.executable, "-m", "lmcache_memkv.cli.main", "node", "--listen", "127.0.0.1:0", "--capacity", "8MiB"]
+    env = {**os.environ, "MEMKV_MAX_RDMA_SESSIONS": "0"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "--max-rdma-sessions must be at least 1, got 0 (set by MEMKV_MAX_RDMA_SESSIONS)" in proc.stderr
+    config = tmp_path / "node.yaml"
+    config.write_text("max-rdma-sessions: -3\n")
+    proc = subprocess.run([*cmd, "--config", str(config)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "--max-rdma-sessions must be at least 1, got -3" in proc.stderr, proc.stderr
+    assert f"(set in {config} (max-rdma-sessions))" in proc.stderr
 
 
 def test_a_named_rdma_device_that_cannot_open_stops_the_node() -> None:

@@ -46,6 +46,8 @@ def client(control_endpoint: str = "127.0.0.1:1") -> RdmaDataClient:
     c._session = None
     c._lock = threading.Lock()
     c._closed = False
+    c._hello_backoff_s = 0.0
+    c._hello_not_before = 0.0
     return c
 
 
@@ -165,4 +167,38 @@ def test_abort_transfers_fences_the_session_without_the_lock() -> None:
         assert qp.fenced and not qp.closed  # the running call closes it when it fails
     finally:
         c._lock.release()
+        c._channels.close()
+
+
+def test_a_full_session_table_backs_off_instead_of_hammering_the_node() -> None:
+    """RESOURCE_EXHAUSTED: the call fails (a miss, a failed store) and no Hello goes to that node
+    before the back-off, which doubles per refusal."""
+    import grpc
+
+    from lmcache_memkv.client.rdma_client import HelloRefused
+
+    c = client()
+    hellos: list[float] = []
+
+    def refuse(deadline: float) -> Any:
+        hellos.append(time.monotonic())
+        raise HelloRefused("all in use", grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    c._hello = refuse  # type: ignore[method-assign]
+    try:
+        with pytest.raises(HelloRefused):
+            c._current(time.monotonic() + 1)
+        for _ in range(5):
+            with pytest.raises(ConnectError, match="all in use; next try"):
+                c._current(time.monotonic() + 1)
+        assert len(hellos) == 1 and c._hello_backoff_s == 0.5
+        c._hello_not_before = 0.0  # the back-off ran out
+        with pytest.raises(HelloRefused):
+            c._current(time.monotonic() + 1)
+        assert len(hellos) == 2 and c._hello_backoff_s == 1.0
+        # A success resets the back-off.
+        c._hello_not_before = 0.0
+        c._hello = lambda deadline: (7, FakeQP())  # type: ignore[method-assign,assignment,return-value]
+        assert c._current(time.monotonic() + 1)[0] == 7 and c._hello_backoff_s == 0.0
+    finally:
         c._channels.close()

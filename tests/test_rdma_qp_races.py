@@ -234,6 +234,7 @@ class FakeVerbs:
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.closed = False
+        self.failed: str | None = None
         self.gate = gate
         self.entered = threading.Event()
         self.qps: list[QueuePair] = []
@@ -260,6 +261,7 @@ def sessions_on(dev: FakeVerbs) -> Any:
     s = RdmaSessions.__new__(RdmaSessions)
     s.device = dev  # type: ignore[assignment]
     s._max = 4
+    s._idle_evict_s = 60.0
     s._sessions = __import__("collections").OrderedDict()
     s._lock = threading.Lock()
     s._open_lock = threading.Lock()
@@ -312,3 +314,53 @@ def test_quiesce_fences_sessions_refuses_new_ones_and_close_destroys_them() -> N
     s.close()
     assert qp.closed and dev.closed
     s.close()  # idempotent
+
+
+def _client(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def test_a_full_table_of_recent_sessions_refuses_the_hello_and_evicts_nothing() -> None:
+    from lmcache_memkv.node.rdma import SessionsExhausted
+
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    for i in range(4):
+        s.open(_client(i), PEER, REGION)
+    with pytest.raises(SessionsExhausted, match="--max-rdma-sessions"):
+        s.open(_client(9), PEER, REGION)
+    assert s.sessions() == 4 and not any(qp.fenced for qp in dev.qps)
+    assert len(dev.qps) == 4  # refused before any queue pair was made
+
+
+def test_at_the_cap_only_a_session_idle_past_the_bound_is_evicted() -> None:
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    for i in range(4):
+        s.open(_client(i), PEER, REGION)
+    tokens = list(s._sessions)
+    now = time.monotonic()
+    s._sessions[tokens[0]].last_used = now - 5.0  # the least recently used, but recent
+    s._sessions[tokens[1]].last_used = now - 61.0  # idle past the bound
+    s._sessions.move_to_end(tokens[1], last=False)  # oldest in LRU order
+    s.open(_client(9), PEER, REGION)
+    assert s.sessions() == 4 and tokens[1] not in s._sessions and tokens[0] in s._sessions
+    for t in s._closers:
+        t.join(5)
+    assert dev.qps[1].closed and not dev.qps[0].closed
+    # The next one finds none idle: refused.
+    with pytest.raises(RdmaError, match="in use"):
+        s.open(_client(10), PEER, REGION)
+
+
+def test_a_client_re_hello_at_the_cap_replaces_its_own_session() -> None:
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    for i in range(4):
+        s.open(_client(i), PEER, REGION)
+    s.open(_client(2), PEER, REGION)  # its fenced session's replacement: always room
+    assert s.sessions() == 4
+    for t in s._closers:
+        t.join(5)
+    assert dev.qps[2].closed and not any(qp.closed for i, qp in enumerate(dev.qps) if i != 2)
+

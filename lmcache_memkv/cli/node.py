@@ -100,6 +100,14 @@ def node(
     rdma_gid_index: Annotated[
         int, typer.Option(help="GID table index (RoCE v2 over IPv4 is often 1 or 3; `show_gids` lists them).", envvar="MEMKV_RDMA_GID_INDEX")
     ] = 0,
+    max_rdma_sessions: Annotated[
+        int,
+        typer.Option(
+            help="Most RDMA sessions (one queue pair per client process) at once; at the cap a new one takes the slot "
+            "of a session idle over 60s, else it is refused and the client retries later.",
+            envvar="MEMKV_MAX_RDMA_SESSIONS",
+        ),
+    ] = 1024,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.", envvar="MEMKV_LOG_LEVEL")] = "info",
 ) -> None:
     from lmcache_memkv.auth import load_key
@@ -129,7 +137,7 @@ def node(
         values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host", "workers")
     )
     max_lease_ttl, lease_budget, max_tombstones = (values[k] for k in ("max_lease_ttl", "lease_budget", "max_tombstones"))
-    max_watchers = values["max_watchers"]
+    max_watchers, max_rdma_sessions = values["max_watchers"], values["max_rdma_sessions"]
     rdma_device, rdma_port, rdma_gid_index = (values[k] for k in ("rdma_device", "rdma_port", "rdma_gid_index"))
     auth_key_file, log_level = values["auth_key_file"], values["log_level"]
     # MEMKV_SEED and config files may list several endpoints in one comma-separated string.
@@ -175,6 +183,7 @@ def node(
             rdma_device=rdma_device,
             rdma_port=rdma_port,
             rdma_gid_index=rdma_gid_index,
+            max_rdma_sessions=max_rdma_sessions,
         )
         check_capacity(config.capacity)
     except ValueError as exc:

@@ -47,6 +47,18 @@ from lmcache_memkv.wire.messages import (
 
 log = logging.getLogger("memkv.client.rdma")
 _NONCE = 32
+# A node refusing Hellos for lack of room (RESOURCE_EXHAUSTED): no new Hello to it before this
+# back-off, doubling per refusal, so a full session table is not hammered by every call.
+_HELLO_BACKOFF_S = 0.5
+_HELLO_BACKOFF_MAX_S = 30.0
+
+
+class HelloRefused(ConnectError):
+    """The node answered Session.Hello with a refusal; ``code`` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None) -> None:
+        super().__init__(message)
+        self.code = code
 # transport, direction (store, load), bytes: what actually moved over which transport, per node call
 ByteCounter = Callable[[str, str, int], None]
 
@@ -99,6 +111,8 @@ class RdmaDataClient:
         self._session: tuple[int, QueuePair] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._hello_backoff_s = 0.0  # current back-off after RESOURCE_EXHAUSTED (0: none)
+        self._hello_not_before = 0.0  # monotonic time before which no Hello is sent
 
     # ------------------------------------------------------------------ session
 
@@ -125,9 +139,11 @@ class RdmaDataClient:
                 # call; a slow first handshake is covered by the channel's reconnect backoff.
                 reply = stub.Hello(request, timeout=left)
             except grpc.RpcError as exc:
-                raise ConnectError(
+                code = exc.code() if callable(getattr(exc, "code", None)) else None
+                raise HelloRefused(
                     f"memkv node {self.endpoint}: RDMA session set-up (Session.Hello at {self.control_endpoint}) failed: "
-                    f"{describe_rpc_error(exc)}"
+                    f"{describe_rpc_error(exc)}",
+                    code,
                 ) from None
             try:
                 self._channels.check_reply(HELLO, request, reply)
@@ -161,7 +177,20 @@ class RdmaDataClient:
                 old, self._session = self._session, None
                 if old is not None:
                     old[1].close()  # fenced by abort_transfers under a call that then succeeded
-                self._session = self._hello(deadline)
+                if time.monotonic() < self._hello_not_before:
+                    raise ConnectError(
+                        f"memkv node {self.endpoint}: its RDMA sessions are all in use; next try in "
+                        f"{self._hello_not_before - time.monotonic():.1f}s"
+                    )
+                try:
+                    self._session = self._hello(deadline)
+                except HelloRefused as exc:
+                    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self._hello_backoff_s = min(_HELLO_BACKOFF_MAX_S, self._hello_backoff_s * 2 or _HELLO_BACKOFF_S)
+                        self._hello_not_before = time.monotonic() + self._hello_backoff_s
+                        log.warning("%s; no new Hello for %.1fs", exc, self._hello_backoff_s)
+                    raise
+                self._hello_backoff_s = 0.0
             return self._session
         finally:
             self._lock.release()

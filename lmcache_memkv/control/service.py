@@ -455,7 +455,9 @@ class SessionService(session_pb2_grpc.SessionServicer):
         except ValueError as exc:
             await _invalid_async(context, f"Hello: {exc}")
         except RdmaError as exc:
-            await _abort_async(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            # A full session table is a "later", not a broken device: the client backs off.
+            full = type(exc).__name__ == "SessionsExhausted"
+            await _abort_async(context, grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE, str(exc))
         reply.session_id = token
         reply.rdma_endpoint.CopyFrom(
             session_pb2.RdmaEndpoint(

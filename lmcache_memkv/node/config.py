@@ -55,6 +55,9 @@ class NodeConfig:
     rdma_device: str | None = None
     rdma_port: int = 1
     rdma_gid_index: int = 0
+    # RDMA sessions (one RC queue pair each, one per client process) held at once. At the cap a
+    # Hello takes the slot of a session idle over 60 s, or is refused (RESOURCE_EXHAUSTED).
+    max_rdma_sessions: int = 1024
     # True when node_id was derived from the listen address; with port 0 the server
     # replaces it once the real port is known (else every ephemeral node is "HOST-0").
     node_id_auto: bool = field(default=False, init=False, repr=False)
@@ -92,6 +95,7 @@ class NodeConfig:
             ("--max-unauth-per-host", self.max_unauth_per_host),
             ("--max-tombstones", self.max_tombstones),
             ("--max-watchers", self.max_watchers),
+            ("--max-rdma-sessions", self.max_rdma_sessions),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")

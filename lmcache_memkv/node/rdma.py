@@ -30,6 +30,15 @@ from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
 log = logging.getLogger("memkv.node.rdma")
 DEFAULT_MAX_SESSIONS = 1024
+# A session idle this long may be evicted to make room for a new one. Far above one transfer
+# (bounded by the request deadline, the frame timeout, 10 s by default) and above the client's
+# lookup-then-load gap, so an evicted session is one whose client went quiet or away; a busy
+# client's session is never taken from it (a new Hello is refused instead: RESOURCE_EXHAUSTED).
+DEFAULT_IDLE_EVICT_S = 60.0
+
+
+class SessionsExhausted(RdmaError):
+    """Every session slot is held by a recently used session: the Hello is refused, not served by eviction."""
 
 
 @dataclass
@@ -51,6 +60,7 @@ class RdmaSessions:
         metrics: NodeMetrics,
         node_id: str,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        idle_evict_s: float = DEFAULT_IDLE_EVICT_S,
     ) -> None:
         self.device = VerbsDevice(device, port, gid_index)
         try:
@@ -62,6 +72,7 @@ class RdmaSessions:
         self._metrics = metrics
         self._node = node_id
         self._max = max_sessions
+        self._idle_evict_s = idle_evict_s
         self._sessions: OrderedDict[int, _Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         # Held across a whole open() (create_qp .. insert) and by close() to set ``closed``: no
@@ -78,7 +89,8 @@ class RdmaSessions:
 
     def open(self, client_id: bytes, peer: QpInfo, region: Region) -> tuple[int, QpInfo]:
         """A new session for ``client_id``; the client's older sessions are closed (it re-Hellos
-        only after a fence or a restart). At the cap, the least recently used session goes."""
+        only after a fence or a restart). At the cap, the least recently used session goes if it has
+        been idle longer than the eviction bound; otherwise ``SessionsExhausted``."""
         if len(client_id) != CLIENT_ID_LEN:
             raise ValueError(f"client id must be {CLIENT_ID_LEN} bytes")
         peer.check()
@@ -87,6 +99,9 @@ class RdmaSessions:
         with self._open_lock:
             if self.closed:
                 raise RdmaError("the node is shutting down: no new RDMA sessions")
+            if not self._room_for(client_id):
+                # Checked before any verbs work: a refused Hello costs no QP. Rechecked below.
+                raise SessionsExhausted(self._full_message())
             qp = self.device.create_qp()
             try:
                 qp.connect(peer)
@@ -99,16 +114,45 @@ class RdmaSessions:
                 for t, s in list(self._sessions.items()):
                     if s.client_id == client_id:
                         old.append(self._sessions.pop(t))
-                while len(self._sessions) >= self._max:
-                    old.append(self._sessions.popitem(last=False)[1])
-                self._sessions[token] = _Session(token, client_id, qp, region, time.monotonic())
+                # The client's own older sessions went above, so it always has room; others only if
+                # the table holds a session idle past the bound.
+                room = self._evict_idle_locked(old)
+                if room:
+                    self._sessions[token] = _Session(token, client_id, qp, region, time.monotonic())
             if old:
                 # Closing fences and waits (bounded) for flushed completions: not on the caller's
                 # thread. Tracked so close() can wait for it before the device goes.
                 closer = threading.Thread(target=_close_all, args=(old,), name="memkv-rdma-close", daemon=True)
                 self._closers = [t for t in self._closers if t.is_alive()] + [closer]
                 closer.start()
+            if not room:
+                qp.close()  # never posted to: the fence is immediate
+                raise SessionsExhausted(self._full_message())
             return token, qp.info
+
+    def _room_for(self, client_id: bytes) -> bool:
+        with self._lock:
+            if len(self._sessions) < self._max or any(s.client_id == client_id for s in self._sessions.values()):
+                return True
+            oldest = next(iter(self._sessions.values()))
+            return time.monotonic() - oldest.last_used > self._idle_evict_s
+
+    def _evict_idle_locked(self, out: list[_Session]) -> bool:
+        """Make room for one session (caller holds ``_lock``), evicting only sessions idle past
+        the bound (least recently used first); False if the table is full of recent ones."""
+        now = time.monotonic()
+        while len(self._sessions) >= self._max:
+            oldest = next(iter(self._sessions.values()))
+            if now - oldest.last_used <= self._idle_evict_s:
+                return False
+            out.append(self._sessions.popitem(last=False)[1])
+        return True
+
+    def _full_message(self) -> str:
+        return (
+            f"all {self._max} RDMA sessions are in use (none idle over {self._idle_evict_s:.0f}s; "
+            "--max-rdma-sessions); retry later"
+        )
 
     def _get(self, token: int, client_id: bytes) -> _Session:
         with self._lock:
@@ -184,7 +228,14 @@ def _close_all(sessions: list[_Session]) -> None:
 
 
 def open_rdma(
-    device: str | None, port: int, gid_index: int, arena: Arena, metrics: NodeMetrics, node_id: str, required: bool
+    device: str | None,
+    port: int,
+    gid_index: int,
+    arena: Arena,
+    metrics: NodeMetrics,
+    node_id: str,
+    required: bool,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
 ) -> RdmaSessions | None:
     """The node's verbs side, or None. ``device`` None: the first of ``MEMKV_RDMA_DEVICES`` (or of
     every device) is tried, and a failure only means TCP; a named device must open or the node
@@ -197,7 +248,7 @@ def open_rdma(
             raise RdmaError("--rdma-device: no RDMA device found (ibv_devices lists none, or pyverbs is missing)")
         return None
     try:
-        sessions = RdmaSessions(names[0], port, gid_index, arena, metrics, node_id)
+        sessions = RdmaSessions(names[0], port, gid_index, arena, metrics, node_id, max_sessions)
     except RdmaError as exc:
         if required:
             raise

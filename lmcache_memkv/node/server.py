@@ -206,6 +206,7 @@ class NodeServer:
                 self.rdma = open_rdma(
                     self.config.rdma_device, self.config.rdma_port, self.config.rdma_gid_index, self.arena,
                     self.metrics, self.config.node_id, required=self.config.rdma_device is not None,
+                    max_sessions=self.config.max_rdma_sessions,
                 )  # fmt: skip
             except RdmaError as exc:
                 sock.close()
