@@ -68,7 +68,9 @@ class FakeDev:
         self._waiters: dict[int, tuple[_Waiter, QueuePair]] = {}
         self._ids = iter(range(1, 1 << 30))
         self._poller = object() if poller else None
+        self._cq_slots = threading.BoundedSemaphore(64)
 
+    _release = rdma.VerbsDevice._release
     _track = rdma.VerbsDevice._track
     _untrack = rdma.VerbsDevice._untrack
     _fail_all = rdma.VerbsDevice._fail_all
@@ -171,7 +173,7 @@ def test_failed_modify_destroys_the_qp_and_fails_its_waiters() -> None:
     qp = make_qp(dev=dev, modify_fails=True)
     w = _Waiter()
     dev._track(w, qp)
-    assert qp._slots.acquire(timeout=0)
+    assert qp._slots.acquire(timeout=0) and dev._cq_slots.acquire(timeout=0)
     assert qp.fence() is True  # destroyed: ibv_destroy_qp guarantees no further access
     assert qp.qp.closed and w.error is not None and not dev._waiters
     assert qp.fence() is True  # later callers get the same answer
@@ -198,6 +200,7 @@ def test_poller_sets_the_error_before_the_slot_comes_back() -> None:
     wr_id = dev._track(w, qp)
     qp._slots = threading.BoundedSemaphore(1)
     qp._slots.acquire()
+    dev._cq_slots.acquire()
 
     class Slots:
         def release(self) -> None:
@@ -219,10 +222,35 @@ def test_poller_sets_the_error_before_the_slot_comes_back() -> None:
     stop = threading.Event()
     poller = types.SimpleNamespace(
         _stop=stop, _e=types.SimpleNamespace(IBV_WC_SUCCESS=0), cq=CQ(), name="fake0",
-        _lock=dev._lock, _waiters=dev._waiters, _fail_all=dev._fail_all,
+        _lock=dev._lock, _waiters=dev._waiters, _fail_all=dev._fail_all, _release=dev._release,
     )  # fmt: skip
     rdma.VerbsDevice._poll_loop(poller)  # type: ignore[arg-type]
     assert seen and seen[0] is not None
+
+
+def test_the_completion_queue_bounds_outstanding_work_requests_device_wide() -> None:
+    """Two QPs, a CQ of 2 entries: the third post waits for a CQ slot (then times out at its
+    deadline) instead of overrunning the CQ; its QP slot is given back."""
+    dev = FakeDev()
+    dev._cq_slots = threading.BoundedSemaphore(2)
+    a, b = make_qp(dev=dev), make_qp(dev=dev)
+    results: list[BaseException | None] = []
+
+    def post(qp: QueuePair, n: int) -> None:
+        try:
+            qp.post_and_wait(OP * n, time.monotonic() + 0.3)
+            results.append(None)
+        except BaseException as exc:
+            results.append(exc)
+
+    post(a, 2)  # both posted, never completed: the CQ is full until the poller reaps them
+    post(b, 1)
+    assert a.qp.posts == 2 and b.qp.posts == 0
+    assert isinstance(results[1], rdma.MemKVTimeout) and "completion queue full" in str(results[1])
+    assert b._slots.acquire(blocking=False)  # its QP slot came back
+    b._slots.release()
+    dev._fail_all("reaped")  # the completions: both CQ slots back
+    assert dev._cq_slots.acquire(blocking=False) and dev._cq_slots.acquire(blocking=False)
 
 
 # ---------------------------------------------------------------------- the node's session table

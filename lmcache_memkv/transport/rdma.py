@@ -30,6 +30,11 @@ log = logging.getLogger("memkv.rdma")
 
 READ = "read"
 WRITE = "write"
+# Completion queue entries (cut to the device's max_cqe). Every signaled work request takes one
+# until the poller reaps it, and a CQ overrun puts the CQ (and every QP on it) in error, so the
+# device also holds a semaphore of this size: at most this many work requests are outstanding
+# across all queue pairs (workers x 16 per QP can exceed it; a poster then waits for a slot
+# within its deadline instead of overrunning the CQ).
 _CQ_ENTRIES = 4096
 _MAX_OUTSTANDING = 16  # work requests in flight per queue pair (node-driven, so the node bounds its own burst)
 _POLL_BATCH = 32
@@ -208,13 +213,15 @@ class VerbsDevice:
             attr = self.ctx.query_device()
             self.max_rd_atom = max(1, min(int(attr.max_qp_rd_atom), int(attr.max_qp_init_rd_atom), max_outstanding))
             self.pd = PD(self.ctx)
-            self.cq = CQ(self.ctx, _CQ_ENTRIES, None, None, 0)
+            self.cq_entries = max(1, min(_CQ_ENTRIES, int(attr.max_cqe)))
+            self.cq = CQ(self.ctx, self.cq_entries, None, None, 0)
         except RdmaError:
             self.ctx.close()
             raise
         except Exception as exc:
             self.ctx.close()
             raise RdmaError(f"RDMA device {name!r} port {port} GID index {gid_index}: {exc}") from None
+        self._cq_slots = threading.BoundedSemaphore(self.cq_entries)  # see _CQ_ENTRIES
         self._mrs: list[Any] = []
         self._waiters: dict[int, tuple[_Waiter, QueuePair]] = {}
         self._lock = threading.Lock()
@@ -275,7 +282,7 @@ class VerbsDevice:
                     if wc.status != e.IBV_WC_SUCCESS and waiter.error is None:
                         waiter.error = f"work request failed: status {wc.status}"
                     waiter.cond.notify_all()
-                qp._slots.release()
+                self._release(qp)
 
     def _fail_all(self, why: str, only: QueuePair | None = None) -> None:
         """Complete outstanding work requests with ``why`` (those of ``only`` when given)."""
@@ -290,7 +297,12 @@ class VerbsDevice:
                 waiter.done += 1
                 waiter.error = waiter.error or why
                 waiter.cond.notify_all()
-            qp._slots.release()
+            self._release(qp)
+
+    def _release(self, qp: QueuePair) -> None:
+        """A work request's completion was reaped (or will never come): its QP slot and CQ slot back."""
+        qp._slots.release()
+        self._cq_slots.release()
 
     def _track(self, waiter: _Waiter, qp: QueuePair) -> int:
         wr_id = next(self._ids)
@@ -412,9 +424,12 @@ class QueuePair:
             left = deadline - time.monotonic()
             if left <= 0 or not self._slots.acquire(timeout=left):
                 raise MemKVTimeout(f"RDMA: no free work request slot within the deadline ({waiter.done} done)")
+            if not self.dev._cq_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                self._slots.release()
+                raise MemKVTimeout(f"RDMA: completion queue full (device-wide) within the deadline ({waiter.done} done)")
             with waiter.cond:
                 if waiter.error is not None:
-                    self._slots.release()
+                    self.dev._release(self)
                     raise RdmaError(f"RDMA {kind}: {waiter.error}")
             wr_id = self.dev._track(waiter, self)
             wr = SendWR(wr_id=wr_id, opcode=opcode[kind], num_sge=1, sg=[SGE(laddr, length, lkey)],
@@ -428,7 +443,7 @@ class QueuePair:
                     self.qp.post_send(wr)
                 except Exception as exc:
                     self.dev._untrack(wr_id)
-                    self._slots.release()
+                    self.dev._release(self)
                     if isinstance(exc, RdmaError):
                         raise
                     raise RdmaError(f"RDMA: posting a {kind} of {length} bytes failed: {exc}") from None
