@@ -69,6 +69,7 @@ class FakeDev:
         self._ids = iter(range(1, 1 << 30))
         self._poller = object() if poller else None
         self._cq_slots = threading.BoundedSemaphore(64)
+        self.failed: str | None = None
 
     _release = rdma.VerbsDevice._release
     _track = rdma.VerbsDevice._track
@@ -224,6 +225,8 @@ def test_poller_sets_the_error_before_the_slot_comes_back() -> None:
         _stop=stop, _e=types.SimpleNamespace(IBV_WC_SUCCESS=0), cq=CQ(), name="fake0",
         _lock=dev._lock, _waiters=dev._waiters, _fail_all=dev._fail_all, _release=dev._release,
     )  # fmt: skip
+    for name in ("_poll", "_complete", "_die"):
+        setattr(poller, name, types.MethodType(getattr(rdma.VerbsDevice, name), poller))
     rdma.VerbsDevice._poll_loop(poller)  # type: ignore[arg-type]
     assert seen and seen[0] is not None
 
@@ -392,3 +395,86 @@ def test_a_client_re_hello_at_the_cap_replaces_its_own_session() -> None:
         t.join(5)
     assert dev.qps[2].closed and not any(qp.closed for i, qp in enumerate(dev.qps) if i != 2)
 
+
+
+def test_an_unusable_device_refuses_new_sessions() -> None:
+    dev = FakeVerbs()
+    s = sessions_on(dev)
+    dev.failed = "completion queue failed: boom"
+    with pytest.raises(RdmaError, match="unusable"):
+        s.open(_client(1), PEER, REGION)
+
+
+def _poller_on(dev: FakeDev, cq: Any, stop: threading.Event) -> Any:
+    poller = types.SimpleNamespace(
+        _stop=stop, _e=types.SimpleNamespace(IBV_WC_SUCCESS=0), cq=cq, name="fake0", failed=None,
+        _lock=dev._lock, _waiters=dev._waiters, _fail_all=dev._fail_all, _release=dev._release,
+    )  # fmt: skip
+    for name in ("_poll", "_complete", "_die"):
+        setattr(poller, name, types.MethodType(getattr(rdma.VerbsDevice, name), poller))
+    return poller
+
+
+def test_a_bad_completion_is_skipped_and_the_poller_goes_on() -> None:
+    dev = FakeDev()
+    qp = make_qp(dev=dev)
+    w = _Waiter()
+    wr_id = dev._track(w, qp)
+    qp._slots.acquire()
+    dev._cq_slots.acquire()
+    stop = threading.Event()
+
+    class CQ:
+        n = 0
+
+        def poll(self, num_entries: int) -> tuple[int, list[Any]]:
+            self.n += 1
+            if self.n == 1:  # a completion the poller cannot read, then a good one
+                return 2, [types.SimpleNamespace(wr_id="junk", status=0), types.SimpleNamespace(wr_id=wr_id, status=0)]
+            stop.set()
+            return 0, []
+
+    poller = _poller_on(dev, CQ(), stop)
+    rdma.VerbsDevice._poll_loop(poller)
+    assert w.done == 1 and w.error is None and poller.failed is None
+
+
+def test_a_dead_poller_fails_every_waiter_at_once_and_the_device_refuses_posts() -> None:
+    dev = FakeDev()
+    qp = make_qp(dev=dev)
+    errors: list[BaseException] = []
+
+    def transfer() -> None:
+        try:
+            qp.post_and_wait(OP, time.monotonic() + 30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=transfer)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not dev._waiters and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+    class CQ:
+        def poll(self, num_entries: int) -> tuple[int, list[Any]]:
+            raise RuntimeError("device lost")
+
+    poller = _poller_on(dev, CQ(), threading.Event())
+    t0 = time.monotonic()
+    rdma.VerbsDevice._poll_loop(poller)
+    t.join(5)
+    assert time.monotonic() - t0 < 2 and errors and "device lost" in str(errors[0])  # not at the 30 s deadline
+    assert poller.failed and "device lost" in poller.failed
+    dev.failed = poller.failed  # the same object in the real device
+    with pytest.raises(RdmaError, match="unusable"):
+        qp.post_and_wait(OP, time.monotonic() + 1)
+
+    class Broken:
+        def poll(self, num_entries: int) -> tuple[int, list[Any]]:
+            raise KeyboardInterrupt  # not an Exception: the outer guard still fails the waiters
+
+    poller = _poller_on(dev, Broken(), threading.Event())
+    with pytest.raises(KeyboardInterrupt):
+        rdma.VerbsDevice._poll_loop(poller)
+    assert poller.failed and "poller failed" in poller.failed

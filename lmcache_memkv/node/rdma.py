@@ -99,6 +99,9 @@ class RdmaSessions:
         with self._open_lock:
             if self.closed:
                 raise RdmaError("the node is shutting down: no new RDMA sessions")
+            if self.device.failed is not None:
+                # Refused with UNAVAILABLE: the client (transport auto) goes TCP for a while.
+                raise RdmaError(f"the node's RDMA device is unusable: {self.device.failed}")
             if not self._room_for(client_id):
                 # Checked before any verbs work: a refused Hello costs no QP. Rechecked below.
                 raise SessionsExhausted(self._full_message())

@@ -229,6 +229,7 @@ class VerbsDevice:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._closed = False
+        self.failed: str | None = None  # set when the poller died: no new posts, no new sessions
 
     def register(self, addr: int, length: int, remote: bool) -> Region:
         """Register ``[addr, addr+length)`` once; ``remote``: the peer may READ and WRITE it."""
@@ -255,14 +256,22 @@ class VerbsDevice:
             self._poller.start()
 
     def _poll_loop(self) -> None:
+        # Without the poller nothing completes: every transfer would wait out its deadline while
+        # the node still takes sessions. So one bad completion is logged and skipped, and anything
+        # else that stops the loop fails every waiter at once and marks the device unusable.
+        try:
+            self._poll()
+        except BaseException as exc:
+            self._die(f"completion poller failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _poll(self) -> None:
         idle = 0.0
-        e = self._e
         while not self._stop.is_set():
             try:
                 n, wcs = self.cq.poll(num_entries=_POLL_BATCH)
             except Exception as exc:  # the CQ itself failed: nothing more will complete
-                log.error("RDMA completion queue on %s failed: %s", self.name, exc)
-                self._fail_all(f"completion queue failed: {exc}")
+                self._die(f"completion queue failed: {exc}")
                 return
             if not n:
                 idle = min(_IDLE_SLEEP_MAX_S, idle * 2 or 20e-6)
@@ -270,19 +279,34 @@ class VerbsDevice:
                 continue
             idle = 0.0
             for wc in wcs[:n]:
-                with self._lock:
-                    entry = self._waiters.pop(int(wc.wr_id), None)
-                if entry is None:
-                    continue
-                waiter, qp = entry
-                # The error first, then the slot: a poster that gets this slot back must see the
-                # failure before it posts again.
-                with waiter.cond:
-                    waiter.done += 1
-                    if wc.status != e.IBV_WC_SUCCESS and waiter.error is None:
-                        waiter.error = f"work request failed: status {wc.status}"
-                    waiter.cond.notify_all()
-                self._release(qp)
+                try:
+                    self._complete(wc)
+                except Exception:
+                    log.exception("RDMA: bad completion on %s (skipped)", self.name)
+
+    def _complete(self, wc: Any) -> None:
+        with self._lock:
+            entry = self._waiters.pop(int(wc.wr_id), None)
+        if entry is None:
+            return
+        waiter, qp = entry
+        # The error first, then the slot: a poster that gets this slot back must see the
+        # failure before it posts again.
+        try:
+            with waiter.cond:
+                waiter.done += 1
+                if wc.status != self._e.IBV_WC_SUCCESS and waiter.error is None:
+                    waiter.error = f"work request failed: status {wc.status}"
+                waiter.cond.notify_all()
+        finally:
+            self._release(qp)
+
+    def _die(self, why: str) -> None:
+        """The poller is gone: refuse new posts (``failed`` first, so a post racing this either
+        sees it or is failed below) and fail every outstanding work request now."""
+        log.error("RDMA device %s unusable: %s", self.name, why)
+        self.failed = why
+        self._fail_all(why)
 
     def _fail_all(self, why: str, only: QueuePair | None = None) -> None:
         """Complete outstanding work requests with ``why`` (those of ``only`` when given)."""
@@ -461,6 +485,8 @@ class QueuePair:
                 raise RdmaError(f"RDMA: {waiter.error}")
 
     def _check_usable(self) -> None:
+        if self.dev.failed is not None:
+            raise RdmaError(f"RDMA device {self.dev.name} is unusable: {self.dev.failed}")
         if self.closed:
             raise RdmaError("RDMA queue pair was closed; set up a new session")
         if self.fenced:
