@@ -48,6 +48,10 @@ def client(control_endpoint: str = "127.0.0.1:1") -> RdmaDataClient:
     c._closed = False
     c._hello_backoff_s = 0.0
     c._hello_not_before = 0.0
+    c._fallback = False
+    c._tcp_until = 0.0
+    c._proven = 0
+    c._on_bytes = None
     return c
 
 
@@ -200,5 +204,124 @@ def test_a_full_session_table_backs_off_instead_of_hammering_the_node() -> None:
         c._hello_not_before = 0.0
         c._hello = lambda deadline: (7, FakeQP())  # type: ignore[method-assign,assignment,return-value]
         assert c._current(time.monotonic() + 1)[0] == 7 and c._hello_backoff_s == 0.0
+    finally:
+        c._channels.close()
+
+
+def test_a_full_session_table_is_resource_exhausted_not_unavailable() -> None:
+    import asyncio
+
+    import grpc
+
+    from lmcache_memkv.control.service import SessionService
+    from lmcache_memkv.node.rdma import SessionsExhausted
+    from lmcache_memkv.proto.memkv.v1 import session_pb2
+
+    class Full:
+        def open(self, *a: Any) -> Any:
+            raise SessionsExhausted("all 4 RDMA sessions are in use")
+
+    ctx = FakeContext()
+    svc = SessionService(None, None, rdma=Full())  # type: ignore[arg-type]
+    with pytest.raises(Aborted):
+        asyncio.run(svc._rdma_session(_hello_request(), session_pb2.HelloResponse(), ctx))
+    assert ctx.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---------------------------------------------------------------------- transport auto: TCP when verbs fail
+
+
+class FakeTcp:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def put(self, keys: Any, values: Any, timeout_s: Any = None, versions: Any = None) -> list[int]:
+        self.calls.append("put")
+        return [0] * len(keys)
+
+    def read_into(self, keys: Any, buffers: Any, timeout_s: Any = None, exact: bool = False) -> Any:
+        self.calls.append("get")
+        return "tcp-reply"
+
+
+def _unroutable(c: RdmaDataClient, qps: list[Any]) -> list[int]:
+    """Hello works; every transfer fails on the node (retry count exceeded: no route)."""
+    from lmcache_memkv.errors import ServerError
+    from lmcache_memkv.wire.constants import ErrorCode
+
+    sessions = iter(range(100, 200))
+    transfers: list[int] = []
+
+    def hello(deadline: float) -> Any:
+        qps.append(FakeQP())
+        return next(sessions), qps[-1]
+
+    c._hello = hello  # type: ignore[method-assign]
+    c._fail = True  # type: ignore[attr-defined]
+
+    def body(session: int, deadline: float) -> Any:
+        transfers.append(session)
+        if c._fail:  # type: ignore[attr-defined]
+            raise ServerError("RDMA transfer failed: work request failed: status 12", ErrorCode.INTERNAL)
+        return "rdma"
+
+    c._body = body  # type: ignore[attr-defined]
+    return transfers
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_transfers_failing_on_a_fresh_session_send_auto_to_tcp_for_a_while(fallback: bool) -> None:
+    from lmcache_memkv.errors import ServerError
+
+    c = client()
+    c._fallback = fallback
+    c._tcp = FakeTcp()  # type: ignore[assignment]
+    qps: list[Any] = []
+    transfers = _unroutable(c, qps)
+    try:
+        with pytest.raises(ServerError):
+            c._run("x", None, c._body)  # type: ignore[attr-defined]
+        assert qps[0].fenced
+        if fallback:
+            # Sticky: the next calls go over TCP without touching verbs.
+            assert c.tcp_only()
+            assert c.put([b"k"], [b"v"]) == [0] and c.read_into([b"k"], [bytearray(1)]) == "tcp-reply"
+            assert c._tcp.calls == ["put", "get"] and transfers == [100]  # type: ignore[attr-defined]
+            # After the back-off verbs are tried again; once a session works, its later
+            # failures are ordinary ones (no switch to TCP).
+            c._tcp_until = 0.0
+            c._fail = False  # type: ignore[attr-defined]
+            assert c._run("x", None, c._body) == "rdma" and not c.tcp_only()  # type: ignore[attr-defined]
+            c._fail = True  # type: ignore[attr-defined]
+            with pytest.raises(ServerError):
+                c._run("x", None, c._body)  # type: ignore[attr-defined]
+            assert not c.tcp_only()
+        else:
+            # transport rdma: never TCP; every call tries verbs again and fails (a miss).
+            assert not c.tcp_only()
+            with pytest.raises(ServerError):
+                c._run("x", None, c._body)  # type: ignore[attr-defined]
+            assert transfers == [100, 101]
+    finally:
+        c._channels.close()
+
+
+def test_auto_goes_tcp_when_the_node_refuses_hello_as_unavailable() -> None:
+    """The node's device is unusable (its poller died): Hello UNAVAILABLE, values over TCP."""
+    import grpc
+
+    from lmcache_memkv.client.rdma_client import HelloRefused
+
+    c = client()
+    c._fallback = True
+
+    def refuse(deadline: float) -> Any:
+        raise HelloRefused("device unusable", grpc.StatusCode.UNAVAILABLE)
+
+    c._hello = refuse  # type: ignore[method-assign]
+    try:
+        with pytest.raises(HelloRefused):
+            c._run("x", None, lambda s, d: None)
+        assert c.tcp_only()
     finally:
         c._channels.close()

@@ -51,6 +51,10 @@ _NONCE = 32
 # back-off, doubling per refusal, so a full session table is not hammered by every call.
 _HELLO_BACKOFF_S = 0.5
 _HELLO_BACKOFF_MAX_S = 30.0
+# transport auto: a node whose verbs path does not work from here (transfers fail on a fresh
+# session: no route, wrong GID; or its device is unusable) is served over TCP this long, then
+# verbs are tried again (the path may have been fixed; a retry costs one failed call).
+_TCP_FALLBACK_S = 60.0
 
 
 class HelloRefused(ConnectError):
@@ -97,7 +101,10 @@ class RdmaDataClient:
         side: RdmaSide,
         channels: ChannelPool,
         on_bytes: ByteCounter | None = None,
+        fallback: bool = False,
     ) -> None:
+        """``fallback`` (transport auto): when verbs do not work to this node, use TCP for a while;
+        without it (transport rdma) such calls keep failing, logged with the reason."""
         self.endpoint = member.data_endpoint
         self.control_endpoint = member.control_endpoint
         self.node_id = member.node_id
@@ -106,13 +113,20 @@ class RdmaDataClient:
         self._key = key
         self._side = side
         self._channels = channels
-        self._tcp = NodeClient(member.data_endpoint, key, timeout_s, client_id)
+        self._tcp: NodeClient = (
+            CountingNodeClient(member.data_endpoint, key, timeout_s, client_id, on_bytes)
+            if on_bytes is not None
+            else NodeClient(member.data_endpoint, key, timeout_s, client_id)
+        )  # the request socket; with ``fallback`` also the value path while verbs are off
         self._on_bytes = on_bytes
         self._session: tuple[int, QueuePair] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._hello_backoff_s = 0.0  # current back-off after RESOURCE_EXHAUSTED (0: none)
         self._hello_not_before = 0.0  # monotonic time before which no Hello is sent
+        self._fallback = fallback
+        self._tcp_until = 0.0  # monotonic: values go over TCP until then (fallback only)
+        self._proven = 0  # id of the last session that completed a transfer (0: none)
 
     # ------------------------------------------------------------------ session
 
@@ -223,18 +237,47 @@ class RdmaDataClient:
             raise ValueError(f"timeout_s must be positive, got {budget}")
         deadline = time.monotonic() + budget
         for attempt in (0, 1):
-            session = self._current(deadline)
             try:
-                return body(session[0], deadline)
+                session = self._current(deadline)
+            except HelloRefused as exc:
+                # UNAVAILABLE: the node's device is unusable (or the node is unreachable: then TCP
+                # fails too, harmlessly); FAILED_PRECONDITION: it has no verbs device.
+                if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
+                    self._verbs_failed(exc)
+                raise
+            try:
+                out = body(session[0], deadline)
+                self._proven = session[0]
+                return out
             except ServerError as exc:
                 self._fence(session, exc, deadline)
                 if exc.code == ErrorCode.NO_SESSION and attempt == 0 and time.monotonic() < deadline:
                     continue  # the node dropped our session (fenced, restarted, evicted): set up a new one
+                if exc.code in (ErrorCode.INTERNAL, ErrorCode.TIMEOUT) and self._proven != session[0]:
+                    self._verbs_failed(exc)  # the node's transfer failed on a session that never moved a byte
                 raise
             except BaseException as exc:
                 self._fence(session, exc, deadline)
+                if isinstance(exc, MemKVTimeout) and self._proven != session[0]:
+                    self._verbs_failed(exc)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _verbs_failed(self, why: BaseException) -> None:
+        """Verbs to this node failed before any transfer worked: with ``fallback``, TCP for a
+        while (sticky: no verbs retry per call); else the calls keep failing, with the reason."""
+        if self._fallback:
+            self._tcp_until = time.monotonic() + _TCP_FALLBACK_S
+            log.warning(
+                "memkv node %s: RDMA does not work from here (%s); moving its values over TCP for %.0fs, then trying RDMA again",
+                self.endpoint, why, _TCP_FALLBACK_S,
+            )  # fmt: skip
+        else:
+            log.warning("memkv node %s: RDMA does not work from here (%s); transport rdma is required, so its calls fail", self.endpoint, why)
+
+    def tcp_only(self) -> bool:
+        """True while values to this node go over TCP (transport auto, after verbs failed)."""
+        return self._fallback and time.monotonic() < self._tcp_until
 
     # ------------------------------------------------------------------ value bytes over verbs
 
@@ -245,6 +288,8 @@ class RdmaDataClient:
         timeout_s: float | None = None,
         versions: Sequence[int] | None = None,
     ) -> list[Status]:
+        if self.tcp_only():
+            return self._tcp.put(keys, values, timeout_s, versions)
         if len(keys) != len(values):
             raise ValueError(f"put: {len(keys)} keys but {len(values)} values")
         check_keys(keys, "put")
@@ -279,6 +324,8 @@ class RdmaDataClient:
     def read_into(
         self, keys: Sequence[bytes], buffers: Sequence[Buffer], timeout_s: float | None = None, exact: bool = False
     ) -> GetResponse:
+        if self.tcp_only():
+            return self._tcp.read_into(keys, buffers, timeout_s, exact)
         if len(keys) != len(buffers):
             raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
         check_keys(keys, "get_into")
@@ -383,7 +430,9 @@ class TransportChooser:
     def __call__(self, member: Member, key: bytes | None, timeout_s: float, client_id: bytes) -> DataClient:
         if self.transport_for(member) == "rdma":
             assert self.side is not None and self._channels is not None
-            return RdmaDataClient(member, key, timeout_s, client_id, self.side, self._channels, self._on_bytes)
+            return RdmaDataClient(
+                member, key, timeout_s, client_id, self.side, self._channels, self._on_bytes, fallback=not self._require
+            )
         if self._on_bytes is not None:
             return CountingNodeClient(member.data_endpoint, key, timeout_s, client_id, self._on_bytes)
         return NodeClient(member.data_endpoint, key, timeout_s, client_id)
