@@ -432,7 +432,7 @@ class SessionService(session_pb2_grpc.SessionServicer):
         return reply
 
     async def _rdma_session(self, request: session_pb2.HelloRequest, reply: session_pb2.HelloResponse, context: Any) -> None:
-        from lmcache_memkv.transport.rdma import QpInfo, RdmaError, Region
+        from lmcache_memkv.transport.rdma import QpInfo, RdmaError, Region, SessionsExhausted
 
         if self._rdma is None:
             await _abort_async(context, grpc.StatusCode.FAILED_PRECONDITION, "this node has no RDMA device")
@@ -456,7 +456,7 @@ class SessionService(session_pb2_grpc.SessionServicer):
             await _invalid_async(context, f"Hello: {exc}")
         except RdmaError as exc:
             # A full session table is a "later", not a broken device: the client backs off.
-            full = type(exc).__name__ == "SessionsExhausted"
+            full = isinstance(exc, SessionsExhausted)
             await _abort_async(context, grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE, str(exc))
         reply.session_id = token
         reply.rdma_endpoint.CopyFrom(

@@ -24,10 +24,11 @@ from lmcache_memkv.errors import ProtocolError
 from lmcache_memkv.node.arena import Arena
 from lmcache_memkv.node.metrics import NodeMetrics
 from lmcache_memkv.node.movers import Mover, RdmaMover
-from lmcache_memkv.transport.rdma import QpInfo, QueuePair, RdmaError, Region, VerbsDevice
+from lmcache_memkv.transport.rdma import QpInfo, QueuePair, RdmaError, Region, SessionsExhausted, VerbsDevice
 from lmcache_memkv.wire.constants import CLIENT_ID_LEN, ErrorCode
 from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
+__all__ = ["DEFAULT_IDLE_EVICT_S", "DEFAULT_MAX_SESSIONS", "RdmaSessions", "SessionsExhausted", "open_rdma"]
 log = logging.getLogger("memkv.node.rdma")
 DEFAULT_MAX_SESSIONS = 1024
 # A session idle this long may be evicted to make room for a new one. Far above one transfer
@@ -35,10 +36,6 @@ DEFAULT_MAX_SESSIONS = 1024
 # lookup-then-load gap, so an evicted session is one whose client went quiet or away; a busy
 # client's session is never taken from it (a new Hello is refused instead: RESOURCE_EXHAUSTED).
 DEFAULT_IDLE_EVICT_S = 60.0
-
-
-class SessionsExhausted(RdmaError):
-    """Every session slot is held by a recently used session: the Hello is refused, not served by eviction."""
 
 
 @dataclass

@@ -48,6 +48,11 @@ class RdmaError(MemKVError):
     """A verbs call or a work request failed (the queue pair is then unusable)."""
 
 
+class SessionsExhausted(RdmaError):
+    """The node's session table is full of recently used sessions: the Hello is refused
+    (RESOURCE_EXHAUSTED), nobody's busy session is evicted for it."""
+
+
 def rdma_devices(wanted: Sequence[str] = ()) -> list[str]:
     """Names of usable RDMA devices (restricted to ``wanted`` when given); [] without pyverbs.
 
