@@ -48,7 +48,8 @@ SIDECAR_ENV: Mapping[str, str] = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISAB
 # A developer's shell may carry LMCache settings that would silently change the sidecar's behaviour.
 _SCRUBBED_ENV = ("LMCACHE_MP_TRANSFER_MODE", "LMCACHE_COORDINATOR_URL", "LMCACHE_COORDINATOR_EVENT_REPORTING")
 _PORT_IN_USE_MARKERS = ("address already in use", "errno 98", "address in use")
-_LIVE: set[subprocess.Popen[bytes]] = set()
+# Process groups this interpreter started (sidecars and vLLM workers), killed at exit if still up.
+LIVE_GROUPS: set[subprocess.Popen[bytes]] = set()
 
 
 class SidecarError(RuntimeError):
@@ -388,7 +389,7 @@ class SidecarProcess:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        _LIVE.add(self._proc)
+        LIVE_GROUPS.add(self._proc)
         self.returncode = None
 
     def _wait_ready(self) -> None:
@@ -425,7 +426,7 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
         self.returncode = proc.wait()
-        _LIVE.discard(proc)
+        LIVE_GROUPS.discard(proc)
         return self.returncode
 
     def __enter__(self) -> SidecarProcess:
@@ -521,10 +522,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 @atexit.register
 def _kill_leftovers() -> None:
-    """Last line of defence: no sidecar outlives the interpreter that started it."""
-    for proc in list(_LIVE):
+    """Last line of defence: no sidecar or vLLM worker outlives the interpreter that started it."""
+    for proc in list(LIVE_GROUPS):
         if proc.poll() is None:
             _kill_group(proc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
-        _LIVE.discard(proc)
+        LIVE_GROUPS.discard(proc)

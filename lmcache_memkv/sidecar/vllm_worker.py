@@ -23,7 +23,6 @@ transformers, tokenizers and torch, which only the vLLM environment has.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from lmcache_memkv.sidecar.process import LOOPBACK, free_loopback_port, parse_metric_value
+from lmcache_memkv.sidecar.process import LIVE_GROUPS, LOOPBACK, free_loopback_port, parse_metric_value
 
 __all__ = [
     "EXTERNAL_HITS",
@@ -59,7 +58,6 @@ EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 _VOCAB_WORDS = 480  # plus 3 special tokens: a small vocabulary keeps the embedding tiny
 _SPECIALS = ("<unk>", "<s>", "</s>")
-_LIVE: set[subprocess.Popen[bytes]] = set()
 
 
 class VllmStartError(RuntimeError):
@@ -245,7 +243,7 @@ class VllmWorker:
                 env=self.config.environment(),
                 start_new_session=True,
             )
-        _LIVE.add(self._proc)
+        LIVE_GROUPS.add(self._proc)
         try:
             self._wait_ready()
         except BaseException:
@@ -284,7 +282,7 @@ class VllmWorker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
-        _LIVE.discard(proc)
+        LIVE_GROUPS.discard(proc)
         return rc
 
     def __enter__(self) -> VllmWorker:
@@ -340,14 +338,3 @@ class VllmWorker:
             return "(no log)"
         with open(self.log_path, errors="replace") as f:
             return "".join(deque(f, maxlen=lines))
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    """No worker outlives the interpreter that started it."""
-    for proc in list(_LIVE):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        _LIVE.discard(proc)
