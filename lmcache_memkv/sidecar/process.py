@@ -218,6 +218,18 @@ class SidecarAdmin:
         total = sum(int(m.get("memory_total_bytes", 0)) for m in managers.values())
         return used, total
 
+    def clear_l1(self, force: bool = False) -> None:
+        """``POST /cache/clear``: drop L1's unlocked objects (L2 keeps its copies), so what is
+        read next must come from L2. ``force`` also drops locked ones (in-flight work may break)."""
+        body = json.dumps({"tier": "l1", "force": force}).encode()
+        request = urllib.request.Request(
+            self.admin_url + "/cache/clear", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+            reply = json.loads(resp.read())
+        if not isinstance(reply, dict) or reply.get("status") != "ok":
+            raise SidecarError(f"/cache/clear answered {reply!r}")
+
     def l1_object_count(self) -> int:
         sm = self.status().get("storage_manager", {})
         managers = sm.get("l1_managers") or {"_default": sm.get("l1_manager") or {}}

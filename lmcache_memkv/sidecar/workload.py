@@ -26,7 +26,7 @@ from lmcache_memkv.sidecar.process import SidecarAdmin, SidecarEndpoints, Sideca
 
 if TYPE_CHECKING:
     import torch
-    from lmcache.cli.commands.bench.server_bench.client import RequestContext, ServerBenchClient
+    from lmcache.cli.commands.bench.server_bench.client import LookupResult, RequestContext, ServerBenchClient
 
 __all__ = [
     "ChunkMismatch",
@@ -105,6 +105,15 @@ class WorkloadConfig:
     LMCache's back-pressure rather than the L2 adapter. ``l1_headroom`` additionally waits before
     each store and each retrieve until L1 usage is below that ratio: LMCache evicts only once a
     second, a store into a full L1 drops chunks, and an L2 hit needs L1 room to be prefetched.
+
+    ``blocking_lookup`` waits for a LOOKUP's prefetch with one WAIT_PREFETCH_STATUS call (LMCache's
+    own blocking wait, as its SGLang adapter does); ``False`` uses ``ServerBenchClient.lookup``,
+    which polls QUERY_PREFETCH_STATUS with 50 ms sleeps, so every L2 hit costs at least 50 ms.
+
+    ``torch_threads`` is set for this whole process at ``connect()`` (``None`` leaves torch's
+    default): the client's fills and byte checks are many small tensor ops, and torch's intra-op
+    threads spinning for the same cores as the sidecar made them up to 80x slower on a busy
+    2-core machine.
     """
 
     geometry: KVGeometry = field(default_factory=KVGeometry)
@@ -114,8 +123,15 @@ class WorkloadConfig:
     drain_timeout_s: float = 30.0
     l1_headroom: float | None = None
     l1_headroom_timeout_s: float = 10.0
+    blocking_lookup: bool = True
+    lookup_timeout_s: float = 10.0
+    torch_threads: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.lookup_timeout_s <= 0:
+            raise ValueError(f"lookup_timeout_s must be > 0, got {self.lookup_timeout_s}")
         if self.max_tokens_per_request <= 0:
             raise ValueError(f"max_tokens_per_request must be > 0, got {self.max_tokens_per_request}")
         if self.l1_headroom is not None and not 0.0 < self.l1_headroom <= 1.0:
@@ -191,7 +207,8 @@ class StoreReport:
     a full L1 are dropped silently. ``chunks_acked`` counts chunks of requests whose reply was OK;
     ``chunks_dropped`` is the server's count of L1 allocation failures during these stores (from
     ``/metrics``, so it assumes no other client stores at the same time). ``busy_s`` excludes the
-    pacing waits (``pacing_wait_s``).
+    pacing waits (``pacing_wait_s``) and the time spent writing the requests' bytes into the
+    client's KV pages (``fill_s``: the simulated engine's work, not the store path's).
     """
 
     requests: tuple[RequestSpec, ...]
@@ -204,6 +221,7 @@ class StoreReport:
     busy_s: float
     pacing_wait_s: float
     latency: LatencyStats
+    fill_s: float = 0.0
 
     @property
     def chunks_stored(self) -> int:
@@ -329,6 +347,7 @@ class Workload:
         self._req_client: Any = None
         self._chunk_size = 0
         self._session_counter = 0
+        self._pads: dict[int, torch.Tensor] = {}  # random pads by view size (see _expected)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -340,6 +359,10 @@ class Workload:
         from lmcache.cli.commands.bench.server_bench.config import BenchConfig
 
         geo = self.config.geometry
+        if self.config.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
         self._chunk_size = self.admin.chunk_size()
         if self._chunk_size % geo.block_size:
             raise ValueError(f"server chunk size {self._chunk_size} is not a multiple of block size {geo.block_size}")
@@ -414,15 +437,17 @@ class Workload:
         cfg = self.config
         attempted = acked = failed = 0
         latencies: list[float] = []
-        pacing_wait = 0.0
+        pacing_wait = fill_s = 0.0
         drops_before = self._l1_store_drops()
         started = time.monotonic()
         for done, spec in enumerate(requests, 1):
             pacing_wait += self._wait_headroom()
             ctx = self._context(spec, "store")
             n_chunks = ctx.total_chunks
+            fill_started = time.monotonic()
             for chunk in range(n_chunks):
                 self._chunk_views(ctx, chunk, fill_from=spec)
+            fill_s += time.monotonic() - fill_started
             result = client.store(ctx, 0, ctx.num_full_tokens)
             ok = result is not None and result.succeeded and bool(result.attempted_worker_ranks)
             if result is not None:
@@ -446,8 +471,9 @@ class Workload:
             failed_requests=failed,
             chunk_bytes=self.chunk_bytes,
             elapsed_s=elapsed,
-            busy_s=max(elapsed - pacing_wait, 0.0),
+            busy_s=max(elapsed - pacing_wait - fill_s, 0.0),
             pacing_wait_s=pacing_wait,
+            fill_s=fill_s,
             latency=LatencyStats.of(latencies),
         )
 
@@ -465,14 +491,14 @@ class Workload:
             ctx = self._context(spec, "retrieve")
             n_chunks = ctx.total_chunks
             requested += n_chunks
-            lookup = client.lookup(ctx)
+            for chunk in range(n_chunks):  # anything non-zero afterwards was written by the server
+                for view in self._chunk_views(ctx, chunk):
+                    view.zero_()
+            lookup = self._lookup(ctx)
             lookup_ms.append(lookup.latency_ms)
             hit = lookup.hit_chunks if lookup.succeeded else 0
             hit_total += hit
             misses += n_chunks - hit
-            for chunk in range(n_chunks):  # anything non-zero afterwards was written by the server
-                for view in self._chunk_views(ctx, chunk):
-                    view.zero_()
             ok = lookup.succeeded
             if hit:
                 result = client.retrieve(ctx, 0, hit * self._chunk_size)
@@ -525,7 +551,7 @@ class Workload:
         for done, spec in enumerate(requests, 1):
             ctx = self._context(spec, "lookup")
             requested += ctx.total_chunks
-            result = client.lookup(ctx)
+            result = self._lookup(ctx)
             latencies.append(result.latency_ms)
             hit = result.hit_chunks if result.succeeded else 0
             failed += 0 if result.succeeded else 1
@@ -583,27 +609,74 @@ class Workload:
 
         blocks_per_chunk = self._chunk_size // self.config.geometry.block_size
         first = ctx.block_offset + chunk * blocks_per_chunk
-        gen = torch.Generator().manual_seed(fill_from.chunk_seed(chunk)) if fill_from is not None else None
         views: list[torch.Tensor] = []
-        for tensor in self._tensors:
+        for layer, tensor in enumerate(self._tensors):
             # Blocks are dim 1 of (K/V, blocks, block_size, heads, head_size); dim 0 for MLA's rank 3.
             block_dim = 0 if tensor.dim() == 3 else 1
             view = tensor.narrow(block_dim, first, blocks_per_chunk).view(torch.uint8)
-            if gen is not None:
-                view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen))
+            if fill_from is not None:
+                view.copy_(self._expected(fill_from.chunk_seed(chunk), layer, view))
             views.append(view)
         return views
 
-    def _compare_chunk(self, ctx: RequestContext, spec: RequestSpec, chunk: int) -> int:
-        """Number of bytes of one chunk that differ from the expected content (0 = exact)."""
+    def _expected(self, chunk_seed: int, layer: int, view: torch.Tensor) -> torch.Tensor:
+        """The content of one layer's view of a chunk: a window of a random pad at an offset the
+        chunk seed picks, its first 8 bytes overwritten by ``chunk_seed ^ layer``. Every chunk and
+        layer differs (a chunk landing in the wrong place is caught), at memcpy speed (drawing
+        fresh random bytes per chunk made filling and checking the slowest part of a run)."""
         import torch
 
-        gen = torch.Generator().manual_seed(spec.chunk_seed(chunk))
+        n = view.numel()
+        pad = self._pads.get(n)
+        if pad is None:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            pad = self._pads[n] = torch.randint(0, 256, (2 * n,), dtype=torch.uint8, generator=gen)
+        mixed = (chunk_seed ^ (layer * 0x9E3779B97F4A7C15)) & (2**64 - 1)
+        offset = mixed % n
+        content = pad[offset : offset + n].clone()
+        content[:8] = torch.frombuffer(bytearray((chunk_seed ^ layer).to_bytes(8, "little")), dtype=torch.uint8)
+        return content.view(view.shape)
+
+    def _compare_chunk(self, ctx: RequestContext, spec: RequestSpec, chunk: int) -> int:
+        """Number of bytes of one chunk that differ from the expected content (0 = exact)."""
         differing = 0
-        for view in self._chunk_views(ctx, chunk):  # same layer order and draw order as the fill
-            expected = torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen)
-            differing += int((view != expected).sum().item())
+        for layer, view in enumerate(self._chunk_views(ctx, chunk)):
+            expected = self._expected(spec.chunk_seed(chunk), layer, view)
+            if not bool(view.eq(expected).all()):
+                differing += int((view != expected).sum().item())
         return differing
+
+    def _lookup(self, ctx: RequestContext) -> LookupResult:
+        """LOOKUP, then wait for its prefetch (L2 -> L1) to finish; returns the hit prefix."""
+        client = self._require_client()
+        if not self.config.blocking_lookup:
+            return client.lookup(ctx)
+        from lmcache.cli.commands.bench.server_bench.client import LookupResult
+        from lmcache.cli.commands.bench.server_bench.helpers import _make_key, _send_lookup
+
+        timeout_s = self.config.lookup_timeout_s
+        # Same key shape as ServerBenchClient.lookup() (one KV rank).
+        key = _make_key(ctx.token_ids, ctx.request_id, start=0, end=ctx.num_full_tokens, world_size=1)
+        started = time.monotonic()
+        error: str | None = None
+        hit = 0
+        if not _send_lookup(self._req_client, key):
+            error = "timeout"
+        else:
+            # One blocking RPC instead of ServerBenchClient's 50 ms polls; bounded on both sides.
+            try:
+                result = self._req_client.wait_prefetch_status(ctx.request_id, timeout_s).result(
+                    timeout=timeout_s + 5.0
+                )
+            except TimeoutError:
+                result = None
+            if result is None:
+                error = "timeout"
+            else:
+                hit = min(int(result), ctx.total_chunks)
+        return LookupResult(
+            hit_chunks=hit, total_chunks=ctx.total_chunks, latency_ms=(time.monotonic() - started) * 1000, error=error
+        )
 
     def _free_lookup_locks(self, ctx: RequestContext, hit_tokens: int) -> None:
         from lmcache.cli.commands.bench.server_bench.helpers import _make_key
