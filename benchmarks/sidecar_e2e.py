@@ -295,9 +295,13 @@ def summarize_profile(path: Path, top: int) -> list[str]:
 
 
 _OURS_OR_LMCACHE = "(lmcache/v1/"
-# Leaf frames that are a thread waiting, not working.
+# Leaf frames that are a thread waiting, not working. py-spy shows no frame for a C call, so the
+# loops of LMCache's controllers (and grpc's spin thread), which wait in poll()/sleep(), are listed
+# as themselves; their work shows up as deeper frames.
 _WAITS = frozenset({"Condition.wait", "Event.wait", "EpollSelector.select", "Poller.poll", "Queue.get", "sleep",
-                    "select", "poll", "epoll_wait", "wait"})  # fmt: skip
+                    "select", "poll", "epoll_wait", "wait", "PrefetchController._prefetch_loop",
+                    "StoreController._store_loop", "L1EvictionController.eviction_loop",
+                    "_run_channel_spin_thread.<locals>.channel_spin"})  # fmt: skip
 
 
 def _short(frame: str) -> str:
