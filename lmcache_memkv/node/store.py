@@ -48,7 +48,7 @@ class Fenced(Exception):
     """The store was wiped (the node may have been declared DEAD) while a request was under way."""
 
 
-@dataclass
+@dataclass(slots=True)  # one of each per stored value: small, and quick to make
 class Extent:
     offset: int
     length: int
@@ -56,7 +56,7 @@ class Extent:
     retired: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     extent: Extent
     version: int
