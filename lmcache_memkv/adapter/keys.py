@@ -53,7 +53,7 @@ class _KeyLike(Protocol):
 def encode_keys(prefix: str, keys: Iterable[_KeyLike]) -> list[bytes]:
     """``encode_key`` for each key, read straight off the key objects: every LMCache call
     encodes a batch, and building a KeyFields per key cost as much as the formatting."""
-    out = []
+    out: list[bytes] = []
     append = out.append
     for k in keys:
         salt = k.cache_salt
