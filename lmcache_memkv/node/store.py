@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedList
 
 from lmcache_memkv.node.arena import ALIGN, Arena, align_up
 from lmcache_memkv.versions import FUTURE_SLACK, MAX_VERSION, wall_version
@@ -114,7 +114,12 @@ class Store:
         self._reset()
 
     def _reset(self) -> None:
-        self._index: SortedDict = SortedDict()  # bytes -> Entry, sorted for LIST paging
+        self._index: dict[bytes, Entry] = {}
+        # LIST pages in key order. The sorted key list is brought up to date only when a LIST
+        # comes: writes just note which keys came or went (a set insert instead of a sorted
+        # insert, several microseconds, per value).
+        self._sorted: SortedList = SortedList()
+        self._changed: set[bytes] | None = set()  # None: too many to replay, sort afresh
         self._lru: OrderedDict[bytes, None] = OrderedDict()  # unleased keys, oldest first
         self._lru_bytes = 0  # arena bytes of the entries on the LRU list
         self._leases: dict[int, Lease] = {}
@@ -194,6 +199,8 @@ class Store:
                 self._unlist(key, old)
                 self.value_bytes -= old.extent.length
                 self._retire(old.extent)
+            else:
+                self._note(key)
             entry = Entry(extent=extent, version=version)
             self._index[key] = entry
             self.value_bytes += extent.length
@@ -216,6 +223,7 @@ class Store:
                     continue
                 if entry is not None:
                     del self._index[key]
+                    self._note(key)
                     self._drop(key, entry)
                 self._tombstone(key, version)
                 out.append(Status.OK if entry is not None else Status.MISS)
@@ -369,7 +377,8 @@ class Store:
         with self._lock:
             start = max(prefix, cursor)
             items: list[tuple[bytes, int]] = []
-            for key in self._index.irange(minimum=start, inclusive=(cursor == b"" or start != cursor, True)):
+            self._sync_sorted()
+            for key in self._sorted.irange(minimum=start, inclusive=(cursor == b"" or start != cursor, True)):
                 if not key.startswith(prefix):
                     break
                 if len(items) == limit:
@@ -408,6 +417,29 @@ class Store:
 
     # ------------------------------------------------------------------ internals (lock held)
 
+    def _note(self, key: bytes) -> None:
+        """``key`` came into the index or left it: LIST's sorted list must learn of it."""
+        changed = self._changed
+        if changed is not None:
+            changed.add(key)
+            if len(changed) > 2 * len(self._index) + 1024:  # no LIST for a long while: stop noting
+                self._changed = None
+
+    def _sync_sorted(self) -> None:
+        """Bring the sorted key list up to date with the index (for LIST). After much churn
+        this sorts every key once, under the lock: LIST is an operator's call, not a data path."""
+        changed, self._changed = self._changed, set()
+        if changed is None or len(changed) > len(self._sorted) // 2:
+            self._sorted = SortedList(self._index)  # one sort beats many inserts
+            return
+        index, ordered = self._index, self._sorted
+        for key in changed:
+            if key in index:
+                if key not in ordered:
+                    ordered.add(key)
+            else:
+                ordered.discard(key)
+
     def _check_generation(self, generation: int) -> None:
         if generation != self.generation:
             raise Fenced("the store was wiped since this connection was opened")
@@ -435,6 +467,7 @@ class Store:
         entry = self._index.get(key)
         if entry is not None and entry.version < version:
             del self._index[key]
+            self._note(key)
             self._drop(key, entry)
             self.counters.invalidations += 1
         self._tombstone(key, version - 1)
@@ -506,6 +539,7 @@ class Store:
             if entry.extent.pins:
                 continue
             del self._index[key]
+            self._note(key)
             self._drop(key, entry)
             self._tombstone(key, entry.version)  # a delayed older write must not revive what was evicted
             self.counters.evictions += 1
