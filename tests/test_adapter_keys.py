@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, model_prefix
+from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, encode_keys, model_prefix
 from lmcache_memkv.wire.constants import MAX_KEY_LEN
 
 _text = st.text(st.characters(blacklist_characters="@/\\\x00", blacklist_categories=("Cs",)), max_size=40)
@@ -25,6 +25,13 @@ def test_round_trip(prefix: str, f: KeyFields) -> None:
     wire = encode_key(prefix, f)
     assert len(wire) <= MAX_KEY_LEN
     assert decode_key(prefix, wire) == f
+
+
+@given(prefixes, st.lists(fields, max_size=5), st.integers(0, 600))
+def test_batch_encoding_is_encode_key(prefix: str, batch: list[KeyFields], pad: int) -> None:
+    # Long model names too, so keys past the wire cap take the digest path in both.
+    batch = [f._replace(model_name=f.model_name + "m" * pad) for f in batch]
+    assert encode_keys(prefix, batch) == [encode_key(prefix, f) for f in batch]
 
 
 @given(prefixes, fields, fields)

@@ -17,6 +17,7 @@ from lmcache_memkv.cluster.suspicion import LocalSuspicion
 from lmcache_memkv.control.channel import open_channel
 from lmcache_memkv.errors import ConfigError, ConnectError
 from lmcache_memkv.proto.memkv.v1 import maintenance_pb2, maintenance_pb2_grpc
+from lmcache_memkv.wire.constants import Status
 
 KEY = bytes(range(100, 132))
 
@@ -87,6 +88,22 @@ def test_reads_fail_over_to_the_second_replica_on_a_miss(client: ClusterClient, 
     buf = bytearray(16)
     assert client.get_into([key], [buf]) == [7] and bytes(buf[:7]) == b"payload"
     assert client.exists([key]) == [7]
+
+
+def test_reads_ask_the_replica_holding_our_lease_first(client: ClusterClient, cluster: InProcCluster) -> None:
+    key = b"lease-first"
+    assert client.put([key], [b"old-value"]) == [True]
+    first = client.placement(key)[0]
+    with NodeClient(_node(cluster, first).data, KEY) as nc:
+        assert nc.delete([key]) == [True]
+    assert client.exists([key], lease_ttl_s=30) == [9]  # found on, and leased from, the second replica
+    with NodeClient(_node(cluster, first).data, KEY) as nc:
+        assert nc.put([key], [b"new-value!"]) == [Status.OK]
+    buf = bytearray(16)
+    # The leased copy is read, though the first replica now has a value too.
+    assert client.get_into([key], [buf]) == [9] and bytes(buf[:9]) == b"old-value"
+    client.release([key])
+    assert client.get_into([key], [buf]) == [10] and bytes(buf[:10]) == b"new-value!"
 
 
 def test_leases_are_taken_where_found_and_released_there(client: ClusterClient, cluster: InProcCluster) -> None:

@@ -22,7 +22,18 @@ def arena() -> Iterator[Arena]:
 
 
 def free_extents(a: Arena) -> list[tuple[int, int]]:
-    return [(int(o), int(n)) for o, n in a._free_by_offset.items()]
+    """The free extents, coalesced (the top region last)."""
+    return a.free_extents()
+
+
+def coalesced(a: Arena) -> list[tuple[int, int]]:
+    """The coalesced free extents as they stand (the exact-size lists not merged in), the top region last."""
+    top = [(a._top, a.capacity - a._top)] if a._top < a.capacity else []
+    return [(int(o), int(n)) for o, n in a._free_by_offset.items()] + top
+
+
+def on_free_lists(a: Arena) -> list[tuple[int, int]]:
+    return [(o, n) for n, offsets in a._quick.items() for o in offsets]
 
 
 def test_capacity_is_aligned_and_validated() -> None:
@@ -82,7 +93,7 @@ def test_view_is_the_mapping(arena: Arena) -> None:
     assert arena.address != 0
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5 * ALIGN)), max_size=80))
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0, 1, ALIGN, ALIGN + 1, 3 * ALIGN]) | st.integers(0, 5 * ALIGN)), max_size=80))
 def test_random_alloc_free_keeps_invariants(ops: list[tuple[bool, int]]) -> None:
     a = Arena(64 * ALIGN)
     live: dict[int, int] = {}
@@ -91,23 +102,35 @@ def test_random_alloc_free_keeps_invariants(ops: list[tuple[bool, int]]) -> None
             if do_alloc or not live:
                 off = a.alloc(size)
                 if off is None:
-                    assert a.largest_free() < align_up(max(size, 1))
+                    assert a.largest_free() < align_up(max(size, 1))  # nothing fits even coalesced
                     continue
                 assert off % ALIGN == 0
                 live[off] = size
             else:
                 off = sorted(live)[i % len(live)]
                 a.free(off, live.pop(off))
-            # Live extents and free extents tile the arena exactly, with no two free ones adjacent.
-            spans = sorted([(o, align_up(max(n, 1))) for o, n in live.items()] + free_extents(a))
+            # Live extents, free extents and those on the exact-size lists tile the arena exactly;
+            # no two coalesced free extents are adjacent.
+            spans = sorted([(o, align_up(max(n, 1))) for o, n in live.items()] + coalesced(a) + on_free_lists(a))
             pos = 0
             for o, n in spans:
                 assert o == pos
                 pos += n
             assert pos == a.capacity
-            frees = free_extents(a)
+            frees = coalesced(a)
             assert all(o1 + n1 < o2 for (o1, n1), (o2, _) in itertools.pairwise(frees))
             assert a.allocated == sum(align_up(max(n, 1)) for n in live.values())
-            assert sorted((n, o) for o, n in frees) == list(a._free_by_size)
+            assert a._quick_bytes == sum(n for _, n in on_free_lists(a))
+            assert sorted((n, o) for o, n in frees if o < a._top) == list(a._free_by_size)
     finally:
         a.close()
+
+
+def test_a_freed_extent_is_reused_for_its_size_and_coalesced_for_another(arena: Arena) -> None:
+    offs = [arena.alloc(ALIGN) for _ in range(16)]
+    arena.free(offs[3], ALIGN)
+    arena.free(offs[4], ALIGN)
+    assert arena.alloc(ALIGN) == offs[4]  # straight off the free list of its size
+    arena.free(offs[4], ALIGN)
+    assert arena.alloc(2 * ALIGN) == offs[3]  # nothing of that size: the two merge first
+    assert arena.alloc(1) is None and arena.allocated == arena.capacity

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmcache_memkv.node.arena import ALIGN, Arena
 from lmcache_memkv.node.store import Extent, Fenced, Store
@@ -466,5 +468,46 @@ def test_list_pages_by_prefix_and_cursor() -> None:
         assert store.list(b"", b"", 100)[0][0] == (b"a1", 10)
         assert store.list(b"b", b"a", 1) == ([(b"b1", 10)], b"b1")  # a cursor before the prefix
         assert store.list(b"z", b"", 10) == ([], b"")
+    finally:
+        arena.close()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["put", "delete", "list"]), st.binary(min_size=1, max_size=2)), max_size=120))
+def test_list_sees_every_write_and_delete_in_order(ops: list[tuple[str, bytes]]) -> None:
+    arena = Arena(256 * SLOT)
+    try:
+        store = Store(arena, wall=lambda: 0)
+        live: set[bytes] = set()
+        for op, key in ops:
+            if op == "put":
+                assert put(store, key, size=3) == Status.OK
+                live.add(key)
+            elif op == "delete":
+                store.delete([key], [next(_VERSIONS)])
+                live.discard(key)
+            else:
+                prefix = key[:1]
+                want = sorted(k for k in live if k.startswith(prefix))
+                assert store.list(prefix, b"", 1000) == ([(k, 3) for k in want], b"")
+        assert [k for k, _ in store.list(b"", b"", 1000)[0]] == sorted(live)
+    finally:
+        arena.close()
+
+
+def test_list_after_more_churn_than_it_tracks() -> None:
+    arena = Arena(1024 * SLOT)
+    try:
+        store = Store(arena, wall=lambda: 0)
+        assert store.list(b"", b"", 10) == ([], b"")
+        for i in range(3000):  # far more keys come and go than the store has
+            key = f"k{i:05d}".encode()
+            put(store, key, size=1)
+            if i % 7:
+                store.delete([key], [next(_VERSIONS)])
+        assert store._changed is None  # stopped noting; the next LIST sorts afresh
+        want = [f"k{i:05d}".encode() for i in range(3000) if not i % 7]
+        assert [k for k, _ in store.list(b"k", b"", 1000)[0]] == want
+        put(store, b"k0", size=1)
+        assert store.list(b"k0", b"", 2) == ([(b"k0", 1), (b"k00000", 1)], b"k00000")
     finally:
         arena.close()

@@ -8,7 +8,8 @@ Keys over the wire cap collapse to ``{prefix}#{blake2b}``: stable, but not lista
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol
 
 from lmcache_memkv.wire.constants import MAX_KEY_LEN
 
@@ -32,6 +33,39 @@ def encode_key(prefix: str, f: KeyFields) -> bytes:
         return full
     digest = hashlib.blake2b(text.encode(), digest_size=32).hexdigest()
     return (prefix + DIGEST_MARK + digest).encode()
+
+
+class _KeyLike(Protocol):
+    """What ``encode_keys`` reads of a key: LMCache's ObjectKey, or KeyFields."""
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def kv_rank(self) -> int: ...
+    @property
+    def object_group_id(self) -> int: ...
+    @property
+    def chunk_hash(self) -> bytes: ...
+    @property
+    def cache_salt(self) -> str: ...
+
+
+def encode_keys(prefix: str, keys: Iterable[_KeyLike]) -> list[bytes]:
+    """``encode_key`` for each key, read straight off the key objects: every LMCache call
+    encodes a batch, and building a KeyFields per key cost as much as the formatting."""
+    out: list[bytes] = []
+    append = out.append
+    for k in keys:
+        salt = k.cache_salt
+        full = (
+            f"{prefix}{k.model_name}@{k.kv_rank:x}@{k.object_group_id:x}@{k.chunk_hash.hex()}@{salt}"
+            if salt
+            else f"{prefix}{k.model_name}@{k.kv_rank:x}@{k.object_group_id:x}@{k.chunk_hash.hex()}"
+        ).encode()
+        if len(full) > MAX_KEY_LEN:
+            full = encode_key(prefix, KeyFields(k.model_name, k.kv_rank, k.object_group_id, k.chunk_hash, salt))
+        append(full)
+    return out
 
 
 def model_prefix(prefix: str, model_name: str) -> bytes:

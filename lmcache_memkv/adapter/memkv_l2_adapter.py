@@ -30,7 +30,7 @@ from lmcache.v1.distributed.l2_adapters.factory import register_l2_adapter_facto
 from lmcache.v1.platform import create_event_notifier
 
 from lmcache_memkv.adapter.coalesce import Coalescer
-from lmcache_memkv.adapter.keys import KeyFields, decode_key, encode_key, model_prefix
+from lmcache_memkv.adapter.keys import decode_key, encode_keys, model_prefix
 from lmcache_memkv.adapter.metrics import AdapterMetrics, get_metrics
 from lmcache_memkv.adapter.settings import FIELDS, AdapterSettings, resolve
 from lmcache_memkv.errors import ConfigError, ConnectError, MemKVError
@@ -124,10 +124,6 @@ class _Lookup(NamedTuple):
     started: float
 
 
-def _fields(key: ObjectKey) -> KeyFields:
-    return KeyFields(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash, key.cache_salt)
-
-
 def _view(obj: MemoryObj) -> memoryview:
     """The L1 page itself, as bytes (no copy)."""
     return memoryview(obj.byte_array).cast("B")
@@ -207,7 +203,7 @@ class MemKVL2Adapter(L2AdapterInterface):
     # ------------------------------------------------------------------ helpers
 
     def _wire(self, keys: list[ObjectKey]) -> list[bytes]:
-        return [encode_key(self._prefix, _fields(k)) for k in keys]
+        return encode_keys(self._prefix, keys)
 
     def _next_id(self) -> L2TaskId:
         with self._lock:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, recv_into_exact, send_views, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, send_views, tune
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.limits import Limits
@@ -21,6 +21,7 @@ from lmcache_memkv.wire.state import ClientProtocol
 _CLIENT_LIMITS = Limits(
     max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20, max_payload_len=1 << 42
 )
+_IOV_MAX = 1024  # buffers per recvmsg_into (Linux's IOV_MAX)
 _ERROR_GRACE_S = 0.5  # after a failed send: how long we wait for the node's error frame explaining it
 
 
@@ -120,6 +121,7 @@ class Connection:
             reply = self.proto.on_response(header, reply)
             if not isinstance(reply, GetResponse) or len(reply.statuses) != len(keys):
                 raise ProtocolError(f"memkv node {self.endpoint}: GET of {len(keys)} keys got a malformed answer")
+            dests = []
             for status, length, view in zip(reply.statuses, reply.lengths, views, strict=True):
                 if status != Status.OK:
                     continue
@@ -129,7 +131,9 @@ class Connection:
                     raise ProtocolError(
                         f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
                     )
-                recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
+                if length:
+                    dests.append(view[:length])
+            _recv_into_views(self.sock, dests, deadline)  # value bytes land in the callers' buffers
             return reply
         except PeerClosed as exc:
             self.close()
@@ -137,3 +141,37 @@ class Connection:
         except BaseException:
             self.close()
             raise
+
+
+def _recv_into_views(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
+    """Fill every view in order, scattering each read over as many of them as it covers
+    (``recvmsg_into``): one call drains whatever has arrived, however many values it spans.
+
+    The socket is read non-blocking and polled only when it has nothing: with a timeout set,
+    Python spends an ioctl (settimeout) and a poll on every read, three system calls where one
+    does while the body streams in."""
+    i, total, got = 0, sum(v.nbytes for v in views), 0
+    pending = list(views)  # byte views (callers cast): a partly filled one is replaced by its rest
+    waiter: select.poll | None = None
+    sock.settimeout(0.0)  # until the next call re-arms a timeout (send_views, read_frame)
+    while i < len(pending):
+        try:
+            n = sock.recvmsg_into(pending[i : i + _IOV_MAX])[0]
+        except (BlockingIOError, InterruptedError):
+            remaining = deadline - time.monotonic()
+            if waiter is None:
+                waiter = select.poll()
+                waiter.register(sock, select.POLLIN)
+            if remaining <= 0 or not waiter.poll(max(1, int(remaining * 1000))):
+                raise MemKVTimeout(f"timed out after receiving {got} of {total} value bytes") from None
+            continue
+        if n == 0:
+            raise PeerClosed(f"peer closed the connection after {got} of {total} value bytes")
+        got += n
+        while n:
+            size = pending[i].nbytes
+            if n < size:
+                pending[i] = pending[i][n:]
+                break
+            n -= size
+            i += 1

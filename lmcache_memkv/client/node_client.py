@@ -64,8 +64,15 @@ def put_batches(keys: Sequence[bytes], sizes: Sequence[int], hello: Hello) -> li
     return out
 
 
+_KEY_TYPES = frozenset({bytes, bytearray})
+
+
 def check_keys(keys: Sequence[bytes], what: str) -> None:
     """Reject keys the node would drop the connection for, before anything is sent."""
+    if not keys or (
+        _KEY_TYPES.issuperset(map(type, keys)) and 0 < min(map(len, keys)) and max(map(len, keys)) <= MAX_KEY_LEN
+    ):
+        return  # the common case, checked by C-level iterators; the loop below names the culprit
     for i, key in enumerate(keys):
         if not isinstance(key, bytes | bytearray):
             raise TypeError(f"{what}: key #{i} must be bytes, got {type(key).__name__}")

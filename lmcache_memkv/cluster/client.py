@@ -53,6 +53,7 @@ from lmcache_memkv.wire.constants import CLIENT_ID_LEN, INVALIDATING, MAX_KEY_LE
 log = logging.getLogger("memkv.cluster")
 R = TypeVar("R")
 T = TypeVar("T")
+_Groups = dict[tuple[str, ...], list[int]]  # candidate nodes, in order -> indexes of the keys that share them
 _CHUNK = 512  # keys per request: under the nodes' default batch and meta limits
 # How long past a deadline a caller waits for a node call already running: its own I/O ends at
 # the same deadline (socket timeouts), so this only covers thread scheduling on a busy host.
@@ -325,13 +326,23 @@ class ClusterClient:
         """The placeable (ALIVE or SUSPECT) nodes not in local back-off: once per call, not per key."""
         return frozenset(n for n in view.placeable if self._suspicion.healthy(n, view.members[n].incarnation))
 
-    def _replica_sets(self, view: ClusterView, keys: Sequence[bytes]) -> list[list[str]]:
-        """Per key, the top ``replicas`` of the healthy placeable nodes (where reads look)."""
+    def _replica_groups(self, view: ClusterView, keys: Sequence[bytes]) -> _Groups:
+        """The keys grouped by replica set: the top ``replicas`` of the healthy placeable nodes
+        (where reads look), best first. Keys with no healthy replica are in no group."""
         healthy = self._healthy_set(view)
+        if len(view.placeable) == 1:  # one node: every key's replica set, without hashing a key
+            return {tuple(healthy): list(range(len(keys)))} if healthy and keys else {}
         r = self.replicas
+        groups: _Groups = {}
         if len(healthy) == len(view.placeable):  # the common case: rank only, no filtering
-            return [view.placement(key)[:r] for key in keys]
-        return [[n for n in view.placement(key) if n in healthy][:r] for key in keys]
+            for i, key in enumerate(keys):
+                groups.setdefault(tuple(view.placement(key)[:r]), []).append(i)
+            return groups
+        for i, key in enumerate(keys):
+            replicas = tuple([n for n in view.placement(key) if n in healthy][:r])
+            if replicas:
+                groups.setdefault(replicas, []).append(i)
+        return groups
 
     def _call(self, view: ClusterView, node_id: str, op: Callable[[DataClient], R]) -> R | Exception:
         """Run ``op`` on one node; on failure mark the node and return the error instead of raising."""
@@ -454,9 +465,9 @@ class ClusterClient:
             log.exception("memkv: handling a late answer from %s failed", node_id)
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
-        for key in keys:
-            if not 0 < len(key) <= MAX_KEY_LEN:
-                raise ValueError(f"keys must be 1-{MAX_KEY_LEN} bytes, got {len(key)}")
+        if keys and not 0 < min(map(len, keys)) <= max(map(len, keys)) <= MAX_KEY_LEN:
+            bad = next(len(k) for k in keys if not 0 < len(k) <= MAX_KEY_LEN)
+            raise ValueError(f"keys must be 1-{MAX_KEY_LEN} bytes, got {bad}")
 
     # ------------------------------------------------------------------ data operations
 
@@ -536,46 +547,52 @@ class ClusterClient:
 
     def _rounds(
         self,
-        keys: Sequence[bytes],
-        candidates: list[list[str]],
+        n: int,
+        groups: _Groups,
         run: Callable[[str, list[int], float], list[T | None] | Exception],  # (node, key indexes, deadline)
         late: Callable[[str, list[T | None] | Exception], None] | None = None,
     ) -> list[tuple[T, str] | None]:
-        """Ask each key's candidates in turn until one has it: per key (what it answered, node) or None.
+        """Ask each key's candidates in turn until one has it: per key of ``n`` (what it answered,
+        node) or None. ``groups``: candidate nodes, in order -> the indexes of the keys that have them.
 
         Each round sends every unresolved key to its next healthy candidate, one batch per node,
         nodes in parallel; misses and failed nodes move on to the next round. ``late`` gets the
-        answers of a node that came after the round stopped waiting for them.
+        answers of a node that came after the round stopped waiting for them. Keys move group by
+        group: a round costs a Python step per key only where answers are read.
         """
         view = self._view
         deadline = time.monotonic() + self.timeout_s
-        found: list[tuple[T, str] | None] = [None] * len(keys)
-        cursor = [0] * len(keys)
-        pending = [i for i in range(len(keys)) if candidates[i]]
+        found: list[tuple[T, str] | None] = [None] * n
+        pending = [(cands, idx, 0) for cands, idx in groups.items() if cands and idx]
         while pending and time.monotonic() < deadline:
             by_node: dict[str, list[int]] = {}
+            asked: list[tuple[tuple[str, ...], list[int], int]] = []
             healthy = self._healthy_set(view)
-            for i in pending:
-                cands = candidates[i]
-                while cursor[i] < len(cands) and cands[cursor[i]] not in healthy:
-                    cursor[i] += 1
-                if cursor[i] < len(cands):
-                    by_node.setdefault(cands[cursor[i]], []).append(i)
-                    cursor[i] += 1
+            for cands, idx, cursor in pending:
+                while cursor < len(cands) and cands[cursor] not in healthy:
+                    cursor += 1
+                if cursor < len(cands):
+                    by_node.setdefault(cands[cursor], []).extend(idx)
+                    asked.append((cands, idx, cursor + 1))
             if not by_node:
                 break
             # Leave time for the fail-over rounds still possible: this round gets an equal share.
-            rounds_left = 1 + max(len(candidates[i]) - cursor[i] for i in pending)
+            rounds_left = 1 + max(len(cands) - cursor for cands, _, cursor in asked)
             now = time.monotonic()
             round_deadline = now + (deadline - now) / rounds_left
-            tasks = {n: partial(run, n, idx, round_deadline) for n, idx in by_node.items()}
+            tasks = {node: partial(run, node, idx, round_deadline) for node, idx in by_node.items()}
             for node_id, result in self._fanout(tasks, round_deadline, late).items():
                 if isinstance(result, Exception):
                     continue
                 for i, answer in zip(by_node[node_id], result, strict=True):
                     if answer is not None:
                         found[i] = (answer, node_id)
-            pending = [i for i in pending if found[i] is None and cursor[i] < len(candidates[i])]
+            pending = []
+            for cands, idx, cursor in asked:
+                if cursor < len(cands):
+                    rest = [i for i in idx if found[i] is None]
+                    if rest:
+                        pending.append((cands, rest, cursor))
         return found
 
     def get_into(self, keys: Sequence[bytes], buffers: Sequence[Buffer], exact: bool = False) -> list[int | None]:
@@ -589,12 +606,19 @@ class ClusterClient:
             raise ValueError(f"get_into: {len(keys)} keys but {len(buffers)} buffers")
         self._check_keys(keys)
         view = self._view
-        candidates = []
-        for holders, replicas in zip(self._leases.holders_many(keys), self._replica_sets(view, keys)):
+        groups = self._replica_groups(view, keys)
+        if any(len(replicas) > 1 for replicas in groups):
             # A replica holding our lease is asked first; a lease on a node outside the replica
             # set (taken before a join or during a back-off) may pin a value since replaced.
-            held = [n for n in holders if n in replicas]
-            candidates.append(held + [n for n in replicas if n not in held] if held else replicas)
+            # (With one replica there is no order to change.)
+            holders = self._leases.holders_many(keys)
+            reordered: _Groups = {}
+            for replicas, idx in groups.items():
+                for i in idx:
+                    held = [n for n in holders[i] if n in replicas]
+                    cands = (*held, *(n for n in replicas if n not in held)) if held else replicas
+                    reordered.setdefault(cands, []).append(i)
+            groups = reordered
         wrong: dict[str, list[tuple[bytes, int]]] = {}  # node -> [(key, version)] of wrong-size copies
         wrong_lock = threading.Lock()
 
@@ -624,7 +648,7 @@ class ClusterClient:
                     wrong.setdefault(node_id, []).extend(bad)
             return _answered(result, out, len(idx))
 
-        found = self._rounds(keys, candidates, run)
+        found = self._rounds(len(keys), groups, run)
         if wrong and not self._closed:
             log.warning("memkv: purging %d stored values whose size does not match the reader's buffer",
                         sum(len(v) for v in wrong.values()))
@@ -654,7 +678,7 @@ class ClusterClient:
         (a replica that has it but will not lease it, its budget spent, counts as a miss)."""
         self._check_keys(keys)
         view = self._view
-        candidates = self._replica_sets(view, keys)
+        groups = self._replica_groups(view, keys)
 
         def run(node_id: str, idx: list[int], deadline: float) -> list[tuple[int, int] | None] | Exception:
             out: list[tuple[int, int] | None] = []
@@ -685,7 +709,7 @@ class ClusterClient:
             if granted:
                 self._owed.owe(granted, time.monotonic())
 
-        found = self._rounds(keys, candidates, run, late)
+        found = self._rounds(len(keys), groups, run, late)
         if lease_ttl_s > 0:
             members = view.members
             until = time.monotonic() + lease_ttl_s

@@ -1,4 +1,13 @@
-"""The node's arena: one pre-faulted anonymous mapping and a best-fit extent allocator."""
+"""The node's arena: one pre-faulted anonymous mapping and a best-fit extent allocator.
+
+A freed extent first goes on a free list of its exact size, uncoalesced: LMCache stores chunks
+of one size, so the next value usually takes it back in O(1), without touching the sorted maps
+(which cost several microseconds per value each way). Whenever the best-fit search finds
+nothing, those lists are merged into the coalesced map first, so an allocation fails only when
+no coalesced free extent could hold it. The untouched top of the arena (from ``_top`` to the
+end) is a bump region outside the maps: a fresh node fills it in O(1) per value, and a free
+extent that reaches it merges back into it.
+"""
 
 from __future__ import annotations
 
@@ -85,8 +94,11 @@ class Arena:
             self._map.close()
             raise
         self.view = memoryview(self._map)
-        self._free_by_offset: SortedDict = SortedDict({0: self.capacity})
-        self._free_by_size: SortedList = SortedList([(self.capacity, 0)])
+        self._free_by_offset: SortedDict = SortedDict()  # coalesced free extents below _top: offset -> length
+        self._free_by_size: SortedList = SortedList()  # the same, as (length, offset)
+        self._top = 0  # everything from here to the end is free
+        self._quick: dict[int, list[int]] = {}  # aligned length -> offsets of free extents of it, uncoalesced
+        self._quick_bytes = 0
         self.allocated = 0
 
     def _prefault(self, stop: StopFlag | threading.Event | None) -> None:
@@ -113,11 +125,29 @@ class Arena:
         return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
     def alloc(self, size: int) -> int | None:
-        """Offset of a free extent of ``size`` bytes (best fit), or None when nothing fits."""
+        """Offset of a free extent of ``size`` bytes (an exact-size one freed before, else best
+        fit), or None when nothing fits."""
         need = align_up(max(size, 1))
+        quick = self._quick.get(need)
+        if quick:
+            self._quick_bytes -= need
+            self.allocated += need
+            return quick.pop()
+        offset = self._best_fit(need)
+        if offset is None and self._quick_bytes:
+            self.coalesce()
+            offset = self._best_fit(need)
+        return offset
+
+    def _best_fit(self, need: int) -> int | None:
         idx = self._free_by_size.bisect_left((need, -1))
         if idx >= len(self._free_by_size):
-            return None
+            if self.capacity - self._top < need:
+                return None
+            offset = self._top  # no hole fits: bump the top
+            self._top += need
+            self.allocated += need
+            return offset
         length, offset = self._free_by_size.pop(idx)
         del self._free_by_offset[offset]
         if length > need:
@@ -126,23 +156,52 @@ class Arena:
         return int(offset)
 
     def free(self, offset: int, size: int) -> None:
-        """Return an extent, merging it with free neighbours."""
+        """Return an extent (onto the free list of its size; ``coalesce`` merges it later)."""
         length = align_up(max(size, 1))
         self.allocated -= length
+        self._quick_bytes += length
+        quick = self._quick.get(length)
+        if quick is None:
+            self._quick[length] = [offset]
+        else:
+            quick.append(offset)
+
+    def coalesce(self) -> None:
+        """Merge every extent on the exact-size free lists into the coalesced free map."""
+        quick, self._quick, self._quick_bytes = self._quick, {}, 0
+        for length, offsets in quick.items():
+            for offset in offsets:
+                self._merge(offset, length)
+
+    def _merge(self, offset: int, length: int) -> None:
+        """Put a free extent in the coalesced map, merged with its free neighbours."""
         idx = self._free_by_offset.bisect_left(offset)
         if idx > 0:
             prev_off, prev_len = self._free_by_offset.peekitem(idx - 1)
             if prev_off + prev_len == offset:
                 self._remove(prev_off, prev_len)
                 offset, length = prev_off, prev_len + length
+        if offset + length == self._top:
+            self._top = offset  # back into the top region
+            return
         nxt = self._free_by_offset.get(offset + length)
         if nxt is not None:
             self._remove(offset + length, nxt)
             length += nxt
         self._insert(offset, length)
 
+    def free_extents(self) -> list[tuple[int, int]]:
+        """Every free extent as (offset, length), coalesced, lowest offset first."""
+        self.coalesce()
+        out = [(int(o), int(n)) for o, n in self._free_by_offset.items()]
+        if self._top < self.capacity:
+            out.append((self._top, self.capacity - self._top))
+        return out
+
     def largest_free(self) -> int:
-        return int(self._free_by_size[-1][0]) if self._free_by_size else 0
+        self.coalesce()
+        hole = int(self._free_by_size[-1][0]) if self._free_by_size else 0
+        return max(hole, self.capacity - self._top)
 
     def _insert(self, offset: int, length: int) -> None:
         self._free_by_offset[offset] = length

@@ -236,12 +236,9 @@ class NodeCore:
         """The answer to a request that moves no value bytes."""
         if isinstance(msg, ExistsRequest):
             found = self.store.exists(msg.keys, msg.lease_ttl_ms / 1000.0, client_id)
-            return ExistsResponse(
-                statuses=[f[0] for f in found],
-                lengths=[f[1] for f in found],
-                versions=[f[2] for f in found],
-                lease_ids=[f[3] for f in found],
-            )
+            # Rows to columns in C (zip), not four Python passes over the batch.
+            statuses, lengths, versions, lease_ids = zip(*found, strict=True) if found else ((), (), (), ())
+            return ExistsResponse(statuses=statuses, lengths=lengths, versions=versions, lease_ids=lease_ids)
         if isinstance(msg, ReleaseRequest):
             return ReleaseResponse(statuses=self.store.release(msg.lease_ids, client_id))
         if isinstance(msg, DeleteRequest):

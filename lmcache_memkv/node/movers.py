@@ -19,13 +19,14 @@ completions did not come back in time), the plan's extents are quarantined: leak
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from lmcache_memkv.errors import ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, drain, recv_into_exact, send_views, wait_for_data
+from lmcache_memkv.errors import MemKVTimeout, ProtocolError
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, send_views
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -59,19 +60,32 @@ class TcpMover:
 
     def put(self, plan: PutPlan, deadline: float) -> None:
         sock = self.sock
+        # Non-blocking reads, polled only when the socket is empty: with a timeout set, Python
+        # spends an ioctl and a poll on every read, and the values of a batch are usually in
+        # the socket already (six system calls per value become two).
+        sock.settimeout(0.0)
+        wait = _Waiter(sock, deadline)
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
         for i, size in enumerate(plan.sizes):
             if size:
                 # Reserve only once the value's bytes start to arrive: a peer that announces
                 # values and then stalls or hangs up makes the node evict nothing.
-                wait_for_data(sock, deadline)
+                while True:
+                    try:
+                        if not sock.recv(1, socket.MSG_PEEK):
+                            raise PeerClosed("peer closed the connection before the value's bytes")
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        wait("timed out waiting for a value's bytes")
             dst = plan.claim(i)
             if dst is None:
                 if scratch is None:
                     scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                drain(sock, size, scratch, deadline)
+                left = size
+                while left:
+                    left -= _fill(sock, scratch[: min(left, len(scratch))], wait)
                 continue
-            recv_into_exact(sock, dst, deadline)  # straight into the arena
+            _fill(sock, dst, wait)  # straight into the arena
             plan.landed()
         send_views(sock, [plan.answer()], deadline)
 
@@ -81,6 +95,38 @@ class TcpMover:
 
     def reply(self, frames: Sequence[Buffer], deadline: float) -> None:
         send_views(self.sock, frames, deadline)
+
+
+class _Waiter:
+    """Polls a non-blocking socket for input until the request's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._poll: select.poll | None = None
+
+    def __call__(self, what: str) -> None:
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
+            raise MemKVTimeout(what)
+
+
+def _fill(sock: socket.socket, view: memoryview, wait: _Waiter) -> int:
+    """Read exactly ``len(view)`` bytes into ``view`` from a non-blocking socket; the byte count."""
+    got, total = 0, len(view)
+    while got < total:
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except (BlockingIOError, InterruptedError):
+            wait(f"timed out after receiving {got} of {total} bytes")
+            continue
+        if n == 0:
+            raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")
+        got += n
+    return total
 
 
 class RdmaMovers(Protocol):

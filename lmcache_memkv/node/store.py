@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedList
 
 from lmcache_memkv.node.arena import ALIGN, Arena, align_up
 from lmcache_memkv.versions import FUTURE_SLACK, MAX_VERSION, wall_version
@@ -48,7 +48,7 @@ class Fenced(Exception):
     """The store was wiped (the node may have been declared DEAD) while a request was under way."""
 
 
-@dataclass
+@dataclass(slots=True)  # one of each per stored value: small, and quick to make
 class Extent:
     offset: int
     length: int
@@ -56,26 +56,15 @@ class Extent:
     retired: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     extent: Extent
     version: int
 
 
-@dataclass
-class Lease:
-    key: bytes
-    owner: bytes
-    until: float  # monotonic seconds
-
-
-@dataclass
-class _Held:
-    """Leases on one key (by one owner, or by all): a key pins its bytes once however often it is leased."""
-
-    count: int
-    nbytes: int
-    ids: set[int] | None = None  # all owners' lease ids on the key (kept for the all-owners record only)
+# A lease record: (key, owner, until in monotonic seconds). Tuples, not objects: EXISTS grants
+# one per found key on the hot path of every LMCache lookup.
+Lease = tuple[bytes, bytes, float]
 
 
 @dataclass
@@ -125,13 +114,22 @@ class Store:
         self._reset()
 
     def _reset(self) -> None:
-        self._index: SortedDict = SortedDict()  # bytes -> Entry, sorted for LIST paging
+        self._index: dict[bytes, Entry] = {}
+        # LIST pages in key order. The sorted key list is brought up to date only when a LIST
+        # comes: writes just note which keys came or went (a set insert instead of a sorted
+        # insert, several microseconds, per value).
+        self._sorted: SortedList = SortedList()
+        self._changed: set[bytes] | None = set()  # None: too many to replay, sort afresh
         self._lru: OrderedDict[bytes, None] = OrderedDict()  # unleased keys, oldest first
         self._lru_bytes = 0  # arena bytes of the entries on the LRU list
         self._leases: dict[int, Lease] = {}
-        self._lease_heap: list[tuple[float, int]] = []  # (until, id); released ids are skipped
-        self._leased_keys: dict[bytes, _Held] = {}  # key -> its live leases, all owners
-        self._owner_keys: dict[bytes, dict[bytes, _Held]] = {}  # owner -> key -> its leases on it
+        # One entry per EXISTS that granted leases: (until, first id, count). The ids one call grants
+        # are consecutive (taken under the lock), so its leases expire together; released ids are skipped.
+        self._lease_heap: list[tuple[float, int, int]] = []
+        # key -> [aligned bytes, lease id, ...]: its live leases, all owners (a key pins its bytes
+        # once however often it is leased). Lists, not objects, for the same reason as Lease.
+        self._leased_keys: dict[bytes, list[int]] = {}
+        self._owner_keys: dict[bytes, dict[bytes, int]] = {}  # owner -> key -> leases it holds on it
         self._owner_bytes: dict[bytes, int] = {}  # owner -> bytes of the distinct keys it leases
         self._owner_leases: dict[bytes, int] = {}  # owner -> lease records it holds
         self._leased_bytes = 0  # bytes of the distinct leased keys
@@ -201,6 +199,8 @@ class Store:
                 self._unlist(key, old)
                 self.value_bytes -= old.extent.length
                 self._retire(old.extent)
+            else:
+                self._note(key)
             entry = Entry(extent=extent, version=version)
             self._index[key] = entry
             self.value_bytes += extent.length
@@ -223,6 +223,7 @@ class Store:
                     continue
                 if entry is not None:
                     del self._index[key]
+                    self._note(key)
                     self._drop(key, entry)
                 self._tombstone(key, version)
                 out.append(Status.OK if entry is not None else Status.MISS)
@@ -293,62 +294,68 @@ class Store:
             self._expire_leases(now)
             # The hot path of every LMCache lookup: locals, and the owner's figures written back once.
             until = now + ttl
-            leases, heap, leased_keys, ids = self._leases, self._lease_heap, self._leased_keys, self._lease_ids
+            leases, leased_keys, ids, lru = self._leases, self._leased_keys, self._lease_ids, self._lru
             mine = self._owner_keys.get(owner)
+            if mine is None:
+                mine = {}
             owner_bytes = self._owner_bytes.get(owner, 0)
             owner_count = self._owner_leases.get(owner, 0)
+            leased_bytes, lru_bytes = self._leased_bytes, self._lru_bytes
             budget, max_total, max_own = self.lease_budget_bytes, self.max_leased_bytes, self.max_leases_per_owner
+            room = MAX_LEASES - len(leases)  # lease records the node may still hold, all owners
+            first = -1
             granted = denied = 0
+            append = out.append
             for key in keys:
                 entry = index_get(key)
                 if entry is None:
-                    out.append(_MISS)
+                    append(_MISS)
                     continue
                 length, version = entry.extent.length, entry.version
                 nbytes = (length + ALIGN - 1) // ALIGN * ALIGN or ALIGN
-                held_by_me = mine.get(key) if mine is not None else None
+                mine_count = mine.get(key, 0)
                 held = leased_keys.get(key)
                 if (
-                    (held_by_me is None and owner_bytes + nbytes > budget)
-                    or (held is None and self._leased_bytes + nbytes > max_total)
+                    (not mine_count and owner_bytes + nbytes > budget)
+                    or (held is None and leased_bytes + nbytes > max_total)
                     or owner_count >= max_own
-                    or len(leases) >= MAX_LEASES
+                    or granted >= room
                 ):
                     denied += 1
-                    out.append((Status.LEASE_LIMIT, length, version, 0))
+                    append((Status.LEASE_LIMIT, length, version, 0))
                     continue
                 lease_id = next(ids)
-                leases[lease_id] = Lease(key, owner, until)
-                heapq.heappush(heap, (until, lease_id))
+                if first < 0:
+                    first = lease_id
+                leases[lease_id] = (key, owner, until)
                 owner_count += 1
-                if held_by_me is None:
-                    if mine is None:
-                        mine = self._owner_keys[owner] = {}
-                    mine[key] = _Held(1, nbytes)
+                mine[key] = mine_count + 1
+                if not mine_count:
                     owner_bytes += nbytes
-                else:
-                    held_by_me.count += 1
                 if held is None:
-                    if self._lru.pop(key, 0) is None:  # off the LRU list while leased
-                        self._lru_bytes -= nbytes
-                    leased_keys[key] = _Held(1, nbytes, {lease_id})
-                    self._leased_bytes += nbytes
+                    if lru.pop(key, 0) is None:  # off the LRU list while leased
+                        lru_bytes -= nbytes
+                    leased_keys[key] = [nbytes, lease_id]
+                    leased_bytes += nbytes
                 else:
-                    held.count += 1
-                    held.ids.add(lease_id)  # type: ignore[union-attr]
+                    held.append(lease_id)
                 granted += 1
-                out.append((Status.OK, length, version, lease_id))
-            if owner_count:
+                append((Status.OK, length, version, lease_id))
+            self._leased_bytes, self._lru_bytes = leased_bytes, lru_bytes
+            if granted:
+                self._owner_keys[owner] = mine
                 self._owner_leases[owner] = owner_count
-            if owner_bytes:
                 self._owner_bytes[owner] = owner_bytes
+                heap = self._lease_heap
+                heapq.heappush(heap, (until, first, granted))
+                if len(heap) > 2 * len(leases) + 1024:
+                    # Released leases leave their batch's entry behind until its TTL: drop the
+                    # entries with no live lease now and then, so a lock-then-unlock client cannot
+                    # grow the heap.
+                    self._lease_heap = [e for e in heap if any(i in leases for i in range(e[1], e[1] + e[2]))]
+                    heapq.heapify(self._lease_heap)
             self.counters.leases_granted += granted
             self.counters.leases_denied += denied
-            if len(heap) > 2 * len(leases) + 1024:
-                # Released leases leave their heap entries behind until their TTL: drop them now
-                # and then, so a lock-then-unlock client cannot grow the heap.
-                self._lease_heap = [(lease.until, i) for i, lease in leases.items()]
-                heapq.heapify(self._lease_heap)
         return out
 
     def release(self, lease_ids: Iterable[int], owner: bytes = b"") -> list[Status]:
@@ -357,7 +364,7 @@ class Store:
         with self._lock:
             for lease_id in lease_ids:
                 lease = self._leases.get(lease_id)
-                if lease is None or lease.owner != owner:
+                if lease is None or lease[1] != owner:
                     out.append(Status.NOT_LEASED)
                     continue
                 self._end_lease(lease_id, lease)
@@ -370,7 +377,8 @@ class Store:
         with self._lock:
             start = max(prefix, cursor)
             items: list[tuple[bytes, int]] = []
-            for key in self._index.irange(minimum=start, inclusive=(cursor == b"" or start != cursor, True)):
+            self._sync_sorted()
+            for key in self._sorted.irange(minimum=start, inclusive=(cursor == b"" or start != cursor, True)):
                 if not key.startswith(prefix):
                     break
                 if len(items) == limit:
@@ -409,6 +417,29 @@ class Store:
 
     # ------------------------------------------------------------------ internals (lock held)
 
+    def _note(self, key: bytes) -> None:
+        """``key`` came into the index or left it: LIST's sorted list must learn of it."""
+        changed = self._changed
+        if changed is not None:
+            changed.add(key)
+            if len(changed) > 2 * len(self._index) + 1024:  # no LIST for a long while: stop noting
+                self._changed = None
+
+    def _sync_sorted(self) -> None:
+        """Bring the sorted key list up to date with the index (for LIST). After much churn
+        this sorts every key once, under the lock: LIST is an operator's call, not a data path."""
+        changed, self._changed = self._changed, set()
+        if changed is None or len(changed) > len(self._sorted) // 2:
+            self._sorted = SortedList(self._index)  # one sort beats many inserts
+            return
+        index, ordered = self._index, self._sorted
+        for key in changed:
+            if key in index:
+                if key not in ordered:
+                    ordered.add(key)
+            else:
+                ordered.discard(key)
+
     def _check_generation(self, generation: int) -> None:
         if generation != self.generation:
             raise Fenced("the store was wiped since this connection was opened")
@@ -436,6 +467,7 @@ class Store:
         entry = self._index.get(key)
         if entry is not None and entry.version < version:
             del self._index[key]
+            self._note(key)
             self._drop(key, entry)
             self.counters.invalidations += 1
         self._tombstone(key, version - 1)
@@ -450,48 +482,51 @@ class Store:
 
     def _end_lease(self, lease_id: int, lease: Lease) -> None:
         del self._leases[lease_id]
-        owner, key = lease.owner, lease.key
+        key, owner, _ = lease
         counts = self._owner_leases
         left = counts[owner] - 1
         if left:
             counts[owner] = left
         else:
             del counts[owner]
+        held = self._leased_keys[key]
+        nbytes = held[0]  # every lease on a key is on its current value: an overwrite ends them all
         mine = self._owner_keys[owner]
-        held_by_me = mine[key]
-        held_by_me.count -= 1
-        if not held_by_me.count:
+        mine_count = mine[key] - 1
+        if mine_count:
+            mine[key] = mine_count
+        else:
             del mine[key]
             if not mine:
                 del self._owner_keys[owner]
-            remaining = self._owner_bytes.pop(owner) - held_by_me.nbytes
+            remaining = self._owner_bytes.pop(owner) - nbytes
             if remaining:
                 self._owner_bytes[owner] = remaining
-        held = self._leased_keys[key]
-        held.count -= 1
-        held.ids.discard(lease_id)  # type: ignore[union-attr]
-        if held.count:
+        held.remove(lease_id)
+        if len(held) > 1:
             return
         del self._leased_keys[key]
-        self._leased_bytes -= held.nbytes
+        self._leased_bytes -= nbytes
         if key in self._index:  # evictable again, newest end: it was just in use
             self._lru[key] = None
-            self._lru_bytes += held.nbytes
+            self._lru_bytes += nbytes
 
     def _end_leases_of(self, key: bytes) -> None:
         held = self._leased_keys.get(key)
-        if held is not None and held.ids:
-            for lease_id in list(held.ids):
+        if held is not None:
+            for lease_id in held[1:]:  # a copy: _end_lease edits the list
                 self._end_lease(lease_id, self._leases[lease_id])
 
     def _expire_leases(self, now: float) -> None:
         heap = self._lease_heap
+        leases = self._leases
         while heap and heap[0][0] <= now:
-            _, lease_id = heapq.heappop(heap)
-            lease = self._leases.get(lease_id)
-            if lease is not None:
-                self._end_lease(lease_id, lease)
-                self.counters.leases_expired += 1
+            _, first, count = heapq.heappop(heap)
+            for lease_id in range(first, first + count):
+                lease = leases.get(lease_id)
+                if lease is not None:
+                    self._end_lease(lease_id, lease)
+                    self.counters.leases_expired += 1
 
     def _evict_one(self) -> bool:
         """Drop the least recently used unleased entry that no reader has pinned.
@@ -504,6 +539,7 @@ class Store:
             if entry.extent.pins:
                 continue
             del self._index[key]
+            self._note(key)
             self._drop(key, entry)
             self._tombstone(key, entry.version)  # a delayed older write must not revive what was evicted
             self.counters.evictions += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import ClassVar
 
 from lmcache_memkv.errors import ProtocolError
@@ -443,15 +444,17 @@ class ErrorFrame(Message):
 # --------------------------------------------------------------------------- encode
 
 
-def _blob16(b: bytes) -> bytes:
-    if len(b) > 0xFFFF:  # say what is wrong instead of struct.error
-        raise ValueError(f"a key or string of {len(b)} bytes does not fit the wire's 16-bit length")
-    return _U16.pack(len(b)) + b
+def _key_lengths(keys: Sequence[bytes]) -> list[int]:
+    lengths = list(map(len, keys))
+    if lengths and max(lengths) > 0xFFFF:  # say what is wrong instead of struct.error
+        raise ValueError(f"a key or string of {max(lengths)} bytes does not fit the wire's 16-bit length")
+    return lengths
 
 
 def _encode_keys(w: _Writer, keys: Sequence[bytes]) -> None:
+    # Length, key, length, key, ...: interleaved by C-level iterators, no Python call per key.
     w.u32(len(keys))
-    w.buf += b"".join([_blob16(k) for k in keys])
+    w.buf += b"".join(chain.from_iterable(zip(map(_U16.pack, _key_lengths(keys)), keys)))
 
 
 def _encode_keyed(w: _Writer, keys: Sequence[bytes], *cols: Sequence[int]) -> None:
@@ -461,7 +464,7 @@ def _encode_keyed(w: _Writer, keys: Sequence[bytes], *cols: Sequence[int]) -> No
             raise ValueError("every per-key field needs one value per key")
     w.u32(len(keys))
     pack = struct.Struct("!" + "Q" * len(cols)).pack
-    w.buf += b"".join([_blob16(k) + pack(*vals) for k, *vals in zip(keys, *cols, strict=True)])
+    w.buf += b"".join(chain.from_iterable(zip(map(_U16.pack, _key_lengths(keys)), keys, map(pack, *cols))))
 
 
 def _check_rkeys(rkeys: Sequence[int]) -> None:
