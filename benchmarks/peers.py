@@ -20,7 +20,8 @@ machine affects all alike. Keys per task are chosen so a round (in flight x keys
 within ``--round-bytes`` (at most ``--max-keys`` a task); small rounds are run more often (up to
 ``--max-rounds``) so each run stores ``--run-bytes`` and looks up thousands of keys. Every round
 stores fresh keys, so a run keeps its 1 warm-up + measured rounds resident (at most 768 MiB with
-the defaults). Each table's header prints the keys and rounds used.
+the defaults); each store's capacity covers what the whole grid leaves resident plus one run (3.1 GiB
+with the defaults; the memkv node allocates it up front). The header prints what was used.
 
 In the same run, for each value size: raw loopback TCP with 1 and 4 streams (``node_throughput.RawPair``
 connections to peer processes, driven at once from as many threads, cycling through distinct
@@ -73,7 +74,7 @@ RAW_STREAMS = (1, 4)
 WARMUP_ROUNDS = 1
 BUFFER_SET_BYTES = 32 * MIB  # distinct buffers per side for raw and memcpy: more than a CPU cache holds
 REFERENCE_BYTES = 256 * MIB  # bytes per raw-TCP stream or memcpy sample
-BENCH_TIMEOUT_S = 900
+BENCH_TIMEOUT_S = 300  # a run takes seconds to a minute; a stalled one is killed and counted as failed
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -486,8 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes: list[int] = args.sizes
     in_flights: list[int] = args.in_flight
     per_run = max(Shape.of(v, f, args).resident for v in sizes for f in in_flights)
-    # Every key of a run stays resident; twice that leaves room for overwrites of the previous run's keys.
-    capacity = max(2 * per_run + 64 * MIB, 256 * MIB)
+    # Every run writes keys 0, 1, 2, ... (lmcache bench l2's numbering), so what stays resident across
+    # the grid is at most, per value size, its largest run; each store gets that plus room for one more
+    # run's overwrites. A store that fills up evicts, and a Redis at maxmemory stalled LMCache's resp
+    # adapter outright in a trial run.
+    live = sum(max(Shape.of(v, f, args).resident for f in in_flights) for v in sizes)
+    capacity = max(live + per_run + 256 * MIB, 512 * MIB)
     print(f"lmcache bench l2 --no-skip-verify --lookup-max-hit-rate 1.0, fresh keys each round: keys/task so a round "
           f"stays within {format_size(args.round_bytes)} (at most {args.max_keys}); {WARMUP_ROUNDS} warm-up + "
           f"{args.rounds}-{args.max_rounds} rounds so a run stores {format_size(args.run_bytes)} where it can; "
