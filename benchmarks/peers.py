@@ -236,7 +236,8 @@ def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds:
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
-                    tail.append(line)
+                    if line.lstrip().startswith("["):  # progress lines; the JSON report is in the file
+                        tail.append(line)
                     if start is None and line.lstrip().startswith("[Store] Round"):
                         start = _sample(proc.pid, system)
                     elif end is None and line.startswith("[Verify]"):
