@@ -1,4 +1,4 @@
-"""Keeps benchmarks/node_throughput.py and node_scale.py from rotting: runs them tiny and checks their reports.
+"""Keeps the benchmarks (node_throughput, node_scale, gossip_traffic, peers) from rotting: runs them tiny and checks their reports.
 
 It asserts nothing about speed: CI boxes are noisy, and the numbers belong in the README.
 """
@@ -6,10 +6,12 @@ It asserts nothing about speed: CI boxes are noisy, and the numbers belong in th
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from nodeproc import node_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "node_throughput.py"
@@ -56,3 +58,39 @@ def test_scale_benchmark_runs_in_quick_mode() -> None:
         assert re.search(rf"^get@{n}: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+ [KMG]iB$", out, re.M)
     assert [int(conns) for conns, _ in rows] == [0, 200], out
+
+
+PEERS = SCRIPT.with_name("peers.py")
+_NUM = r"\d+(?:\.\d+)?"
+_CELL = rf"{_NUM} \[{_NUM}-{_NUM}\]"  # median [min-max]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed (the resp peer)")
+def test_peers_benchmark_runs_quick() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(PEERS), "--quick"], env=node_env(), capture_output=True, text=True, timeout=240
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-5000:] + out
+    mooncake = not re.search(r"^mooncake_store: skipped \(.+\)$", out, re.M)
+    systems = ["memkv", "resp", "fs_native"] + (["mooncake_store"] if mooncake else [])
+    rows = {r[0]: r[1:] for r in (re.split(r"\s{2,}", ln.strip()) for ln in out.splitlines()) if r}
+    assert rows["metric @ in_flight"] == [*systems, "memkv/best_peer", "memkv/mooncake"], out
+    for metric in ("store GB/s", "load GB/s", "lookup keys/s"):
+        for in_flight in (1, 4):
+            cells = rows[f"{metric} @ {in_flight}"]
+            assert len(cells) == len(systems) + 2, out
+            assert all(re.fullmatch(_CELL, c) for c in cells[: len(systems)]), out
+            assert re.fullmatch(rf"{_NUM}x \((resp|mooncake_store)\)", cells[-2]), out
+            assert re.fullmatch(rf"{_NUM}x" if mooncake else "-", cells[-1]), out
+    for ref in ("raw TCP 1 stream GB/s", "raw TCP 4 streams GB/s", "memcpy GB/s"):
+        assert re.fullmatch(_CELL, rows[ref][0]), out
+    for streams in (1, 4):
+        assert re.fullmatch(r"\d+%", rows[f"memkv load / raw TCP @ {streams}"][0]), out
+    for system, store_side in (("memkv", "memkv_node"), ("resp", "redis_server"), ("fs_native", "none")):
+        assert f"-- {system} (store side: {store_side}; " in out, out
+    assert rows["value @ in_flight"] in (["memkv_node", "bench"], ["redis_server", "bench"], ["bench"]), out
+    cpu_rows = [r for k, r in rows.items() if re.fullmatch(r"64\.0 KiB @ [14]", k)]
+    assert cpu_rows and all(re.fullmatch(_CELL, c) for r in cpu_rows for c in r), out
+    assert re.search(r"^runs: \d+, every key verified: yes$", out, re.M), out
+    assert re.search(r"^wall time: \d+ s$", out, re.M), out
