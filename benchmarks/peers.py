@@ -48,7 +48,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from typing import Any
 
 import numpy as np
 from node_throughput import RawPair
+from redis_peer import start_redis
 
 from lmcache_memkv.node.launcher import NodeProcess, node_env
 from lmcache_memkv.sizes import format_size, parse_size
@@ -81,12 +81,6 @@ _TICK = os.sysconf("SC_CLK_TCK")
 # ----------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _lmcache() -> str:
     exe = Path(sys.executable).with_name("lmcache")
     return str(exe) if exe.exists() else "lmcache"
@@ -102,30 +96,6 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15
 
 
-def start_redis(maxmemory: int) -> tuple[subprocess.Popen[bytes], int]:
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("redis-server not found: apt-get install redis-server (the resp peer needs it)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    proc.wait(10)
-    raise SystemExit("redis-server did not come up")
-
-
 @dataclass
 class System:
     """One system under test: the adapter spec and the processes whose CPU counts as its store side."""
@@ -135,14 +105,24 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     scratch: Path | None = None  # fs_native: its base_path, emptied after every run
+    # Mooncake: a fresh peer for every run (returns adapter, env, pids and its stop). Mooncake keeps
+    # the first value put under a key and lmcache bench l2 numbers its keys from 0 in every run, so
+    # a peer reused across runs serves the previous run's bytes and fails verification.
+    fresh: Callable[[], tuple[dict[str, Any], dict[str, str], dict[str, int], Callable[[], None]]] | None = None
+    _stop: Callable[[], None] | None = None
 
     def before_run(self) -> None:
         if self.scratch is not None:
             self.scratch.mkdir(parents=True, exist_ok=True)
+        if self.fresh is not None:
+            self.adapter, self.env, self.pids, self._stop = self.fresh()
 
     def after_run(self) -> None:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        if self._stop is not None:
+            stop, self._stop = self._stop, None
+            stop()
 
 
 def mooncake_peer(capacity: int, stack: contextlib.ExitStack) -> System | str:
@@ -154,12 +134,18 @@ def mooncake_peer(capacity: int, stack: contextlib.ExitStack) -> System | str:
     reason = module.unavailable()
     if reason:
         return str(reason)
-    try:
+    def fresh() -> tuple[dict[str, Any], dict[str, str], dict[str, int], Callable[[], None]]:
         peer = module.MooncakePeer.start(capacity)
+        return dict(peer.adapter), dict(peer.env), dict(peer.pids), peer.stop
+
+    try:  # one start up front, so a Mooncake that cannot start here is skipped with its reason
+        _, _, _, stop = fresh()
     except Exception as exc:  # a peer that cannot start is skipped, not fatal: the others still run
         return f"Mooncake did not start: {exc!r}"
-    stack.callback(peer.stop)
-    return System("mooncake_store", dict(peer.adapter), dict(peer.env), dict(peer.pids))
+    stop()
+    system = System("mooncake_store", {}, fresh=fresh)
+    stack.callback(system.after_run)
+    return system
 
 
 def start_systems(names: Sequence[str], capacity: int, stack: contextlib.ExitStack, memkv_extra: dict[str, Any]) -> list[System]:
@@ -214,6 +200,12 @@ def _sample(bench_pid: int, system: System) -> dict[str, float | None]:
 
 def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds: int, out_dir: Path) -> Run:
     run = Run(system.name, value, in_flight)
+    try:
+        system.before_run()
+    except Exception as exc:  # e.g. a fresh Mooncake that did not start: this run fails, the grid goes on
+        system.after_run()
+        run.error = f"{system.name} did not start: {exc!r}"
+        return run
     out = out_dir / f"{system.name}-{value}-{in_flight}.json"
     out.unlink(missing_ok=True)
     cmd = [
@@ -224,7 +216,6 @@ def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds:
     ]
     # Not -q: its progress lines ("[Store] Round 1: ...", "[Verify] ...") bound the CPU window.
     env = node_env(system.env)
-    system.before_run()
     start: dict[str, float | None] | None = None
     end: dict[str, float | None] | None = None
     tail: deque[str] = deque(maxlen=40)

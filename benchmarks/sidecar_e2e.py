@@ -45,7 +45,7 @@ os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("LMCACHE_DISABLE_BANNER", "1")
 
-from l2_vs_redis import start_redis
+from redis_peer import start_redis
 
 from lmcache_memkv.node.launcher import NodeProcess
 from lmcache_memkv.sidecar.process import SidecarConfig, SidecarProcess, parse_metric_value
