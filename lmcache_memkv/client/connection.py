@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame_all, recv_into_all, send_all, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, recv_into_exact, send_views, tune
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.limits import Limits
@@ -36,15 +36,12 @@ class Connection:
         except OSError as exc:
             raise ConnectError(f"cannot connect to memkv node {endpoint}: {exc.strerror or exc}") from None
         tune(self.sock)
-        # Blocking from here on, each call bounded by a kernel timer (transport.tcp.kernel_deadline):
-        # a value is one MSG_WAITALL receive, a request one gathered sendmsg.
-        self.sock.settimeout(None)
         self.proto = ClientProtocol(key, where=f"memkv node {endpoint}", client_id=client_id)
         self._reader = FrameReader(_CLIENT_LIMITS)
         self.broken = False
         try:
             header, msg = self._read_frame(deadline)
-            send_all(self.sock, [self.proto.on_hello(header, msg)], deadline)
+            send_views(self.sock, [self.proto.on_hello(header, msg)], deadline)
             header, msg = self._read_frame(deadline)
             self.proto.on_auth_reply(header, msg)
         except BaseException:
@@ -79,14 +76,14 @@ class Connection:
 
     def _read_frame(self, deadline: float) -> tuple[Header, Message]:
         try:
-            return read_frame_all(self.sock, self._reader, deadline)
+            return read_frame(self.sock, self._reader, deadline)
         except PeerClosed as exc:
             raise ConnectError(f"memkv node {self.endpoint} closed the connection: {exc}") from None
 
     def _send(self, views: Sequence[Buffer], deadline: float) -> None:
         """Send a request; if the node hung up mid-send, raise its error frame's reason instead."""
         try:
-            send_all(self.sock, views, deadline)
+            send_views(self.sock, views, deadline)
         except (BrokenPipeError, ConnectionResetError) as exc:
             try:
                 header, msg = self._read_frame(min(deadline, time.monotonic() + _ERROR_GRACE_S))
@@ -132,7 +129,7 @@ class Connection:
                     raise ProtocolError(
                         f"memkv node {self.endpoint}: value of {length} bytes for a {view.nbytes}-byte buffer"
                     )
-                recv_into_all(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
+                recv_into_exact(self.sock, view[:length], deadline)  # value bytes land in the caller's buffer
             return reply
         except PeerClosed as exc:
             self.close()

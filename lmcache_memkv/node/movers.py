@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, await_data, drain_all, recv_into_all, send_all
+from lmcache_memkv.transport.tcp import Buffer, drain, recv_into_exact, send_views, wait_for_data
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -52,12 +52,7 @@ class Mover(Protocol):
 
 
 class TcpMover:
-    """Value bytes follow the request on the connection's socket, and follow the answer back.
-
-    The socket is in blocking mode, bounded by kernel timers (``transport.tcp.kernel_deadline``):
-    per PUT value one peek and one ``MSG_WAITALL`` receive, per answer one gathered ``sendmsg``,
-    so a worker gives up the GIL about twice per value rather than three times per chunk.
-    """
+    """Value bytes follow the request on the connection's socket, and follow the answer back."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -69,23 +64,23 @@ class TcpMover:
             if size:
                 # Reserve only once the value's bytes start to arrive: a peer that announces
                 # values and then stalls or hangs up makes the node evict nothing.
-                await_data(sock, deadline)
+                wait_for_data(sock, deadline)
             dst = plan.claim(i)
             if dst is None:
                 if scratch is None:
                     scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                drain_all(sock, size, scratch, deadline)
+                drain(sock, size, scratch, deadline)
                 continue
-            recv_into_all(sock, dst, deadline)  # straight into the arena
+            recv_into_exact(sock, dst, deadline)  # straight into the arena
             plan.landed()
-        send_all(sock, [plan.answer()], deadline)
+        send_views(sock, [plan.answer()], deadline)
 
     def get(self, plan: GetPlan, deadline: float) -> None:
         # Pinned extents stay put until the plan is released, so an overwrite cannot tear what we send.
-        send_all(self.sock, [plan.head, *plan.views()], deadline)
+        send_views(self.sock, [plan.head, *plan.views()], deadline)
 
     def reply(self, frames: Sequence[Buffer], deadline: float) -> None:
-        send_all(self.sock, frames, deadline)
+        send_views(self.sock, frames, deadline)
 
 
 class RdmaMovers(Protocol):

@@ -46,7 +46,7 @@ from lmcache_memkv.node.metrics import NodeMetrics
 from lmcache_memkv.node.movers import TcpMover
 from lmcache_memkv.node.store import Fenced, Store
 from lmcache_memkv.transport.rdma import RdmaError
-from lmcache_memkv.transport.tcp import PeerClosed, send_all, tune
+from lmcache_memkv.transport.tcp import PeerClosed, send_views, tune
 from lmcache_memkv.wire.constants import ErrorCode
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.messages import ErrorFrame, Message, encode
@@ -66,9 +66,6 @@ _ACCEPT_PAUSE_S = 0.05  # out of descriptors (EMFILE): stop accepting this long 
 _ERROR_SEND_S = 1.0  # how long a worker tries to deliver an error frame
 _NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then the connection is off until parked again
-# Connection sockets stay in blocking mode for good (workers bound their calls with kernel
-# timers, transport.tcp.kernel_deadline); whatever the loop does on them passes this flag.
-_NOW = socket.MSG_DONTWAIT
 
 
 class _Phase(enum.Enum):
@@ -390,7 +387,7 @@ class NodeServer:
 
     def _open(self, sock: socket.socket, host: str) -> None:
         cfg = self.config
-        sock.setblocking(True)  # the loop passes MSG_DONTWAIT; workers block, bounded by kernel timers
+        sock.setblocking(False)
         proto = ServerProtocol(cfg.node_id, cfg.auth_key, cfg.limits)
         reader = FrameReader(cfg.limits, max_meta_len=MAX_AUTH_META)  # an AUTH frame is tiny: read no more before it
         conn = _Conn(sock, host, proto, reader, time.monotonic() + cfg.auth_timeout_s)
@@ -434,7 +431,7 @@ class NodeServer:
             self.metrics.protocol_errors.labels(self._m_node, "too_many_connections").inc()
             log.warning("refusing a connection: %s", refused)
             try:
-                conn.sock.send(encode(ErrorFrame(code=ErrorCode.BUSY, message=f"node has {refused}; try later"), 0), _NOW)
+                conn.sock.send(encode(ErrorFrame(code=ErrorCode.BUSY, message=f"node has {refused}; try later"), 0))
             except OSError:
                 pass
             conn.sock.close()
@@ -510,7 +507,7 @@ class NodeServer:
         while True:
             need = reader.next_size() - len(conn.buf)
             try:
-                chunk = sock.recv(min(need, _READ_CHUNK), _NOW)
+                chunk = sock.recv(min(need, _READ_CHUNK))
             except (BlockingIOError, InterruptedError):
                 return None
             if not chunk:
@@ -560,6 +557,7 @@ class NodeServer:
 
     def _park(self, conn: _Conn) -> None:
         """Hand the connection (back) to the loop: its deadline set, its next readable event armed."""
+        conn.sock.setblocking(False)
         with self._lock:
             if conn.closed:
                 return
@@ -641,12 +639,14 @@ class NodeServer:
             served += 1
             if served >= _IN_A_ROW:
                 break  # fair to other connections: what is buffered wakes the loop again
-            # Pipelined requests already here are served at once. A client moving a stream of
-            # batches sends its next request as soon as it has the answer: waiting a moment for
-            # it (when no other request waits for a worker) saves two thread hand-overs, to the
-            # loop and back, each a scheduling delay on a busy host.
-            wait_ms = _NEXT_WAIT_MS if self._jobs.empty() else 0
-            frame = self._pump(conn) if _readable(conn.sock, wait_ms) else None
+            conn.sock.setblocking(False)
+            frame = self._pump(conn)  # pipelined requests already here are served at once
+            if frame is None and not conn.partial and self._jobs.empty() and _readable(conn.sock, _NEXT_WAIT_MS):
+                # A client moving a stream of batches sends its next request as soon as it has
+                # the answer: waiting a moment for it (when no other request waits for a worker)
+                # saves two thread hand-overs, to the loop and back, each a scheduling delay on a
+                # busy host.
+                frame = self._pump(conn)
             if frame is None:
                 break
             header, msg = frame
@@ -694,9 +694,10 @@ class NodeServer:
         frame = encode(ErrorFrame(code=code, message=message), conn.request_id)
         try:
             if blocking:
-                send_all(conn.sock, [frame], time.monotonic() + _ERROR_SEND_S)
+                send_views(conn.sock, [frame], time.monotonic() + _ERROR_SEND_S)
             else:
-                conn.sock.send(frame, _NOW)  # the loop never blocks: a peer with a full window misses it
+                conn.sock.setblocking(False)
+                conn.sock.send(frame)  # the loop never blocks: a peer with a full window misses it
         except (OSError, MemKVTimeout):
             pass
 
@@ -728,7 +729,7 @@ class NodeServer:
         view = memoryview(self._discard)
         while True:
             try:
-                n = conn.sock.recv_into(view, 0, _NOW)
+                n = conn.sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
                 self._park(conn)
                 return
@@ -768,7 +769,7 @@ class NodeServer:
 
     def _send_now(self, conn: _Conn, data: bytes) -> None:
         """A handshake frame, sent without blocking: it fits any fresh socket's buffer."""
-        if conn.sock.send(data, _NOW) != len(data):
+        if conn.sock.send(data) != len(data):
             raise ConnectionError("peer is not reading its handshake")
 
 

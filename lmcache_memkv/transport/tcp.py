@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 
@@ -19,7 +18,6 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_TIMEVAL = struct.Struct("@ll")  # struct timeval, what SO_RCVTIMEO and SO_SNDTIMEO take
 
 
 class PeerClosed(ConnectionError):
@@ -111,93 +109,6 @@ def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | N
         except TimeoutError:
             raise MemKVTimeout("timed out while sending") from None
         # Drop what went out; keep the unsent tail of a partly sent view.
-        i = 0
-        while i < len(batch) and sent >= len(batch[i]):
-            sent -= len(batch[i])
-            i += 1
-        rest = pending[i:]
-        if sent and rest:
-            rest[0] = rest[0][sent:]
-        pending = rest
-
-
-# ----------------------------------------------------------------------------- kernel deadlines
-#
-# The helpers above bound each call with Python's socket timeout: every call is a poll and then
-# the call itself, and changing the timeout is an ioctl, each releasing and retaking the GIL. In
-# a process where many threads move bytes at once every such hand-over of the GIL is a futex
-# round trip and a context switch. The helpers below work on a socket left in blocking mode
-# (``settimeout(None)``) with its deadline as the kernel's SO_RCVTIMEO / SO_SNDTIMEO (setting it
-# does not release the GIL): a value is one ``recv_into(..., MSG_WAITALL)``, a gathered answer one
-# ``sendmsg``. Non-blocking reads on such a socket pass MSG_DONTWAIT.
-
-
-def kernel_deadline(sock: socket.socket, option: int, deadline: float) -> None:
-    """Bound the next blocking call on ``sock`` (``SO_RCVTIMEO`` or ``SO_SNDTIMEO``) by ``deadline``."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise MemKVTimeout("deadline passed")
-    sec = int(remaining)
-    usec = int((remaining - sec) * 1e6)
-    if not sec and not usec:
-        usec = 1  # a zero timeval means "no timeout" to the kernel
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, usec))
-
-
-def recv_into_all(sock: socket.socket, view: memoryview, deadline: float) -> None:
-    """Fill ``view`` from a blocking socket: one ``MSG_WAITALL`` receive, bounded by ``deadline``."""
-    got = 0
-    total = len(view)
-    while got < total:
-        kernel_deadline(sock, socket.SO_RCVTIMEO, deadline)
-        try:
-            n = sock.recv_into(view[got:] if got else view, total - got, socket.MSG_WAITALL)
-        except BlockingIOError:  # SO_RCVTIMEO ran out before any byte came
-            raise MemKVTimeout(f"timed out after receiving {got} of {total} bytes") from None
-        if n == 0:
-            raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")
-        got += n  # short only when the timer ran out or a signal came: the next turn decides
-
-
-def await_data(sock: socket.socket, deadline: float) -> None:
-    """``wait_for_data`` for a blocking socket: a byte is there (not consumed), or PeerClosed."""
-    kernel_deadline(sock, socket.SO_RCVTIMEO, deadline)
-    try:
-        if not sock.recv(1, socket.MSG_PEEK):
-            raise PeerClosed("peer closed the connection before the value's bytes")
-    except BlockingIOError:
-        raise MemKVTimeout("timed out waiting for a value's bytes") from None
-
-
-def drain_all(sock: socket.socket, n: int, scratch: memoryview, deadline: float) -> None:
-    """``drain`` for a blocking socket."""
-    while n > 0:
-        chunk = scratch[: min(n, len(scratch))]
-        recv_into_all(sock, chunk, deadline)
-        n -= len(chunk)
-
-
-def read_frame_all(sock: socket.socket, reader: FrameReader, deadline: float) -> tuple[Header, Message]:
-    """``read_frame`` for a blocking socket."""
-    while True:
-        buf = bytearray(reader.next_size())
-        if buf:
-            recv_into_all(sock, memoryview(buf), deadline)
-        frame = reader.feed(buf)
-        if frame is not None:
-            return frame
-
-
-def send_all(sock: socket.socket, views: Sequence[Buffer], deadline: float) -> None:
-    """``send_views`` for a blocking socket: gathered ``sendmsg`` calls bounded by ``deadline``."""
-    pending = [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
-    while pending:
-        kernel_deadline(sock, socket.SO_SNDTIMEO, deadline)
-        batch = pending[:_IOV_MAX]
-        try:
-            sent = sock.sendmsg(batch)
-        except BlockingIOError:  # SO_SNDTIMEO ran out before any byte went
-            raise MemKVTimeout("timed out while sending") from None
         i = 0
         while i < len(batch) and sent >= len(batch[i]):
             sent -= len(batch[i])
