@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, drain, recv_into_exact, send_views, wait_for_data
+from lmcache_memkv.transport.tcp import Buffer, await_queued, drain, recv_into_exact, send_views, wait_for_data
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
+_GATHER_FROM = 256 << 10  # PUTs at least this large wait for their bytes to be queued before reading
 
 
 class Mover(Protocol):
@@ -60,6 +61,9 @@ class TcpMover:
     def put(self, plan: PutPlan, deadline: float) -> None:
         sock = self.sock
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
+        if (total := sum(plan.sizes)) >= _GATHER_FROM:
+            # One wake-up once the values are in (or the window is full), not one per segment.
+            await_queued(sock, total, deadline)
         for i, size in enumerate(plan.sizes):
             if size:
                 # Reserve only once the value's bytes start to arrive: a peer that announces
