@@ -10,7 +10,9 @@ start until the last one finishes:
 
 - raw in / raw out: each client process pushes the same bytes over one plain TCP stream to the
   raw server (a plain Python server, a thread per stream, ``sendall``/``recv_into``), and pulls
-  them back; the server acknowledges what it received, as the node answers a PUT;
+  them back, in the same batches and round trips as the node's path: the server acknowledges
+  each batch it received, as the node answers each PUT, and the client asks for each batch it
+  pulls, as it sends each GET;
 - PUT / GET: each client process PUTs its values in batches to the node, then GETs them back
   into its buffers (bytes verified once per client).
 
@@ -43,7 +45,7 @@ from lmcache_memkv.node.launcher import NodeProcess
 from lmcache_memkv.sizes import format_size, parse_size
 
 _CTX = mp.get_context("fork")  # 64 clients: forking this process is far quicker than 64 fresh interpreters
-_SETUP = struct.Struct("!QQ")  # value size, values per transfer: a raw stream's parameters
+_SETUP = struct.Struct("!QQ")  # value size, values per batch: a raw stream's parameters
 
 
 def _raise_nofile() -> None:
@@ -70,20 +72,21 @@ def _buffers(value_size: int, n: int, seed: int) -> list[bytearray]:
 
 
 def _raw_stream(sock: socket.socket) -> None:
-    """One stream of the raw server: b"S" receive values then ack, b"R" send values."""
+    """One stream of the raw server: b"S" receive a batch of values then ack (a PUT's round trip),
+    b"R" send a batch of values (a GET's)."""
     with sock:
         head = bytearray(_SETUP.size)
         _recv_exactly(sock, memoryview(head))
-        value_size, count = _SETUP.unpack(head)
-        bufs = [memoryview(b) for b in _buffers(value_size, min(count, 8), 7)]
+        value_size, batch = _SETUP.unpack(head)
+        bufs = [memoryview(b) for b in _buffers(value_size, min(batch, 8), 7)]
         while True:
             cmd = sock.recv(1)
             if cmd == b"S":
-                for i in range(count):
+                for i in range(batch):
                     _recv_exactly(sock, bufs[i % len(bufs)])
                 sock.sendall(b"A")
             elif cmd == b"R":
-                for i in range(count):
+                for i in range(batch):
                     sock.sendall(bufs[i % len(bufs)])
             else:
                 return
@@ -102,7 +105,7 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
     """One client process: waits for a command, runs it, reports how many bytes it moved."""
     count = batch * batches
     raw = socket.create_connection(("127.0.0.1", raw_port))
-    raw.sendall(_SETUP.pack(value_size, count))
+    raw.sendall(_SETUP.pack(value_size, batch))
     client = NodeClient(node, timeout_s=300)
     keys = [[f"scale/{index}/{b}/{i}".encode() for i in range(batch)] for b in range(batches)]
     src = _buffers(value_size, batch, index)
@@ -113,15 +116,17 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
         while True:
             cmd = pipe.recv()
             if cmd == "raw_in":
-                raw.sendall(b"S")
-                for i in range(count):
-                    raw.sendall(src[i % batch])
-                if raw.recv(1) != b"A":
-                    raise ConnectionError("raw server did not acknowledge")
+                for _ in range(batches):  # a round trip per batch, as a PUT
+                    raw.sendall(b"S")
+                    for value in src:
+                        raw.sendall(value)
+                    if raw.recv(1) != b"A":
+                        raise ConnectionError("raw server did not acknowledge")
             elif cmd == "raw_out":
-                raw.sendall(b"R")
-                for i in range(count):
-                    _recv_exactly(raw, dst_views[i % batch])
+                for _ in range(batches):  # a round trip per batch, as a GET
+                    raw.sendall(b"R")
+                    for view in dst_views:
+                        _recv_exactly(raw, view)
             elif cmd == "put":
                 for ks in keys:
                     statuses = client.put(ks, src)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -133,3 +136,69 @@ def test_tune_sets_nodelay() -> None:
     finally:
         s.close()
         listener.close()
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A real loopback TCP connection: the low-water mark is a TCP matter."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _queued(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_await_queued_wakes_once_the_bytes_are_in_and_leaves_them(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = tcp_pair
+    data = os.urandom(300 << 10)
+
+    def trickle() -> None:
+        for i in range(0, len(data), 30 << 10):
+            a.sendall(data[i : i + (30 << 10)])
+            time.sleep(0.02)
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    tcp.await_queued(b, len(data), time.monotonic() + 10)
+    # Not woken by the first slice that landed (the kernel may wake it before the last one,
+    # when the receive window it has opened so far is full).
+    assert _queued(b) >= 2 * (30 << 10)
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert tcp.recv_exact(b, len(data), time.monotonic() + 5) == data  # nothing consumed
+    t.join(5)
+
+
+def test_await_queued_returns_on_eof_and_at_the_deadline(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = tcp_pair
+    started = time.monotonic()
+    tcp.await_queued(b, 1 << 20, time.monotonic() + 0.2)  # nothing comes: back at the deadline
+    assert 0.15 < time.monotonic() - started < 5
+    a.sendall(b"x" * 1000)
+    a.close()
+    started = time.monotonic()
+    tcp.await_queued(b, 1 << 20, time.monotonic() + 30)  # EOF: the rest can never come
+    assert time.monotonic() - started < 5
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    with pytest.raises(tcp.PeerClosed, match="after 1000 of 1001 bytes"):
+        tcp.recv_exact(b, 1001, time.monotonic() + 5)
+
+
+def test_await_queued_returns_when_the_window_is_full(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = tcp_pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the bytes wanted cannot all be queued
+    data = os.urandom(4 << 20)
+    t = threading.Thread(target=a.sendall, args=(data,))
+    t.start()
+    started = time.monotonic()
+    tcp.await_queued(b, len(data), time.monotonic() + 30)
+    assert time.monotonic() - started < 5
+    assert tcp.recv_exact(b, len(data), time.monotonic() + 10) == data
+    t.join(10)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmcache_memkv.endpoints import parse_endpoint
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, read_frame, send_views, tune
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, await_queued, read_frame, send_views, tune
 from lmcache_memkv.wire.constants import Status
 from lmcache_memkv.wire.frames import Header
 from lmcache_memkv.wire.limits import Limits
@@ -22,6 +22,7 @@ _CLIENT_LIMITS = Limits(
     max_meta_len=64 << 20, max_batch=1 << 20, max_value_len=1 << 40, max_list_limit=1 << 20, max_payload_len=1 << 42
 )
 _IOV_MAX = 1024  # buffers per recvmsg_into (Linux's IOV_MAX)
+_GATHER_FROM = 256 << 10  # GET answers at least this large are read once they are (mostly) queued
 _ERROR_GRACE_S = 0.5  # after a failed send: how long we wait for the node's error frame explaining it
 
 
@@ -122,6 +123,7 @@ class Connection:
             if not isinstance(reply, GetResponse) or len(reply.statuses) != len(keys):
                 raise ProtocolError(f"memkv node {self.endpoint}: GET of {len(keys)} keys got a malformed answer")
             dests = []
+            incoming = 0
             for status, length, view in zip(reply.statuses, reply.lengths, views, strict=True):
                 if status != Status.OK:
                     continue
@@ -133,6 +135,9 @@ class Connection:
                     )
                 if length:
                     dests.append(view[:length])
+                    incoming += length
+            if incoming >= _GATHER_FROM:
+                await_queued(self.sock, incoming, deadline)  # one wake-up, not one per segment
             _recv_into_views(self.sock, dests, deadline)  # value bytes land in the callers' buffers
             return reply
         except PeerClosed as exc:

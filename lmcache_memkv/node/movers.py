@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, send_views
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, await_queued, send_views
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
+_GATHER_FROM = 256 << 10  # PUTs at least this large wait for their bytes to be queued before reading
 
 
 class Mover(Protocol):
@@ -66,6 +67,9 @@ class TcpMover:
         sock.settimeout(0.0)
         wait = _Waiter(sock, deadline)
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
+        if (total := sum(plan.sizes)) >= _GATHER_FROM:
+            # One wake-up once the values are in (or the window is full), not one per segment.
+            await_queued(sock, total, deadline)
         for i, size in enumerate(plan.sizes):
             if size:
                 # Reserve only once the value's bytes start to arrive: a peer that announces

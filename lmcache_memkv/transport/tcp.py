@@ -7,6 +7,7 @@ buffer with ``recv_into`` and writes gather memoryviews with ``sendmsg``.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_GATHER_MAX = 8 << 20  # the most a receiver waits to have queued before it starts reading
 
 
 class PeerClosed(ConnectionError):
@@ -88,6 +90,29 @@ def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
             raise PeerClosed("peer closed the connection before the value's bytes")
     except TimeoutError:
         raise MemKVTimeout("timed out waiting for a value's bytes") from None
+
+
+def await_queued(sock: socket.socket, n: int, deadline: float | None) -> None:
+    """Sleep until about ``n`` bytes (at most 8 MiB) are queued on ``sock``, not consuming them.
+
+    Without this a reader that keeps up with its sender is woken for every segment that lands
+    (64 KiB on loopback), a thread hand-over each; with the socket's low-water mark
+    (``SO_RCVLOWAT``) raised to ``n`` for one poll it is woken once. The kernel also wakes it
+    when the receive window is full, on EOF, and on error, so this never waits for bytes that
+    cannot come; it returns at the deadline too (the reads that follow then time out), and the
+    mark is back at 1 byte before it returns.
+    """
+    want = min(n, _GATHER_MAX)
+    if want <= 1:
+        return
+    remaining_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+    try:
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        p.poll(remaining_ms)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
