@@ -19,7 +19,7 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_GATHER_MAX = 8 << 20  # the most a receiver waits to have queued before it starts reading
+_GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
 
 
 class PeerClosed(ConnectionError):
@@ -93,7 +93,7 @@ def wait_for_data(sock: socket.socket, deadline: float | None) -> None:
 
 
 def await_queued(sock: socket.socket, n: int, deadline: float | None) -> None:
-    """Sleep until about ``n`` bytes (at most 8 MiB) are queued on ``sock``, not consuming them.
+    """Sleep until about ``n`` bytes (at most 1 MiB) are queued on ``sock``, not consuming them.
 
     Without this a reader that keeps up with its sender is woken for every segment that lands
     (64 KiB on loopback), a thread hand-over each; with the socket's low-water mark
