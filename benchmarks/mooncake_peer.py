@@ -75,10 +75,14 @@ def unavailable() -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on the wildcard address (Mooncake binds some servers there),
+    all held until every one is picked, so two picks cannot return the same port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("0.0.0.0", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _tcp_open(port: int) -> bool:
@@ -187,7 +191,7 @@ class MooncakePeer:
         )
 
     def _launch(self, mooncake: Path, capacity_bytes: int) -> None:
-        rpc_port, http_port, metrics_port, client_port = (_free_port() for _ in range(4))
+        rpc_port, http_port, metrics_port, client_port = _free_ports(4)
         metadata = f"http://127.0.0.1:{http_port}/metadata"
         deadline = time.monotonic() + START_TIMEOUT_S
         self._spawn("mooncake_master", [
