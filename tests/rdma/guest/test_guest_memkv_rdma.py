@@ -49,6 +49,14 @@ class Node:
         m = self.server.metrics.transport_bytes.labels(self.server.config.node_id, transport, direction)
         return float(m._value.get())
 
+    def counter_reaches(self, transport: str, direction: str, expected: float, within_s: float = 5.0) -> float:
+        """The counter once it reaches ``expected`` (or the deadline passes): a request is counted
+        after its answer is out, so the client can hold the answer before the count moves."""
+        deadline = time.monotonic() + within_s
+        while (value := self.counter(transport, direction)) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
     def stop(self) -> None:
         if not self.stopped:
             self.stopped = True
@@ -133,8 +141,8 @@ def test_put_and_get_byte_exact_over_verbs(node: Node, client: RdmaDataClient, p
         assert a.tobytes() == b.tobytes()
     assert dst[4].tobytes() == b"\xee" * PAGE  # a miss writes nothing
     # Every value byte moved by verbs, none over the socket.
-    assert node.counter("rdma", "in") == 4 * PAGE
-    assert node.counter("rdma", "out") == 4 * PAGE
+    assert node.counter_reaches("rdma", "in", 4 * PAGE) == 4 * PAGE
+    assert node.counter_reaches("rdma", "out", 4 * PAGE) == 4 * PAGE
     assert node.counter("tcp", "in") == node.counter("tcp", "out") == 0
     # Leases, lookups and deletes ride the TCP socket as before.
     assert client.lookup(keys[:1], lease_ttl_s=5).statuses[0] == Status.OK
