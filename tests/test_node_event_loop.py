@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import resource
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,12 @@ import rawwire
 from nodeproc import NodeFactory
 
 from lmcache_memkv.client import NodeClient
+from lmcache_memkv.errors import MemKVTimeout
 from lmcache_memkv.node.config import NodeConfig
 from lmcache_memkv.node.server import NodeServer
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import ErrorCode, Status
-from lmcache_memkv.wire.messages import PingRequest, PingResponse, encode
+from lmcache_memkv.wire.messages import ExistsRequest, ExistsResponse, PingRequest, PingResponse, PutRequest, encode
 
 MANY = 2000
 
@@ -127,3 +130,52 @@ def test_workers_from_the_settings_file(node_factory: NodeFactory, tmp_path: Pat
     config.write_text("workers: 5\n")
     node = node_factory(capacity="8MiB", args=["--config", str(config)])
     assert "(5 workers)" in node.log()
+
+
+def test_lookups_are_answered_by_the_loop_while_every_worker_waits_on_an_upload(node_factory: NodeFactory) -> None:
+    # One worker, held by a PUT whose value never finishes arriving (until the frame timeout, far
+    # off): lookups, releases, deletes and pings move no value bytes and are answered by the loop.
+    node = node_factory(args=["--workers", "1", "--frame-timeout", "30"])
+    with node.client() as c:
+        assert c.put([b"here"], [b"v" * 100]) == [Status.OK]
+    slow = rawwire.connect(node.address)
+    try:
+        slow.sendall(encode(PutRequest(keys=[b"slow"], sizes=[1 << 20], versions=CLOCK.next(1)), 1) + b"x" * 100)
+        time.sleep(0.3)  # the worker is inside the transfer now
+        with NodeClient(node.data, timeout_s=2.0) as c:  # were they queued for the worker: a timeout
+            reply = c.lookup([b"here", b"slow", b"none"], lease_ttl_s=30)
+            assert list(reply.statuses) == [Status.OK, Status.MISS, Status.MISS]
+            assert c.release([reply.lease_ids[0]]) == [True]
+            assert c.delete_versions([b"none"], CLOCK.next(1)) == [Status.MISS]
+            assert c.ping() < 2.0
+            # A request with value bytes still waits for the one worker.
+            with pytest.raises(MemKVTimeout):
+                c.get_into([b"here"], [bytearray(100)], timeout_s=0.5)
+    finally:
+        slow.close()
+
+
+def test_pipelined_lookup_answers_read_late_arrive_whole_and_in_order(node_factory: NodeFactory) -> None:
+    # The client reads nothing for a while, through a small receive window, while it sends more
+    # answers' worth than the node's send buffer holds: the loop cannot send some answers whole,
+    # and a worker finishes them.
+    node = node_factory()
+    keys = [b"%03x" % i for i in range(512)]  # short keys: each answer is several times its request
+    with node.client() as c:
+        assert c.put(keys, [b"v" * (i + 1) for i in range(len(keys))]) == [Status.OK] * len(keys)
+    n = 600  # about 8 MB of answers
+    requests = b"".join(encode(ExistsRequest(keys=keys, lease_ttl_ms=0), 1000 + i) for i in range(n))
+    sock = rawwire.connect(node.address, rcvbuf=4096, timeout_s=20.0)
+    sender = threading.Thread(target=sock.sendall, args=(requests,), daemon=True)
+    try:
+        sender.start()
+        time.sleep(1.0)
+        answers = [rawwire.read_frame(sock) for _ in range(n)]
+        sender.join(5)
+    finally:
+        sock.close()
+    assert [h.request_id for h, _, _ in answers] == [1000 + i for i in range(n)]
+    want_lengths = [i + 1 for i in range(len(keys))]
+    for _, reply, _ in answers:
+        assert isinstance(reply, ExistsResponse)
+        assert list(reply.statuses) == [Status.OK] * len(keys) and list(reply.lengths) == want_lengths

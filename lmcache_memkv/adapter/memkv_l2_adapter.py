@@ -314,13 +314,11 @@ class MemKVL2Adapter(L2AdapterInterface):
         at = 0
         hits = 0
         for task in tasks:
-            bitmap = Bitmap(len(task.keys))
-            found = []
-            for i, key in enumerate(task.keys):
-                if lengths[at + i] is not None:
-                    bitmap.set(i)
-                    found.append(key)
-            at += len(task.keys)
+            n = len(task.keys)
+            bitmap = Bitmap(n)
+            found = [i for i, length in enumerate(lengths[at : at + n]) if length is not None]
+            bitmap.batched_set(found)
+            at += n
             hits += len(found)
             with self._lock:
                 self._done_lookup[task.tid] = bitmap

@@ -166,6 +166,11 @@ class GetPlan:
         return "ok" if len(self.extents) == self.count else "partial"
 
 
+# The largest lookup, release or delete the event loop answers itself (about 0.4 ms of store
+# work); bigger batches go to a worker, so one cannot hold up every other connection's reads.
+INLINE_MAX_KEYS = 512
+
+
 class NodeCore:
     """Serves one decoded request through a mover; shared by every connection and worker."""
 
@@ -195,9 +200,7 @@ class NodeCore:
     def serve(self, header: Header, msg: Message, generation: int, client_id: bytes, mover: Mover, deadline: float) -> None:
         """Serve one request whose header and meta are in; raises ``Fenced`` or a transport error."""
         started = time.perf_counter()
-        self.fence.check()  # after a stall: drop the data before serving anything
-        if generation != self.store.generation:
-            raise Fenced("the node dropped its data since this connection was opened")
+        self._check_life(generation)
         rid = header.request_id
         outcome = "ok"
         transport = "tcp"
@@ -228,9 +231,37 @@ class NodeCore:
             self.metrics.items.labels(self.node_label, "get").inc(get.count)
         else:
             mover.reply([encode(self.inline(msg, client_id), rid)], deadline)
+        self._count(header, outcome, started)
+
+    def answer(self, header: Header, msg: Message, generation: int, client_id: bytes) -> bytes:
+        """The encoded answer to a request that moves no value bytes (see ``answers_at_once``),
+        counted as served: the event loop sends it itself. Raises ``Fenced``."""
+        started = time.perf_counter()
+        self._check_life(generation)
+        frame = encode(self.inline(msg, client_id), header.request_id)
+        self._count(header, "ok", started)
+        return frame
+
+    def _check_life(self, generation: int) -> None:
+        self.fence.check()  # after a stall: drop the data before serving anything
+        if generation != self.store.generation:
+            raise Fenced("the node dropped its data since this connection was opened")
+
+    def _count(self, header: Header, outcome: str, started: float) -> None:
         labels = (self.node_label, header.base_op.name.lower())
         self.metrics.ops.labels(*labels, outcome).inc()
         self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def answers_at_once(msg: Message) -> bool:
+        """Whether the event loop may answer ``msg`` itself rather than hand it to a worker: it
+        moves no value bytes and is small, so it costs the loop about what the hand-over would
+        (a lookup batch is answered one thread switch sooner, and one less GIL hand-over)."""
+        if isinstance(msg, ExistsRequest | DeleteRequest):
+            return len(msg.keys) <= INLINE_MAX_KEYS
+        if isinstance(msg, ReleaseRequest):
+            return len(msg.lease_ids) <= INLINE_MAX_KEYS
+        return isinstance(msg, PingRequest)
 
     def inline(self, msg: Message, client_id: bytes) -> Message:
         """The answer to a request that moves no value bytes."""

@@ -2,10 +2,12 @@
 
 The loop (epoll) accepts, runs each handshake (HELLO, AUTH, AUTH_OK) and reads each request's
 header and meta without blocking, through the sans-IO frame reader; a peer that trickles its
-headers so holds no thread. A complete request goes, with its connection, to a worker, which
-runs it through the node core and the connection's mover (value bytes straight to and from the
-arena, blocking I/O bounded by the frame deadline), serves any further requests already
-buffered (a few, for pipelining clients), then parks the connection with the loop again. A
+headers so holds no thread. Small requests that move no value bytes (lookups, releases,
+deletes, pings) the loop answers itself. Any other complete request goes, with its connection,
+to a worker, which runs it through the node core and the connection's mover (value bytes
+straight to and from the arena, blocking I/O bounded by the frame deadline), serves any further
+requests already buffered (a few, for pipelining clients), then parks the connection with the
+loop again. A
 connection belongs to the loop or to one worker at a time, so its requests are served in order.
 Deadlines (authentication, a frame's completion, idleness, the lingering close after an error)
 are timers of the loop: an idle node with idle connections makes no wake-ups at all, and
@@ -79,8 +81,8 @@ class _Conn:
 
     __slots__ = (
         "auth_deadline", "authed", "buf", "busy", "closed", "fd", "frame_deadline", "generation", "host",
-        "linger_deadline", "linger_left", "mover", "phase", "proto", "reader", "request_id", "sock", "timer",
-        "timer_at",
+        "linger_deadline", "linger_left", "mover", "pending", "phase", "proto", "reader", "request_id", "sock",
+        "timer", "timer_at",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, host: str, proto: ServerProtocol, reader: FrameReader, auth_deadline: float) -> None:
@@ -103,6 +105,7 @@ class _Conn:
         self.linger_left = 0
         self.timer = 0  # the live timer's sequence number (older heap entries are stale)
         self.timer_at: float | None = None
+        self.pending: memoryview | None = None  # the part of an answer the loop could not send at once
 
     @property
     def partial(self) -> bool:
@@ -150,7 +153,7 @@ class NodeServer:
         self._wake_fd = -1
         self._loop_thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
-        self._jobs: queue.SimpleQueue[tuple[_Conn, Header, Message] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[_Conn, Header | None, Message | None] | None] = queue.SimpleQueue()
         # Guards the connection table, the budgets, ownership hand-overs and the timer heap.
         self._lock = threading.Lock()
         self._empty = threading.Condition(self._lock)  # notified when the last connection closes
@@ -478,11 +481,52 @@ class NodeServer:
                 else:
                     self._park(conn)
                 return
+            core = self.core
+            assert core is not None
+            if core.answers_at_once(msg):
+                self._answer_here(conn, core, header, msg)
+                return
         except Exception as exc:
             self._on_error(conn, exc, blocking=False)
             return
+        self._to_worker(conn, header, msg)
+
+    def _to_worker(self, conn: _Conn, header: Header | None, msg: Message | None) -> None:
+        """Hand the connection to a worker; a None request: it finishes sending ``conn.pending``."""
         conn.busy = True  # a worker's now, until it parks the connection again
         self._jobs.put((conn, header, msg))
+
+    def _answer_here(self, conn: _Conn, core: NodeCore, header: Header, msg: Message) -> None:
+        """Answer lookups, releases, deletes and pings on the loop, and any more of them already
+        buffered (up to ``_IN_A_ROW``): a lookup so costs no thread hand-over. A request that moves
+        value bytes, or an answer the socket will not take whole, goes on to a worker."""
+        served = 0
+        while True:
+            conn.proto.check_request(header)
+            frame = core.answer(header, msg, conn.generation, conn.proto.client_id)
+            try:
+                sent = conn.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent < len(frame):
+                conn.pending = memoryview(frame)[sent:]
+                self._to_worker(conn, None, None)
+                return
+            served += 1
+            if served >= _IN_A_ROW:
+                break  # fair to other connections: what is buffered wakes the loop again
+            nxt = self._pump(conn)
+            if nxt is None:
+                break
+            header, msg = nxt
+            conn.request_id = header.request_id
+            if not core.answers_at_once(msg):
+                self._to_worker(conn, header, msg)
+                return
+        if self._stopping.is_set() and not conn.partial and not _readable(conn.sock):
+            self._bye(conn, blocking=False)
+        else:
+            self._park(conn)
 
     def _handshake(self, conn: _Conn, header: Header, msg: Message) -> None:
         try:
@@ -629,16 +673,20 @@ class NodeServer:
             except Exception as exc:
                 self._on_error(conn, exc, blocking=True)
 
-    def _serve(self, conn: _Conn, header: Header, msg: Message) -> None:
+    def _serve(self, conn: _Conn, header: Header | None, msg: Message | None) -> None:
         core = self.core
         assert core is not None
         served = 0
+        if header is None and conn.pending is not None:  # the rest of an answer the loop began
+            pending, conn.pending = conn.pending, None
+            send_views(conn.sock, [pending], conn.frame_deadline)
         while True:
-            conn.proto.check_request(header)
-            core.serve(header, msg, conn.generation, conn.proto.client_id, conn.mover, conn.frame_deadline)
-            served += 1
-            if served >= _IN_A_ROW:
-                break  # fair to other connections: what is buffered wakes the loop again
+            if header is not None and msg is not None:
+                conn.proto.check_request(header)
+                core.serve(header, msg, conn.generation, conn.proto.client_id, conn.mover, conn.frame_deadline)
+                served += 1
+                if served >= _IN_A_ROW:
+                    break  # fair to other connections: what is buffered wakes the loop again
             conn.sock.setblocking(False)
             frame = self._pump(conn)  # pipelined requests already here are served at once
             if frame is None and not conn.partial and self._jobs.empty() and _readable(conn.sock, _NEXT_WAIT_MS):
