@@ -10,6 +10,7 @@ on the node is the backstop.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import threading
 from collections import Counter
@@ -29,18 +30,21 @@ class LeaseBook:
     lease's TTL: past it the node has let it go, so a record that was never released (an unlock
     that never came) is dropped too, by ``expire``, rather than kept for ever.
 
-    Memory follows the leases held: each lease is one record, dropped at release or expiry; the
-    expiry heap holds one live entry per key (its earliest expiry), and stale entries (a key
-    released, or given an earlier expiry) are skipped when popped and compacted away once they
-    outnumber the live ones, so re-granting the same keys again and again does not grow it.
+    The expiry heap holds one entry per grant batch (``add_many``: one lookup's keys share one
+    expiry), not one per key: a lookup of fresh keys, LMCache's common case, costs no heap push
+    per key. Released keys leave their references in their batch's entry until it comes due;
+    once the references outnumber twice the lease records, the heap is rebuilt from the records,
+    so memory follows the leases held, however often the same keys are leased and released.
     """
 
     _COMPACT_SLACK = 64  # a small heap is not worth rebuilding
 
     def __init__(self) -> None:
         self._held: dict[bytes, list[tuple[Grantor, int, float]]] = {}  # key -> [(grantor, lease id, until)]
-        self._next: dict[bytes, float] = {}  # key -> the expiry its live heap entry is at
-        self._deadlines: list[tuple[float, bytes]] = []  # heap; entries not matching _next are stale
+        self._records = 0  # lease records in _held
+        self._deadlines: list[tuple[float, int, list[bytes]]] = []  # heap: (until, seq, keys granted then)
+        self._refs = 0  # keys referenced by the heap's entries
+        self._seq = itertools.count()
         self._lock = threading.Lock()
 
     def add(self, key: bytes, grantor: Grantor, lease_id: int = 0, until: float = math.inf) -> None:
@@ -51,43 +55,51 @@ class LeaseBook:
         (monotonic seconds), under one lock acquisition."""
         with self._lock:
             held = self._held
+            keys: list[bytes] = []
+            append = keys.append
             for key, grantor, lease_id in grants:
                 held.setdefault(key, []).append((grantor, lease_id, until))
-                # Only an earlier expiry than the one scheduled needs a heap entry; a later one
-                # (the usual re-grant) is found when the earlier entry comes due.
-                if until != math.inf and until < self._next.get(key, math.inf):
-                    self._schedule(key, until)
-            self._compact()
-
-    def _schedule(self, key: bytes, until: float) -> None:
-        self._next[key] = until
-        heapq.heappush(self._deadlines, (until, key))
+                append(key)
+            self._records += len(keys)
+            if keys and until != math.inf:
+                heapq.heappush(self._deadlines, (until, next(self._seq), keys))
+                self._refs += len(keys)
+                self._compact()
 
     def _compact(self) -> None:
-        """Rebuild the heap from the live entries once stale ones outnumber them."""
-        if len(self._deadlines) > 2 * len(self._next) + self._COMPACT_SLACK:
-            self._deadlines = [(until, key) for key, until in self._next.items()]
-            heapq.heapify(self._deadlines)
+        """Rebuild the heap from the lease records once stale references outnumber them."""
+        if self._refs <= 2 * self._records + self._COMPACT_SLACK:
+            return
+        by_until: dict[float, list[bytes]] = {}
+        for key, leases in self._held.items():
+            for _, _, until in leases:
+                if until != math.inf:
+                    by_until.setdefault(until, []).append(key)
+        self._deadlines = [(until, next(self._seq), keys) for until, keys in by_until.items()]
+        heapq.heapify(self._deadlines)
+        self._refs = sum(len(keys) for keys in by_until.values())
 
     def expire(self, now: float) -> int:
         """Forget the leases that have run out their TTL; how many were dropped."""
         dropped = 0
         with self._lock:
+            held = self._held
             while self._deadlines and self._deadlines[0][0] <= now:
-                until, key = heapq.heappop(self._deadlines)
-                if self._next.get(key) != until:
-                    continue  # stale: released since, or rescheduled earlier
-                del self._next[key]
-                leases = self._held.get(key, [])
-                live = [lease for lease in leases if lease[2] > now]
-                dropped += len(leases) - len(live)
-                if not live:
-                    self._held.pop(key, None)
-                    continue
-                self._held[key] = live
-                soonest = min(lease[2] for lease in live)
-                if soonest != math.inf:
-                    self._schedule(key, soonest)
+                _, _, keys = heapq.heappop(self._deadlines)
+                self._refs -= len(keys)
+                for key in keys:
+                    leases = held.get(key)
+                    if not leases:
+                        continue  # released since, or dropped by an earlier entry
+                    live = [lease for lease in leases if lease[2] > now]
+                    if len(live) == len(leases):
+                        continue
+                    dropped += len(leases) - len(live)
+                    if live:
+                        held[key] = live
+                    else:
+                        del held[key]
+            self._records -= dropped
         return dropped
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
@@ -122,22 +134,22 @@ class LeaseBook:
                     out.append(None)
                     continue
                 grantor, lease_id, _ = leases.pop()
+                self._records -= 1
                 out.append((grantor, lease_id))
                 if not leases:
-                    # Its heap entry goes stale; ``_compact`` bounds how many such wait there.
+                    # Its heap reference goes stale; ``_compact`` bounds how many such wait there.
                     del self._held[key]
-                    self._next.pop(key, None)
             self._compact()
         return out
 
     def count(self) -> int:
         with self._lock:
-            return sum(len(v) for v in self._held.values())
+            return self._records
 
     def footprint(self) -> tuple[int, int]:
-        """(lease records, expiry heap entries): what this book holds in memory."""
+        """(lease records, keys the expiry heap references): what this book holds in memory."""
         with self._lock:
-            return sum(len(v) for v in self._held.values()), len(self._deadlines)
+            return sum(len(v) for v in self._held.values()), self._refs
 
 
 @dataclass
