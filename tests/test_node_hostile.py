@@ -18,7 +18,7 @@ from nodeproc import NodeProcess
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import Status
-from lmcache_memkv.wire.messages import Hello, PutRequest, encode
+from lmcache_memkv.wire.messages import AuthOk, Hello, PutRequest, encode
 
 NodeFactory = Callable[..., NodeProcess]
 MiB = 1 << 20
@@ -187,6 +187,39 @@ def test_a_keyed_client_is_served_while_a_keyless_flood_runs(node_factory: NodeF
     evicted = node.metric("memkv_node_protocol_errors_total", reason="unauth_evicted")
     print(f"\nflood: {opened[0]} connections opened; node refused {rejected:.0f}, pushed out {evicted:.0f}; keyed client served {served} times")
     assert served >= 5 and rejected + evicted > 0
+
+
+def test_a_flood_pushes_out_its_own_handshakes_not_a_slow_real_client(node_factory: NodeFactory) -> None:
+    """The unauthenticated budget is full and a flood from six addresses keeps coming while a real
+    client (another address, one pending connection) is slow to answer HELLO, as on a busy host:
+    the flood's own oldest connections give way, and the client's AUTH still lands."""
+    node = node_factory(
+        capacity="16MiB", env=ENV,
+        args=["--max-unauth-connections", "16", "--max-unauth-per-host", "4", "--auth-timeout", "10"],
+    )  # fmt: skip
+    slow = socket.create_connection(node.address, timeout=5)
+    flood: list[socket.socket] = []
+    try:
+        _, hello, _ = rawwire.read_frame(slow)
+        assert isinstance(hello, Hello)
+        for i in range(5 * 6):  # twice the budget: every slot turns over
+            s = socket.socket()
+            flood.append(s)
+            s.bind((f"127.0.0.{2 + i % 6}", 0))
+            s.settimeout(5)
+            s.connect(node.address)
+        wait_until(
+            "the flood to push out handshakes",
+            lambda: node.metric("memkv_node_protocol_errors_total", reason="unauth_evicted") >= 8,
+            5.0,
+        )
+        slow.sendall(rawwire.auth_frame(hello, KEY))
+        _, ok, _ = rawwire.read_frame(slow)
+        assert isinstance(ok, AuthOk), ok
+    finally:
+        slow.close()
+        for s in flood:
+            s.close()
 
 
 def test_hello_announces_the_limits_a_client_splits_by(node_factory: NodeFactory) -> None:

@@ -420,9 +420,12 @@ class NodeServer:
             else:
                 refused = ""
                 if len(self._unauth) >= cfg.max_unauth_connections:
-                    # Full: the oldest pending handshake gives way. A real client authenticates
-                    # within a round trip, so only connections that never do are pushed out.
-                    victim, old_host = self._unauth.popitem(last=False)
+                    # Full: a pending handshake gives way, the oldest of the address with the
+                    # most of them. A real client authenticates within a round trip and holds
+                    # one or two, so a flood pushes out its own connections, not a real client
+                    # that a busy host made slow to answer HELLO.
+                    victim, old_host = self._unauth_victim()
+                    del self._unauth[victim]
                     self._forget_unauth_host(old_host)
                 self._unauth[conn] = host
                 self._unauth_by_host[host] += 1
@@ -440,6 +443,14 @@ class NodeServer:
             conn.sock.close()
             return False
         return True
+
+    def _unauth_victim(self) -> tuple[_Conn, str]:
+        """The oldest pending handshake of the address holding the most; call with the lock held."""
+        busiest = max(self._unauth_by_host.values())
+        for conn, host in self._unauth.items():  # oldest first
+            if self._unauth_by_host[host] == busiest:
+                return conn, host
+        raise AssertionError("unauthenticated budget out of step with its per-address counts")
 
     def _forget_unauth_host(self, host: str) -> None:
         self._unauth_by_host[host] -= 1
