@@ -7,15 +7,14 @@ deletes, pings) the loop answers itself. Any other complete request goes, with i
 to a worker, which runs it through the node core and the connection's mover (value bytes
 straight to and from the arena, blocking I/O bounded by the frame deadline), serves any further
 requests already buffered (a few, for pipelining clients), then parks the connection with the
-loop again. A
-connection belongs to the loop or to one worker at a time, so its requests are served in order.
-Deadlines (authentication, a frame's completion, idleness, the lingering close after an error)
-are timers of the loop: an idle node with idle connections makes no wake-ups at all, and
-shutdown wakes the loop through an eventfd.
+loop again. A connection belongs to the loop or to one worker at a time, so its requests are
+served in order. Deadlines (authentication, a frame's completion, idleness, the lingering close
+after an error) are timers of the loop: an idle node with idle connections makes no wake-ups
+at all, and shutdown wakes the loop through an eventfd.
 
 Connections have two budgets: unauthenticated ones (all peers together, and per peer address)
-must authenticate within ``auth_timeout_s``, and the oldest is dropped when a new one needs its
-slot; authenticated ones are capped by ``max_connections``. A keyless flood so fills only its
+must authenticate within ``auth_timeout_s``, and the busiest address's oldest is dropped when a
+new one needs its slot; authenticated ones are capped by ``max_connections``. A keyless flood so fills only its
 own budget and keyed clients are still served.
 """
 
