@@ -38,6 +38,7 @@ from lmcache_memkv.wire.messages import (
     StatsResponse,
 )
 
+_OK = Status.OK  # hoisted: an enum member is an attribute lookup, and these compare per key
 M = TypeVar("M", bound=Message)
 _MAX_TTL_MS = 0xFFFFFFFF  # the wire carries the lease TTL as u32 milliseconds
 _META_PER_KEY = 2 + 16  # key length + size + version, besides the key itself
@@ -254,7 +255,7 @@ class NodeClient:
     ) -> list[int | None]:
         """Read each value straight into its buffer; per key the length read, or None on a miss."""
         reply = self.read_into(keys, buffers, timeout_s)
-        return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
+        return [n if s == _OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
 
     def lookup(self, keys: Sequence[bytes], lease_ttl_s: float = 0.0, timeout_s: float | None = None) -> ExistsResponse:
         """EXISTS: per key status, length, version and (with ``lease_ttl_s``) a lease id.
@@ -279,13 +280,13 @@ class NodeClient:
     ) -> list[int | None]:
         """Per key its value length, or None; with ``lease_ttl_s`` each found key is also leased."""
         reply = self.lookup(keys, lease_ttl_s, timeout_s)
-        return [n if s == Status.OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
+        return [n if s == _OK else None for s, n in zip(reply.statuses, reply.lengths, strict=True)]
 
     def release(self, lease_ids: Sequence[int], timeout_s: float | None = None) -> list[bool]:
         """Release leases by id; False where this client holds no such lease (released, expired)."""
         what = f"RELEASE of {len(lease_ids)} leases"
         reply = self._call(ReleaseRequest(lease_ids=lease_ids), ReleaseResponse, what, timeout_s)
-        return [s == Status.OK for s in reply.statuses]
+        return [s == _OK for s in reply.statuses]
 
     def delete_versions(
         self, keys: Sequence[bytes], versions: Sequence[int], timeout_s: float | None = None
@@ -303,7 +304,7 @@ class NodeClient:
 
     def delete(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
         """Delete each key (leased or not) as of now; False where it was not there."""
-        return [s == Status.OK for s in self.delete_versions(keys, CLOCK.next(len(keys)), timeout_s)]
+        return [s == _OK for s in self.delete_versions(keys, CLOCK.next(len(keys)), timeout_s)]
 
     def list_keys(
         self, prefix: bytes = b"", cursor: bytes = b"", limit: int = 1000, timeout_s: float | None = None

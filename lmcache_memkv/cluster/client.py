@@ -50,6 +50,7 @@ from lmcache_memkv.transport.tcp import Buffer
 from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import CLIENT_ID_LEN, INVALIDATING, MAX_KEY_LEN, ErrorCode, Status
 
+_OK = Status.OK  # hoisted: an enum member is an attribute lookup, and these compare per key
 log = logging.getLogger("memkv.cluster")
 R = TypeVar("R")
 T = TypeVar("T")
@@ -538,7 +539,7 @@ class ClusterClient:
             if isinstance(result, Exception):
                 continue
             for i, status in zip(by_node[node_id], result, strict=True):
-                if status == Status.OK:
+                if status == _OK:
                     stored[i] += 1
                     settled[i] += 1
                 elif status in INVALIDATING:
@@ -637,7 +638,7 @@ class ClusterClient:
                     for column in (reply.statuses, reply.lengths, reply.versions):
                         _check_count(node_id, "GET", column, len(sel))
                     for i, status, length, version in zip(sel, reply.statuses, reply.lengths, reply.versions, strict=True):
-                        out.append(length if status == Status.OK else None)
+                        out.append(length if status == _OK else None)
                         if status == Status.WRONG_SIZE:
                             bad.append((keys[i], version))
                 return out
@@ -690,7 +691,7 @@ class ClusterClient:
                     for column in (reply.statuses, reply.lengths, reply.lease_ids):
                         _check_count(node_id, "EXISTS", column, len(part))
                     out.extend(
-                        (n, lease_id) if s == Status.OK else None
+                        (n, lease_id) if s == _OK else None
                         for s, n, lease_id in zip(reply.statuses, reply.lengths, reply.lease_ids, strict=True)
                     )
                 return out

@@ -278,6 +278,7 @@ class Store:
         out: list[tuple[Status, int, int, int]] = []
         now = self._clock()
         ttl = min(lease_ttl_s, self.max_lease_ttl_s)
+        ok, limited = Status.OK, Status.LEASE_LIMIT  # an enum member costs an attribute lookup a key
         with self._lock:
             index_get = self._index.get
             if ttl <= 0:
@@ -289,7 +290,7 @@ class Store:
                         continue
                     if key in lru:
                         lru.move_to_end(key)
-                    out.append((Status.OK, entry.extent.length, entry.version, 0))
+                    out.append((ok, entry.extent.length, entry.version, 0))
                 return out
             self._expire_leases(now)
             # The hot path of every LMCache lookup: locals, and the owner's figures written back once.
@@ -322,7 +323,7 @@ class Store:
                     or granted >= room
                 ):
                     denied += 1
-                    append((Status.LEASE_LIMIT, length, version, 0))
+                    append((limited, length, version, 0))
                     continue
                 lease_id = next(ids)
                 if first < 0:
@@ -340,7 +341,7 @@ class Store:
                 else:
                     held.append(lease_id)
                 granted += 1
-                append((Status.OK, length, version, lease_id))
+                append((ok, length, version, lease_id))
             self._leased_bytes, self._lru_bytes = leased_bytes, lru_bytes
             if granted:
                 self._owner_keys[owner] = mine
