@@ -13,6 +13,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -127,6 +128,7 @@ class NodeMetrics:
         build.labels(__version__, str(VERSION)).set(1)
         ProcessCollector(registry=r)  # memkv_... would hide them from the usual process_* dashboards
         PlatformCollector(registry=r)
+        GCCollector(registry=r)  # python_gc_*: how often the collector runs, by generation
         r.register(_StoreCollector(node_id, snapshot))
         self.node_id = node_id
 
