@@ -455,6 +455,7 @@ _lease_ops = st.lists(
 
 @given(_lease_ops)
 @example([("add", [0, 1, 2], 1.0), ("take", [0, 1], 0.0), ("expire", [], 3.0)])  # a rebuild keeps k2's expiry
+@example([("add", [0], 1.0), ("add", [0], 2.0), ("take", [0], 0.0), ("expire", [], 1.0)])  # expiry leaves a stale entry
 @settings(max_examples=400)
 def test_lease_book_agrees_with_a_list_of_leases(ops: list[tuple[str, list[int], float]]) -> None:
     """One heap entry per grant batch (not per key) keeps every lease to its own TTL and gives

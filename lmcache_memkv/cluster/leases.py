@@ -100,6 +100,7 @@ class LeaseBook:
                     else:
                         del held[key]
             self._records -= dropped
+            self._compact()  # entries still due later may reference only keys dropped just now
         return dropped
 
     def holders_many(self, keys: Iterable[bytes]) -> list[list[str]]:
