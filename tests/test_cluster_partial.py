@@ -488,3 +488,17 @@ def test_lease_book_agrees_with_a_list_of_leases(ops: list[tuple[str, list[int],
         assert records == book.count() == sum(len(v) for v in model.values())
         assert refs <= 2 * records
         assert [book.holders(b"k%d" % i) for i in range(6)] == [["n"] if model.get(b"k%d" % i) else [] for i in range(6)]
+
+
+def test_a_failing_grant_iterable_leaves_the_lease_book_as_it_was() -> None:
+    book = LeaseBook()
+    book.add(b"k0", ("n", 1), 1, until=10.0)
+
+    def grants() -> Iterator[tuple[bytes, tuple[str, int], int]]:
+        yield b"k1", ("n", 1), 2
+        raise KeyError("member gone")
+
+    with pytest.raises(KeyError):
+        book.add_many(grants(), until=10.0)
+    assert book.count() == 1 and book.holders(b"k1") == []
+    assert book.expire(10.0) == 1 and book.count() == 0

@@ -222,6 +222,38 @@ def test_a_flood_pushes_out_its_own_handshakes_not_a_slow_real_client(node_facto
             s.close()
 
 
+def test_a_real_client_opening_two_connections_is_not_the_busiest_address(node_factory: NodeFactory) -> None:
+    """A flood of one pending handshake per address is not told apart from clients: the oldest
+    overall gives way, not a client that happens to have two connections opening at once."""
+    node = node_factory(capacity="16MiB", env=ENV, args=["--max-unauth-connections", "4", "--auth-timeout", "30"])
+    opened: list[socket.socket] = []
+
+    def pending(source: str) -> tuple[socket.socket, Hello]:
+        s = socket.socket()
+        opened.append(s)
+        s.bind((source, 0))
+        s.settimeout(5)
+        s.connect(node.address)
+        _, hello, _ = rawwire.read_frame(s)  # not answered yet
+        assert isinstance(hello, Hello)
+        return s, hello
+
+    try:
+        oldest, _ = pending("127.0.0.3")
+        pending("127.0.0.4")
+        client = [pending("127.0.0.2"), pending("127.0.0.2")]
+        pending("127.0.0.5")  # the budget is full: one gives way
+        wait_until("one pushed out", lambda: node.metric("memkv_node_protocol_errors_total", reason="unauth_evicted") >= 1, 5.0)
+        rawwire.assert_closed(oldest)
+        for s, hello in client:  # both of the client's connections authenticate
+            s.sendall(rawwire.auth_frame(hello, KEY))
+            _, ok, _ = rawwire.read_frame(s)
+            assert isinstance(ok, AuthOk), ok
+    finally:
+        for s in opened:
+            s.close()
+
+
 def test_hello_announces_the_limits_a_client_splits_by(node_factory: NodeFactory) -> None:
     node = node_factory(capacity="16MiB", args=["--max-frame-payload", "2MiB", "--max-batch", "8"])
     sock = socket.create_connection(node.address, timeout=5)

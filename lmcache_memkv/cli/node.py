@@ -301,6 +301,7 @@ def tune_gc() -> None:
     """Once start-up is done: its objects (gRPC, prometheus, the CLI) are never garbage, so no
     collection walks them again (``gc.freeze``); and collections come less often (see above).
     Reference cycles are still collected, by the young collections and the rarer full ones."""
+    gc.collect()  # what start-up left as garbage is freed, not frozen for good
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 

@@ -53,6 +53,7 @@ class LeaseBook:
     def add_many(self, grants: Iterable[tuple[bytes, Grantor, int]], until: float = math.inf) -> None:
         """Record one lease per ``(key, (node_id, incarnation), lease id)`` expiring at ``until``
         (monotonic seconds), under one lock acquisition."""
+        grants = list(grants)  # evaluated first: a failing generator must leave the book as it was
         with self._lock:
             held = self._held
             keys: list[bytes] = []

@@ -66,6 +66,7 @@ _READ_CHUNK = 256 << 10  # meta is read in pieces, so memory follows what a peer
 _ACCEPT_PAUSE_S = 0.05  # out of descriptors (EMFILE): stop accepting this long rather than spin
 _ERROR_SEND_S = 1.0  # how long a worker tries to deliver an error frame
 _NEXT_WAIT_MS = 2  # after an answer, how long a worker waits for the connection's next request
+_CLIENT_PENDING = 2  # handshakes a real client may have pending at once (see _unauth_victim)
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then the connection is off until parked again
 
 
@@ -419,10 +420,11 @@ class NodeServer:
             else:
                 refused = ""
                 if len(self._unauth) >= cfg.max_unauth_connections:
-                    # Full: a pending handshake gives way, the oldest of the address with the
-                    # most of them. A real client authenticates within a round trip and holds
-                    # one or two, so a flood pushes out its own connections, not a real client
-                    # that a busy host made slow to answer HELLO.
+                    # Full: a pending handshake gives way: the oldest of the address holding
+                    # the most, once that is more than a real client holds (it authenticates
+                    # within a round trip, with one or two connections opening at once), so a
+                    # flood pushes out its own connections, not a real client that a busy host
+                    # made slow to answer HELLO; else the oldest overall.
                     victim, old_host = self._unauth_victim()
                     del self._unauth[victim]
                     self._forget_unauth_host(old_host)
@@ -444,8 +446,10 @@ class NodeServer:
         return True
 
     def _unauth_victim(self) -> tuple[_Conn, str]:
-        """The oldest pending handshake of the address holding the most; call with the lock held."""
+        """The pending handshake that gives way (see ``_admit``); call with the lock held."""
         busiest = max(self._unauth_by_host.values())
+        if busiest <= _CLIENT_PENDING:
+            return next(iter(self._unauth.items()))  # no address stands out: the oldest
         for conn, host in self._unauth.items():  # oldest first
             if self._unauth_by_host[host] == busiest:
                 return conn, host
@@ -507,33 +511,20 @@ class NodeServer:
         self._jobs.put((conn, header, msg))
 
     def _answer_here(self, conn: _Conn, core: NodeCore, header: Header, msg: Message) -> None:
-        """Answer lookups, releases, deletes and pings on the loop, and any more of them already
-        buffered (up to ``_IN_A_ROW``): a lookup so costs no thread hand-over. A request that moves
-        value bytes, or an answer the socket will not take whole, goes on to a worker."""
-        served = 0
-        while True:
-            conn.proto.check_request(header)
-            frame = core.answer(header, msg, conn.generation, conn.proto.client_id)
-            try:
-                sent = conn.sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            if sent < len(frame):
-                conn.pending = memoryview(frame)[sent:]
-                self._to_worker(conn, None, None)
-                return
-            served += 1
-            if served >= _IN_A_ROW:
-                break  # fair to other connections: what is buffered wakes the loop again
-            nxt = self._pump(conn)
-            if nxt is None:
-                break
-            header, msg = nxt
-            conn.request_id = header.request_id
-            if not core.answers_at_once(msg):
-                self._to_worker(conn, header, msg)
-                return
-        if self._stopping.is_set() and not conn.partial and not _readable(conn.sock):
+        """Answer a lookup, release, delete or ping on the loop: it so costs no thread hand-over.
+        One request per connection per turn: a peer pipelining many cannot hold up accepts,
+        handshakes and everyone else's requests (what it has buffered wakes the loop again). An
+        answer the socket will not take whole goes on to a worker, which sends the rest."""
+        conn.proto.check_request(header)
+        frame = core.answer(header, msg, conn.generation, conn.proto.client_id)
+        try:
+            sent = conn.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(frame):
+            conn.pending = memoryview(frame)[sent:]
+            self._to_worker(conn, None, None)
+        elif self._stopping.is_set() and not conn.partial and not _readable(conn.sock):
             self._bye(conn, blocking=False)
         else:
             self._park(conn)
