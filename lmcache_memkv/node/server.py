@@ -13,9 +13,10 @@ after an error) are timers of the loop: an idle node with idle connections makes
 at all, and shutdown wakes the loop through an eventfd.
 
 Connections have two budgets: unauthenticated ones (all peers together, and per peer address)
-must authenticate within ``auth_timeout_s``, and the busiest address's oldest is dropped when a
-new one needs its slot; authenticated ones are capped by ``max_connections``. A keyless flood so fills only its
-own budget and keyed clients are still served.
+must authenticate within ``auth_timeout_s``; when a new one needs a slot, the oldest of the
+busiest address gives way (the oldest overall when no address holds more than a client does);
+authenticated ones are capped by ``max_connections``. A keyless flood so fills only its own
+budget and keyed clients are still served.
 """
 
 from __future__ import annotations
