@@ -502,3 +502,24 @@ def test_a_failing_grant_iterable_leaves_the_lease_book_as_it_was() -> None:
         book.add_many(grants(), until=10.0)
     assert book.count() == 1 and book.holders(b"k1") == []
     assert book.expire(10.0) == 1 and book.count() == 0
+
+
+def test_expiring_a_key_leased_many_times_looks_at_each_lease_once() -> None:
+    """A key locked again and again without unlocks has a heap entry per lock; expiring them
+    must not filter the key's whole lease list once per entry (quadratic: with 2,000 locks of 64
+    keys the book's lock was held for a second, stalling every lookup). Counted, not timed."""
+    looked = 0
+
+    class Until(float):
+        def __gt__(self, other: object) -> bool:
+            nonlocal looked
+            looked += 1
+            return float(self) > float(other)  # type: ignore[arg-type]
+
+    keys = [b"k%d" % i for i in range(8)]
+    book = LeaseBook()
+    for r in range(200):
+        book.add_many(((k, ("n", 1), r * 100 + j) for j, k in enumerate(keys)), until=Until(1.0 + r))
+    assert book.expire(100.5) == 100 * len(keys)
+    assert book.count() == 100 * len(keys)
+    assert looked <= 200 * len(keys)  # each of the 1,600 leases compared once (before: 80,800)

@@ -203,6 +203,49 @@ def test_a_key_leased_again_pins_its_bytes_once(clock: Clock) -> None:
         arena.close()
 
 
+class _CountedId(int):
+    """A lease id that counts how often it is compared for equality with another lease id."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _CountedId):
+            _CountedId.compared += 1
+        return int(self) == other
+
+    __hash__ = int.__hash__
+
+
+def test_ending_one_of_a_keys_many_leases_does_not_scan_the_others(clock: Clock) -> None:
+    """A shared prefix is locked by every request that reads it: one key, thousands of leases.
+    Releasing (latest first, as clients do), expiring or overwriting them must not compare each
+    lease with all the others under the store's lock (65,536 releases of one key held the lock
+    for 12 s before). Counted, not timed: lease ids that count their comparisons."""
+    n = 2000
+    assert SLOT < 3 * n  # some lease id below equals the key's byte count
+    arena = Arena(4 * SLOT)
+    try:
+        store = Store(arena, wall=lambda: 0, clock=clock, max_leases_per_owner=3 * n)
+        put(store, b"prefix")
+        store._lease_ids = (_CountedId(i) for i in itertools.count(1))
+        _CountedId.compared = 0
+        ids = [g[3] for g in store.exists([b"prefix"] * n, 30, b"me")]
+        assert all(ids) and store.snapshot()["leases"] == n
+        assert store.release(ids[::-1], b"me") == [Status.OK] * n
+        assert _CountedId.compared < n  # a scan per release: about n * n / 2 = 2,000,000
+        store.exists([b"prefix"] * n, 30, b"me")
+        clock.now += 31
+        store.exists([b"other"], 0, b"me")  # expires them
+        store.exists([b"prefix"] * n, 30, b"me")
+        assert put(store, b"prefix") is Status.OK  # an overwrite ends its leases
+        # Ids run through 1..3n here, past the key's byte count: the old layout, [bytes, id, ...],
+        # removed that count instead of the lease whose id equalled it, and leaked the budget.
+        assert store.snapshot()["leases"] == 0 and store.snapshot()["leased_bytes"] == 0
+        assert _CountedId.compared < 3 * n
+    finally:
+        arena.close()
+
+
 def test_eviction_skips_leased_entries_in_constant_time(clock: Clock) -> None:
     """100k leased entries are off the LRU list: a write that must evict still answers at once
     (the old store scanned every leased entry under its lock for every victim)."""

@@ -85,21 +85,25 @@ class LeaseBook:
         dropped = 0
         with self._lock:
             held = self._held
+            due: set[bytes] = set()
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, keys = heapq.heappop(self._deadlines)
                 self._refs -= len(keys)
-                for key in keys:
-                    leases = held.get(key)
-                    if not leases:
-                        continue  # released since, or dropped by an earlier entry
-                    live = [lease for lease in leases if lease[2] > now]
-                    if len(live) == len(leases):
-                        continue
-                    dropped += len(leases) - len(live)
-                    if live:
-                        held[key] = live
-                    else:
-                        del held[key]
+                due.update(keys)
+            # Each key once, however many due entries name it: a key leased again and again
+            # (never unlocked) has one entry per lease, and a long list to filter.
+            for key in due:
+                leases = held.get(key)
+                if not leases:
+                    continue  # released since
+                live = [lease for lease in leases if lease[2] > now]
+                if len(live) == len(leases):
+                    continue
+                dropped += len(leases) - len(live)
+                if live:
+                    held[key] = live
+                else:
+                    del held[key]
             self._records -= dropped
             self._compact()  # entries still due later may reference only keys dropped just now
         return dropped

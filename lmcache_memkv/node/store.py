@@ -126,9 +126,10 @@ class Store:
         # One entry per EXISTS that granted leases: (until, first id, count). The ids one call grants
         # are consecutive (taken under the lock), so its leases expire together; released ids are skipped.
         self._lease_heap: list[tuple[float, int, int]] = []
-        # key -> [aligned bytes, lease id, ...]: its live leases, all owners (a key pins its bytes
-        # once however often it is leased). Lists, not objects, for the same reason as Lease.
-        self._leased_keys: dict[bytes, list[int]] = {}
+        # key -> (aligned bytes, ids of its live leases, all owners): a key pins its bytes once
+        # however often it is leased. A set, so ending one of a key's many leases (a shared
+        # prefix locked by every request) costs the same as ending its only one.
+        self._leased_keys: dict[bytes, tuple[int, set[int]]] = {}
         self._owner_keys: dict[bytes, dict[bytes, int]] = {}  # owner -> key -> leases it holds on it
         self._owner_bytes: dict[bytes, int] = {}  # owner -> bytes of the distinct keys it leases
         self._owner_leases: dict[bytes, int] = {}  # owner -> lease records it holds
@@ -336,10 +337,10 @@ class Store:
                 if held is None:
                     if lru.pop(key, 0) is None:  # off the LRU list while leased
                         lru_bytes -= nbytes
-                    leased_keys[key] = [nbytes, lease_id]
+                    leased_keys[key] = (nbytes, {lease_id})
                     leased_bytes += nbytes
                 else:
-                    held.append(lease_id)
+                    held[1].add(lease_id)
                 granted += 1
                 append((ok, length, version, lease_id))
             self._leased_bytes, self._lru_bytes = leased_bytes, lru_bytes
@@ -490,8 +491,7 @@ class Store:
             counts[owner] = left
         else:
             del counts[owner]
-        held = self._leased_keys[key]
-        nbytes = held[0]  # every lease on a key is on its current value: an overwrite ends them all
+        nbytes, ids = self._leased_keys[key]  # every lease on a key is on its current value: an overwrite ends them all
         mine = self._owner_keys[owner]
         mine_count = mine[key] - 1
         if mine_count:
@@ -503,8 +503,8 @@ class Store:
             remaining = self._owner_bytes.pop(owner) - nbytes
             if remaining:
                 self._owner_bytes[owner] = remaining
-        held.remove(lease_id)
-        if len(held) > 1:
+        ids.discard(lease_id)
+        if ids:
             return
         del self._leased_keys[key]
         self._leased_bytes -= nbytes
@@ -515,7 +515,7 @@ class Store:
     def _end_leases_of(self, key: bytes) -> None:
         held = self._leased_keys.get(key)
         if held is not None:
-            for lease_id in held[1:]:  # a copy: _end_lease edits the list
+            for lease_id in list(held[1]):  # a copy: _end_lease edits the set
                 self._end_lease(lease_id, self._leases[lease_id])
 
     def _expire_leases(self, now: float) -> None:
