@@ -5,8 +5,13 @@
 
 Starts its own ``memkv node`` and, for each client count N, N client processes (each with its own
 ``NodeClient``) and a raw TCP server process. Each round measures four paths, interleaved so a
-drifting machine affects all alike, each as aggregate GB/s (1e9 bytes/s) from the moment all N
-start until the last one finishes:
+drifting machine affects all alike, each as aggregate GB/s (1e9 bytes/s): every client moves
+whole batches until ``--seconds`` have passed, and the bytes of all clients are divided by the
+time from the first client's start to the last one's finish (the monotonic clock is one across
+processes), so a batch that runs past the window counts with its time. A window, not a fixed
+amount of work: with a fixed amount, 64 clients each moving one or two batches measured mostly
+when the last of 64 processes got its turn on the CPUs, not throughput. Each client's keys hold ``--total`` / N bytes (PUTs overwrite them, GETs read them
+again), so the node's memory does not grow with the window:
 
 - raw in / raw out: each client process pushes the same bytes over one plain TCP stream to the
   raw server (a plain Python server, a thread per stream, ``sendall``/``recv_into``), and pulls
@@ -14,7 +19,7 @@ start until the last one finishes:
   each batch it received, as the node answers each PUT, and the client asks for each batch it
   pulls, as it sends each GET;
 - PUT / GET: each client process PUTs its values in batches to the node, then GETs them back
-  into its buffers (bytes verified once per client).
+  into its buffers (bytes verified once per client, after the first round).
 
 Then the node's thread count and RSS (``/proc/PID/status``) with no connections and with
 ``--conns`` authenticated connections held open by a few helper processes. It prints medians and
@@ -102,8 +107,8 @@ def _raw_server(listener: socket.socket) -> None:
 
 
 def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, batch: int, batches: int) -> None:
-    """One client process: waits for a command, runs it, reports how many bytes it moved."""
-    count = batch * batches
+    """One client process: waits for a command and a window in seconds, moves batches until the
+    window has passed (at least one), reports (bytes moved, start, finish)."""
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.sendall(_SETUP.pack(value_size, batch))
     client = NodeClient(node, timeout_s=300)
@@ -112,40 +117,58 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
     dst = [bytearray(value_size) for _ in range(batch)]
     dst_views = [memoryview(b) for b in dst]
     expect = [value_size] * batch
+
+    def raw_in(ks: list[bytes]) -> None:  # a round trip per batch, as a PUT
+        raw.sendall(b"S")
+        for value in src:
+            raw.sendall(value)
+        if raw.recv(1) != b"A":
+            raise ConnectionError("raw server did not acknowledge")
+
+    def raw_out(ks: list[bytes]) -> None:  # a round trip per batch, as a GET
+        raw.sendall(b"R")
+        for view in dst_views:
+            _recv_exactly(raw, view)
+
+    def put(ks: list[bytes]) -> None:
+        statuses = client.put(ks, src)
+        if any(statuses):  # Status.OK is 0
+            raise RuntimeError(f"client {index}: PUT failed: {statuses}")
+
+    def get(ks: list[bytes]) -> None:
+        if client.get_into(ks, dst) != expect:
+            raise RuntimeError(f"client {index}: GET missed values")
+
+    paths = {"raw_in": raw_in, "raw_out": raw_out, "put": put, "get": get}
     try:
         while True:
-            cmd = pipe.recv()
-            if cmd == "raw_in":
-                for _ in range(batches):  # a round trip per batch, as a PUT
-                    raw.sendall(b"S")
-                    for value in src:
-                        raw.sendall(value)
-                    if raw.recv(1) != b"A":
-                        raise ConnectionError("raw server did not acknowledge")
-            elif cmd == "raw_out":
-                for _ in range(batches):  # a round trip per batch, as a GET
-                    raw.sendall(b"R")
-                    for view in dst_views:
-                        _recv_exactly(raw, view)
-            elif cmd == "put":
+            cmd, seconds = pipe.recv()
+            if cmd == "fill":  # every batch stored once, so a GET window finds whichever it reads
                 for ks in keys:
-                    statuses = client.put(ks, src)
-                    if any(statuses):  # Status.OK is 0
-                        raise RuntimeError(f"client {index}: PUT failed: {statuses}")
-            elif cmd == "get":
-                for ks in keys:
-                    if client.get_into(ks, dst) != expect:
-                        raise RuntimeError(f"client {index}: GET missed values")
-            elif cmd == "verify":
+                    put(ks)
+                pipe.send((0, 0.0, 0.0))
+                continue
+            if cmd == "verify":
                 for b in dst:
                     b[:] = bytes(value_size)
                 for ks in keys:
                     client.get_into(ks, dst)
                     if dst != src:
                         raise RuntimeError(f"client {index}: GET returned other bytes than PUT stored")
-            else:
+                pipe.send((0, 0.0, 0.0))
+                continue
+            if cmd not in paths:
                 return
-            pipe.send(value_size * count)
+            step, moved, i = paths[cmd], 0, 0
+            started = time.perf_counter()
+            end = started + seconds
+            while True:  # whole batches, cycling through this client's keys
+                step(keys[i])
+                i = (i + 1) % len(keys)
+                moved += value_size * batch
+                if (now := time.perf_counter()) >= end:
+                    break
+            pipe.send((moved, started, now))
     except BaseException as exc:
         pipe.send(f"client {index}: {exc!r}")
     finally:
@@ -167,22 +190,23 @@ class Clients:
             self.pipes.append(mine)
             self.procs.append(p)
 
-    def run(self, cmd: str) -> float:
-        started = time.perf_counter()
+    def run(self, cmd: str, seconds: float = 0.0) -> float:
+        """Every client runs ``cmd`` for ``seconds``: GB/s from the first start to the last finish."""
         for pipe in self.pipes:
-            pipe.send(cmd)
-        total = 0
+            pipe.send((cmd, seconds))
+        total, first, last = 0, float("inf"), 0.0
         for pipe in self.pipes:
             got = pipe.recv()
             if isinstance(got, str):
                 raise RuntimeError(got)
-            total += got
-        return total / (time.perf_counter() - started) / 1e9
+            moved, started, finished = got
+            total, first, last = total + moved, min(first, started), max(last, finished)
+        return total / (last - first) / 1e9 if total else 0.0
 
     def close(self) -> None:
         for pipe in self.pipes:
             try:
-                pipe.send("quit")
+                pipe.send(("quit", 0.0))
             except OSError:
                 pass
         for p in self.procs:
@@ -206,10 +230,11 @@ class Rates:
         return statistics.median(n / r for n, r in zip(getattr(self, node), getattr(self, raw), strict=True))
 
 
-def measure(clients: Clients, rounds: int, warmup: int) -> Rates:
+def measure(clients: Clients, rounds: int, warmup: int, seconds: float) -> Rates:
     rates = Rates()
+    clients.run("fill")
     for r in range(warmup + rounds):
-        sample = {name: clients.run(name) for name in ("raw_in", "put", "raw_out", "get")}
+        sample = {name: clients.run(name, seconds) for name in ("raw_in", "put", "raw_out", "get")}
         if r == 0:
             clients.run("verify")  # every client checks its bytes once, outside the timed rounds
         if r >= warmup:
@@ -303,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,4,16,64", help="client process counts (default 1,4,16,64)")
     p.add_argument("--value-size", default="1MiB", help="bytes per value (default 1MiB)")
     p.add_argument("--batch", type=int, default=8, help="values per PUT/GET request (default 8)")
-    p.add_argument("--total", default="256MiB", help="bytes per round and path, all clients together (default 256MiB)")
+    p.add_argument("--seconds", type=float, default=1.0, help="each path's window per round: every client moves batches this long (default 1.0)")
+    p.add_argument("--total", default="256MiB", help="bytes the clients' keys hold, all clients together (at least a batch each; default 256MiB)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per client count; medians are reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--conns", type=int, default=2000, help="connections held open for the thread/RSS figures (default 2000)")
@@ -313,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.value_size, args.batch, args.total = "1,4", "64KiB", 4, "4MiB"
-        args.rounds, args.warmup, args.conns, args.helpers = 2, 1, 200, 2
+        args.rounds, args.warmup, args.conns, args.helpers, args.seconds = 2, 1, 200, 2, 0.1
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
     value_size, total = parse_size(args.value_size), parse_size(args.total)
-    if not counts or min(counts) <= 0 or value_size <= 0 or args.batch <= 0 or args.rounds <= 0 or args.conns < 0:
+    if not counts or min(counts) <= 0 or value_size <= 0 or args.batch <= 0 or args.rounds <= 0 or args.conns < 0 or args.seconds <= 0:
         p.error("counts and sizes must be positive")
     _raise_nofile()
 
@@ -338,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             clients = Clients(n, node.data, raw_port, value_size, args.batch, per_client[n])
             try:
-                results[n] = measure(clients, args.rounds, args.warmup)
+                results[n] = measure(clients, args.rounds, args.warmup, args.seconds)
             finally:
                 clients.close()
     finally:
@@ -348,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     conn_rows = connection_cost(args.conns, max(1, args.helpers)) if args.conns else []
 
     print(
-        f"memkv node scale: loopback, {format_size(value_size)} values, batches of {args.batch}, about "
-        f"{format_size(total)} per round and path over all clients, {args.rounds} interleaved rounds after "
-        f"{args.warmup} warm-up, {os.cpu_count()} CPUs"
+        f"memkv node scale: loopback, {format_size(value_size)} values, batches of {args.batch}, keys holding "
+        f"about {format_size(total)} over all clients, a {args.seconds:g} s window per path and round, "
+        f"{args.rounds} interleaved rounds after {args.warmup} warm-up, {os.cpu_count()} CPUs"
     )
     for n, r in results.items():
         print(f"put@{n}: {r.med('put'):.2f} GB/s = {r.ratio('put', 'raw_in'):.0%} of raw loopback ({r.med('raw_in'):.2f} GB/s)")
