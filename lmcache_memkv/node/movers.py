@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, await_queued, send_views
+from lmcache_memkv.transport.tcp import GATHER_MAX, Buffer, PeerClosed, await_queued, send_views
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -109,12 +109,23 @@ class _Waiter:
         self._deadline = deadline
         self._poll: select.poll | None = None
 
-    def __call__(self, what: str) -> None:
+    def __call__(self, what: str, want: int = 1) -> None:
+        """Sleep until ``want`` bytes (at most 1 MiB) are queued, or the window is full, or EOF."""
         if self._poll is None:
             self._poll = select.poll()
             self._poll.register(self._sock, select.POLLIN)
         remaining = self._deadline - time.monotonic()
-        if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
+        if remaining <= 0:
+            raise MemKVTimeout(what)
+        want = min(want, GATHER_MAX)
+        if want > 1:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+        try:
+            ready = self._poll.poll(max(1, int(remaining * 1000)))
+        finally:
+            if want > 1:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if not ready:
             raise MemKVTimeout(what)
 
 
@@ -125,7 +136,8 @@ def _fill(sock: socket.socket, view: memoryview, wait: _Waiter) -> int:
         try:
             n = sock.recv_into(view[got:], total - got)
         except (BlockingIOError, InterruptedError):
-            wait(f"timed out after receiving {got} of {total} bytes")
+            # One wake-up for the rest of the value, not one per segment that lands.
+            wait(f"timed out after receiving {got} of {total} bytes", total - got)
             continue
         if n == 0:
             raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")

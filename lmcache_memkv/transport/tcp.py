@@ -19,7 +19,7 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
+GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
 
 
 class PeerClosed(ConnectionError):
@@ -102,7 +102,7 @@ def await_queued(sock: socket.socket, n: int, deadline: float | None) -> None:
     cannot come; it returns at the deadline too (the reads that follow then time out), and the
     mark is back at 1 byte before it returns.
     """
-    want = min(n, _GATHER_MAX)
+    want = min(n, GATHER_MAX)
     if want <= 1:
         return
     remaining_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
