@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import struct
 import termios
@@ -202,3 +203,19 @@ def test_await_queued_returns_when_the_window_is_full(tcp_pair: tuple[socket.soc
     assert time.monotonic() - started < 5
     assert tcp.recv_exact(b, len(data), time.monotonic() + 10) == data
     t.join(10)
+
+
+def test_poll_queued_says_whether_the_bytes_came_and_restores_the_mark(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    """The node's PUT reader waits for the rest of a value with it: False at the deadline (the
+    request then times out), True once the bytes are in; the low-water mark is back at 1 byte
+    either way, or the event loop would not wake for the connection's next small request."""
+    a, b = tcp_pair
+    poller = select.poll()
+    poller.register(b, select.POLLIN)
+    a.sendall(b"x" * 1000)
+    assert not tcp.poll_queued(b, poller, 100_000, time.monotonic() + 0.2)  # 1,000 of 100,000 bytes
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    a.sendall(b"y" * 99_000)
+    assert tcp.poll_queued(b, poller, 100_000, time.monotonic() + 10)
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert _queued(b) == 100_000

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import GATHER_MAX, Buffer, PeerClosed, await_queued, send_views
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, await_queued, poll_queued, send_views
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -102,7 +102,10 @@ class TcpMover:
 
 
 class _Waiter:
-    """Polls a non-blocking socket for input until the request's deadline."""
+    """Polls a non-blocking socket for input until the request's deadline. Asked for the rest of
+    a value, it sleeps until that much (up to 1 MiB) has arrived: one wake-up, not one per
+    segment, which on a loaded node is a thread hand-over each (node_scale, 16 clients: PUT
+    81.7% -> 85% of raw, median of three alternating runs each)."""
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self._sock = sock
@@ -110,22 +113,11 @@ class _Waiter:
         self._poll: select.poll | None = None
 
     def __call__(self, what: str, want: int = 1) -> None:
-        """Sleep until ``want`` bytes (at most 1 MiB) are queued, or the window is full, or EOF."""
+        """Sleep until ``want`` bytes (at most 1 MiB) are queued, the window is full, or EOF."""
         if self._poll is None:
             self._poll = select.poll()
             self._poll.register(self._sock, select.POLLIN)
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise MemKVTimeout(what)
-        want = min(want, GATHER_MAX)
-        if want > 1:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-        try:
-            ready = self._poll.poll(max(1, int(remaining * 1000)))
-        finally:
-            if want > 1:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        if not ready:
+        if self._deadline <= time.monotonic() or not poll_queued(self._sock, self._poll, want, self._deadline):
             raise MemKVTimeout(what)
 
 

@@ -19,7 +19,7 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
+_GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
 
 
 class PeerClosed(ConnectionError):
@@ -102,17 +102,25 @@ def await_queued(sock: socket.socket, n: int, deadline: float | None) -> None:
     cannot come; it returns at the deadline too (the reads that follow then time out), and the
     mark is back at 1 byte before it returns.
     """
-    want = min(n, GATHER_MAX)
-    if want <= 1:
+    if min(n, _GATHER_MAX) <= 1:
         return
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    poll_queued(sock, p, n, deadline)
+
+
+def poll_queued(sock: socket.socket, poller: select.poll, n: int, deadline: float | None) -> bool:
+    """``await_queued`` with the caller's poll object (``sock`` registered for POLLIN): True once
+    about ``n`` bytes are queued (or the window is full, EOF, an error), False at the deadline."""
+    want = min(n, _GATHER_MAX)
     remaining_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+    if want > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
     try:
-        p = select.poll()
-        p.register(sock, select.POLLIN)
-        p.poll(remaining_ms)
+        return bool(poller.poll(remaining_ms))
     finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if want > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
