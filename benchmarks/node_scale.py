@@ -7,8 +7,8 @@ Starts its own ``memkv node`` and, for each client count N, N client processes (
 ``NodeClient``) and a raw TCP server process. Each round measures four paths, interleaved so a
 drifting machine affects all alike, each as aggregate GB/s (1e9 bytes/s): every client moves
 whole batches until ``--seconds`` have passed, and the bytes of all clients are divided by the
-time from the first client's start to the last one's finish (the monotonic clock is one across
-processes), so a batch that runs past the window counts with its time. A window, not a fixed
+time from the first client's start to the last one's finish (``perf_counter``, on Linux the
+system-wide monotonic clock), so a batch that runs past the window counts with its time. A window, not a fixed
 amount of work: with a fixed amount, 64 clients each moving one or two batches measured mostly
 when the last of 64 processes got its turn on the CPUs, not throughput. Each client's keys hold ``--total`` / N bytes (PUTs overwrite them, GETs read them
 again), so the node's memory does not grow with the window:
@@ -34,6 +34,7 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+import select
 import socket
 import statistics
 import struct
@@ -48,6 +49,7 @@ from lmcache_memkv.client import NodeClient
 from lmcache_memkv.client.connection import Connection
 from lmcache_memkv.node.launcher import NodeProcess
 from lmcache_memkv.sizes import format_size, parse_size
+from lmcache_memkv.transport.tcp import await_queued, poll_queued, send_views
 
 _CTX = mp.get_context("fork")  # 64 clients: forking this process is far quicker than 64 fresh interpreters
 _SETUP = struct.Struct("!QQ")  # value size, values per batch: a raw stream's parameters
@@ -76,23 +78,45 @@ def _buffers(value_size: int, n: int, seed: int) -> list[bytearray]:
 # ----------------------------------------------------------------------------- raw server
 
 
+def _read_value(sock: socket.socket, view: memoryview, poller: select.poll) -> None:
+    """Read as the node reads a PUT value: non-blocking, and when the socket runs dry, one sleep
+    until the rest (up to 1 MiB) is queued, not one wake-up per segment."""
+    got, total = 0, len(view)
+    while got < total:
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except BlockingIOError:
+            poll_queued(sock, poller, total - got, None)
+            continue
+        if n == 0:
+            raise ConnectionError("raw peer closed")
+        got += n
+
+
 def _raw_stream(sock: socket.socket) -> None:
     """One stream of the raw server: b"S" receive a batch of values then ack (a PUT's round trip),
-    b"R" send a batch of values (a GET's)."""
+    b"R" send a batch of values (a GET's). It reads and writes as the node does (the same wait
+    for a value's bytes, one gathered send per batch), so the baseline is no weaker than the node."""
     with sock:
         head = bytearray(_SETUP.size)
         _recv_exactly(sock, memoryview(head))
         value_size, batch = _SETUP.unpack(head)
         bufs = [memoryview(b) for b in _buffers(value_size, min(batch, 8), 7)]
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        cmd = memoryview(bytearray(1))
         while True:
-            cmd = sock.recv(1)
-            if cmd == b"S":
+            sock.setblocking(False)  # send_views leaves it blocking
+            try:
+                _read_value(sock, cmd, poller)
+            except ConnectionError:
+                return
+            if cmd[0] == ord("S"):
                 for i in range(batch):
-                    _recv_exactly(sock, bufs[i % len(bufs)])
-                sock.sendall(b"A")
-            elif cmd == b"R":
-                for i in range(batch):
-                    sock.sendall(bufs[i % len(bufs)])
+                    _read_value(sock, bufs[i % len(bufs)], poller)
+                send_views(sock, [b"A"], None)
+            elif cmd[0] == ord("R"):
+                send_views(sock, [bufs[i % len(bufs)] for i in range(batch)], None)
             else:
                 return
 
@@ -113,30 +137,30 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
     raw.sendall(_SETUP.pack(value_size, batch))
     client = NodeClient(node, timeout_s=300)
     keys = [[f"scale/{index}/{b}/{i}".encode() for i in range(batch)] for b in range(batches)]
-    src = _buffers(value_size, batch, index)
+    srcs = [_buffers(value_size, batch, index) for _ in range(batches)]  # other bytes in every batch
     dst = [bytearray(value_size) for _ in range(batch)]
     dst_views = [memoryview(b) for b in dst]
     expect = [value_size] * batch
 
-    def raw_in(ks: list[bytes]) -> None:  # a round trip per batch, as a PUT
-        raw.sendall(b"S")
-        for value in src:
-            raw.sendall(value)
+    def raw_in(b: int) -> None:  # a round trip per batch, as a PUT: one gathered send, as the node client
+        send_views(raw, [b"S", *srcs[b]], None)
         if raw.recv(1) != b"A":
             raise ConnectionError("raw server did not acknowledge")
 
-    def raw_out(ks: list[bytes]) -> None:  # a round trip per batch, as a GET
+    def raw_out(b: int) -> None:  # a round trip per batch, as a GET: the node client's first wait too
         raw.sendall(b"R")
+        await_queued(raw, value_size * batch, None)
         for view in dst_views:
             _recv_exactly(raw, view)
 
-    def put(ks: list[bytes]) -> None:
-        statuses = client.put(ks, src)
+    def put(b: int) -> None:
+        ks = keys[b]
+        statuses = client.put(ks, srcs[b])
         if any(statuses):  # Status.OK is 0
             raise RuntimeError(f"client {index}: PUT failed: {statuses}")
 
-    def get(ks: list[bytes]) -> None:
-        if client.get_into(ks, dst) != expect:
+    def get(b: int) -> None:
+        if client.get_into(keys[b], dst) != expect:
             raise RuntimeError(f"client {index}: GET missed values")
 
     paths = {"raw_in": raw_in, "raw_out": raw_out, "put": put, "get": get}
@@ -144,16 +168,16 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
         while True:
             cmd, seconds = pipe.recv()
             if cmd == "fill":  # every batch stored once, so a GET window finds whichever it reads
-                for ks in keys:
-                    put(ks)
+                for b in range(batches):
+                    put(b)
                 pipe.send((0, 0.0, 0.0))
                 continue
             if cmd == "verify":
                 for b in dst:
                     b[:] = bytes(value_size)
-                for ks in keys:
+                for ks, want in zip(keys, srcs, strict=True):
                     client.get_into(ks, dst)
-                    if dst != src:
+                    if dst != want:
                         raise RuntimeError(f"client {index}: GET returned other bytes than PUT stored")
                 pipe.send((0, 0.0, 0.0))
                 continue
@@ -163,8 +187,8 @@ def _client(index: int, pipe: Pipe, node: str, raw_port: int, value_size: int, b
             started = time.perf_counter()
             end = started + seconds
             while True:  # whole batches, cycling through this client's keys
-                step(keys[i])
-                i = (i + 1) % len(keys)
+                step(i)
+                i = (i + 1) % batches
                 moved += value_size * batch
                 if (now := time.perf_counter()) >= end:
                     break
@@ -346,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("counts and sizes must be positive")
     _raise_nofile()
 
-    # Each client moves total/N bytes per round and path, in whole batches (at least one).
+    # Each client's keys hold total/N bytes, in whole batches (at least one).
     per_client = {n: max(1, total // (n * value_size * args.batch)) for n in counts}
     resident = max(n * per_client[n] * args.batch * value_size for n in counts)
     capacity = resident + 2 * max(counts) * args.batch * value_size + (64 << 20)  # room for overwrites
