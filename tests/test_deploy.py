@@ -42,6 +42,7 @@ NODE_METRICS = {
     "memkv_node_sent_bytes_total",
     "memkv_node_request_seconds",
     "memkv_node_connections",
+    "memkv_node_transfers_waiting",
     "memkv_node_connections_accepted_total",
     "memkv_node_auth_failures_total",
     "memkv_node_protocol_errors_total",
@@ -69,6 +70,7 @@ SIDECAR_METRICS = {
 HISTOGRAMS = {"memkv_node_request_seconds", "memkv_l2_op_seconds"}
 GAUGES = {
     "memkv_node_connections",
+    "memkv_node_transfers_waiting",
     "memkv_node_arena_capacity_bytes",
     "memkv_node_arena_used_bytes",
     "memkv_node_value_bytes",

@@ -54,6 +54,37 @@ def test_send_views_resumes_partial_sends_in_order(pair: tuple[socket.socket, so
     assert out == [expected]
 
 
+def test_send_views_polled_waits_when_the_socket_is_full_and_resumes_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    parts: list[bytes | bytearray | memoryview] = [os.urandom(n) for n in (1, 0, 70_000, 3, 250_000, 17)]
+    parts += [bytes([i % 256]) * 7 for i in range(1500)]  # beyond IOV_MAX too
+    expected = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    out: list[bytes] = []
+    waits = [0]
+    full = threading.Event()
+
+    def reader() -> None:  # starts once the sender found the socket full, so it must wait
+        full.wait(10)
+        buf = bytearray(len(expected))
+        tcp.recv_into_exact(b, memoryview(buf), time.monotonic() + 10)
+        out.append(bytes(buf))
+
+    def wait() -> None:  # what a mover's wait does: sleep until writable
+        waits[0] += 1
+        full.set()
+        assert select.select([], [a], [], 10)[1], "never writable"
+
+    a.setblocking(False)
+    t = threading.Thread(target=reader)
+    t.start()
+    tcp.send_views_polled(a, parts, wait)
+    t.join(10)
+    assert out == [expected]
+    assert 1 <= waits[0] < len(expected) // 1024  # it waited, and did not spin through the waits
+
+
 def test_send_views_beyond_iov_max(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     parts = [bytes([i % 256]) * 7 for i in range(3000)]

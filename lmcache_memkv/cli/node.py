@@ -75,6 +75,15 @@ def node(
     workers: Annotated[
         int, typer.Option(help="Threads serving requests (moving value bytes); one event loop holds all connections.", envvar="MEMKV_WORKERS")
     ] = 32,
+    transfers: Annotated[
+        int,
+        typer.Option(
+            help="Large value transfers (256KiB or more) moving at once over TCP; the rest queue, first come first "
+            "served, and a transfer waiting on a slow peer lets the next one go. 0: one per CPU the node may use "
+            "(affinity and cgroup CPU limit), at least 2.",
+            envvar="MEMKV_TRANSFERS",
+        ),
+    ] = 0,
     max_unauth_connections: Annotated[
         int, typer.Option(help="Most connections still authenticating, all peers together; the oldest gives way to a new one.", envvar="MEMKV_MAX_UNAUTH_CONNECTIONS")
     ] = 64,
@@ -134,8 +143,8 @@ def node(
     frame_timeout, drain_timeout, auth_timeout, idle_timeout = (
         values[k] for k in ("frame_timeout", "drain_timeout", "auth_timeout", "idle_timeout")
     )
-    max_connections, max_unauth_connections, max_unauth_per_host, workers = (
-        values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host", "workers")
+    max_connections, max_unauth_connections, max_unauth_per_host, workers, transfers = (
+        values[k] for k in ("max_connections", "max_unauth_connections", "max_unauth_per_host", "workers", "transfers")
     )
     max_lease_ttl, lease_budget, max_tombstones = (values[k] for k in ("max_lease_ttl", "lease_budget", "max_tombstones"))
     max_watchers, max_rdma_sessions = values["max_watchers"], values["max_rdma_sessions"]
@@ -162,6 +171,7 @@ def node(
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,
             workers=workers,
+            transfers=transfers,
             max_unauth_connections=max_unauth_connections,
             max_unauth_per_host=max_unauth_per_host,
             auth_timeout_s=auth_timeout,

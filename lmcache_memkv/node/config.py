@@ -28,6 +28,7 @@ class NodeConfig:
     idle_timeout_s: float = 0.0  # 0: idle connections stay open
     max_connections: int = 4096  # authenticated connections (the event loop holds them; no thread each)
     workers: int = 32  # threads serving ready requests (value transfers), whatever the connection count
+    transfers: int = 0  # large TCP value transfers moving at once, the rest queue (0: one per CPU, at least 2)
     auth_timeout_s: float = 2.0  # a new connection must authenticate within this
     max_unauth_connections: int = 64  # connections not yet authenticated, all peers together
     max_unauth_per_host: int = 8  # ... and from one peer address
@@ -88,6 +89,8 @@ class NodeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 1 <= self.workers <= 1024:
             raise ValueError(f"--workers must be in 1..1024, got {self.workers}")
+        if not 0 <= self.transfers <= 1024:
+            raise ValueError(f"--transfers must be in 0..1024 (0: one per CPU), got {self.transfers}")
         if self.max_connections < 1:
             raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
         for flag, value in (

@@ -96,6 +96,9 @@ class NodeMetrics:
             registry=r,
         )
         self.connections = Gauge("memkv_node_connections", "Open client connections.", node, registry=r)
+        self.transfers_waiting = Gauge(
+            "memkv_node_transfers_waiting", "Large TCP value transfers queued for a transfer slot (--transfers).", node, registry=r
+        )
         self.accepted = Counter("memkv_node_connections_accepted", "Connections accepted.", node, registry=r)
         self.auth_failures = Counter(
             "memkv_node_auth_failures", "Connections that failed authentication.", node, registry=r

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, await_queued, poll_queued, send_views
+from lmcache_memkv.node.slots import TransferSlots
+from lmcache_memkv.transport.tcp import Buffer, PeerClosed, poll_ms, poll_queued, send_views, send_views_polled
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
 _GATHER_FROM = 256 << 10  # PUTs at least this large wait for their bytes to be queued before reading
+_SLOT_FROM = 256 << 10  # transfers at least this large take a transfer slot (smaller ones never queue)
+_QUANTUM = 0.02  # seconds a transfer may hold its slot while it waits on its peer (and nobody queues)
+_GLANCE = 0.002  # while it so waits, how often it looks whether someone queued
 
 
 class Mover(Protocol):
@@ -54,10 +58,14 @@ class Mover(Protocol):
 
 
 class TcpMover:
-    """Value bytes follow the request on the connection's socket, and follow the answer back."""
+    """Value bytes follow the request on the connection's socket, and follow the answer back.
 
-    def __init__(self, sock: socket.socket) -> None:
+    A transfer of ``_SLOT_FROM`` bytes or more runs holding one of the node's transfer slots
+    (``slots.py``); smaller ones never queue behind them."""
+
+    def __init__(self, sock: socket.socket, slots: TransferSlots | None = None) -> None:
         self.sock = sock
+        self.slots = slots
 
     def put(self, plan: PutPlan, deadline: float) -> None:
         sock = self.sock
@@ -65,72 +73,138 @@ class TcpMover:
         # spends an ioctl and a poll on every read, and the values of a batch are usually in
         # the socket already (six system calls per value become two).
         sock.settimeout(0.0)
-        wait = _Waiter(sock, deadline)
+        total = sum(plan.sizes)
+        turn = _Turn(sock, deadline, self.slots if total >= _SLOT_FROM else None)
         scratch: memoryview | None = None  # only a refused value needs it; most requests never do
-        if (total := sum(plan.sizes)) >= _GATHER_FROM:
-            # One wake-up once the values are in (or the window is full), not one per segment.
-            await_queued(sock, total, deadline)
-        for i, size in enumerate(plan.sizes):
-            if size:
-                # Reserve only once the value's bytes start to arrive: a peer that announces
-                # values and then stalls or hangs up makes the node evict nothing.
-                while True:
-                    try:
-                        if not sock.recv(1, socket.MSG_PEEK):
-                            raise PeerClosed("peer closed the connection before the value's bytes")
-                        break
-                    except (BlockingIOError, InterruptedError):
-                        wait("timed out waiting for a value's bytes")
-            dst = plan.claim(i)
-            if dst is None:
-                if scratch is None:
-                    scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                left = size
-                while left:
-                    left -= _fill(sock, scratch[: min(left, len(scratch))], wait)
-                continue
-            _fill(sock, dst, wait)  # straight into the arena
-            plan.landed()
+        later = total  # bytes of the values after the one being read
+        try:
+            if total >= _GATHER_FROM:
+                # One wake-up once the batch is in (or the window is full), not one per segment,
+                # and without a slot: a slow sender holds none while it sends.
+                turn.wait("timed out waiting for a value's bytes", select.POLLIN, total)
+            for i, size in enumerate(plan.sizes):
+                later -= size
+                if size:
+                    # Reserve only once the value's bytes start to arrive: a peer that announces
+                    # values and then stalls or hangs up makes the node evict nothing.
+                    while True:
+                        try:
+                            if not sock.recv(1, socket.MSG_PEEK):
+                                raise PeerClosed("peer closed the connection before the value's bytes")
+                            break
+                        except (BlockingIOError, InterruptedError):
+                            turn.wait("timed out waiting for a value's bytes", select.POLLIN, size + later)
+                turn.begin()  # the bytes are here: queue for a slot (once; a no-op while one is held)
+                dst = plan.claim(i)
+                if dst is None:
+                    if scratch is None:
+                        scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
+                    left = size
+                    while left:
+                        left -= _fill(sock, scratch[: min(left, len(scratch))], turn, later + left - min(left, len(scratch)))
+                    continue
+                _fill(sock, dst, turn, later)  # straight into the arena
+                plan.landed()
+        finally:
+            turn.end()
         send_views(sock, [plan.answer()], deadline)
 
     def get(self, plan: GetPlan, deadline: float) -> None:
         # Pinned extents stay put until the plan is released, so an overwrite cannot tear what we send.
-        send_views(self.sock, [plan.head, *plan.views()], deadline)
+        views = plan.views()
+        if self.slots is None or sum(v.nbytes for v in views) < _SLOT_FROM:
+            send_views(self.sock, [plan.head, *views], deadline)
+            return
+        sock = self.sock
+        sock.settimeout(0.0)
+        hangup = select.poll()
+        hangup.register(sock, 0)  # POLLERR and POLLHUP are always reported
+        if hangup.poll(0):
+            raise PeerClosed("peer closed the connection before its answer")  # do not queue for it
+        turn = _Turn(sock, deadline, self.slots)
+        try:
+            turn.begin()
+            send_views_polled(sock, [plan.head, *views], lambda: turn.wait("timed out while sending", select.POLLOUT))
+        finally:
+            turn.end()
 
     def reply(self, frames: Sequence[Buffer], deadline: float) -> None:
         send_views(self.sock, frames, deadline)
 
 
-class _Waiter:
-    """Polls a non-blocking socket for input until the request's deadline. Asked for the rest of
-    a value, it sleeps until that much (up to 1 MiB) has arrived: one wake-up, not one per
-    segment, which on a loaded node is a thread hand-over each (node_scale PUT/raw at 16
-    clients, three alternating runs each: 84/84/77% -> 87/83/85%; at 1 client 121/125/122% ->
-    121/131/127%)."""
+class _Turn:
+    """One transfer's waits on a non-blocking socket, until the request's deadline, and its turn
+    at the transfer slots (when it has any).
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    A transfer that must wait on its peer keeps its slot only while nobody queues for one, and
+    never past ``_QUANTUM`` in all; otherwise it gives the slot up at once, waits for its socket
+    without one, and queues again once its peer has caught up (for input: the rest of the
+    request, or 1 MiB, is queued, or the window is full). A slow or stalled peer so holds a slot
+    idle only while no other transfer wants it, and a trickle earns it no new turns. Asked for
+    input, a wait sleeps until that much has arrived: one wake-up, not one per segment, which on
+    a loaded node is a thread hand-over each (node_scale PUT/raw at 16 clients, three
+    alternating runs each: 84/84/77% -> 87/83/85%; at 1 client 121/125/122% -> 121/131/127%)."""
+
+    def __init__(self, sock: socket.socket, deadline: float, slots: TransferSlots | None) -> None:
         self._sock = sock
         self._deadline = deadline
+        self._slots = slots
         self._poll: select.poll | None = None
+        self._events = 0
+        self._since: float | None = None  # when the slot was taken; None while none is held
 
-    def __call__(self, what: str, want: int = 1) -> None:
-        """Sleep until ``want`` bytes (at most 1 MiB) are queued, the window is full, or EOF."""
-        if self._poll is None:
+    def begin(self) -> None:
+        """Take a slot (nothing to take without slots, or while one is held)."""
+        if self._slots is not None and self._since is None:
+            if not self._slots.acquire(self._deadline):
+                raise MemKVTimeout("timed out waiting for a transfer slot")
+            self._since = time.monotonic()
+
+    def end(self) -> None:
+        if self._since is not None:
+            self._since = None
+            assert self._slots is not None
+            self._slots.release()
+
+    def wait(self, what: str, events: int, want: int = 1) -> None:
+        """Sleep until the socket is ready (for input: ``want`` bytes, at most 1 MiB, are queued,
+        the window is full, or EOF); MemKVTimeout(``what``) at the deadline."""
+        if self._poll is None or self._events != events:
             self._poll = select.poll()
-            self._poll.register(self._sock, select.POLLIN)
-        if self._deadline <= time.monotonic() or not poll_queued(self._sock, self._poll, want, self._deadline):
+            self._poll.register(self._sock, events)
+            self._events = events
+        if self._since is not None:
+            assert self._slots is not None
+            end = min(self._deadline, self._since + _QUANTUM)
+            while not self._slots.waiting and time.monotonic() < end:
+                if self._ready(want, min(end, time.monotonic() + _GLANCE)):
+                    return
+            self.end()  # someone queues, or the quantum is spent: they go first
+            if not self._ready(want, self._deadline):
+                raise MemKVTimeout(what)
+            self.begin()
+        elif not self._ready(want, self._deadline):
             raise MemKVTimeout(what)
 
+    def _ready(self, want: int, until: float) -> bool:
+        assert self._poll is not None
+        if until <= time.monotonic():
+            return False
+        if self._events == select.POLLIN:
+            return poll_queued(self._sock, self._poll, want, until)
+        return bool(self._poll.poll(poll_ms(until)))
 
-def _fill(sock: socket.socket, view: memoryview, wait: _Waiter) -> int:
-    """Read exactly ``len(view)`` bytes into ``view`` from a non-blocking socket; the byte count."""
+
+def _fill(sock: socket.socket, view: memoryview, turn: _Turn, later: int) -> int:
+    """Read exactly ``len(view)`` bytes into ``view`` from a non-blocking socket (``later``: bytes
+    the request still sends after these); the byte count."""
     got, total = 0, len(view)
     while got < total:
         try:
             n = sock.recv_into(view[got:], total - got)
         except (BlockingIOError, InterruptedError):
-            # One wake-up for the rest of the value, not one per segment that lands.
-            wait(f"timed out after receiving {got} of {total} bytes", total - got)
+            # One wake-up for the rest of the request (up to 1 MiB), not one per segment that lands.
+            turn.wait(f"timed out after receiving {got} of {total} bytes", select.POLLIN, total - got + later)
             continue
         if n == 0:
             raise PeerClosed(f"peer closed the connection after {got} of {total} bytes")

@@ -46,6 +46,7 @@ from lmcache_memkv.node.core import NodeCore
 from lmcache_memkv.node.fence import Fence
 from lmcache_memkv.node.metrics import NodeMetrics
 from lmcache_memkv.node.movers import TcpMover
+from lmcache_memkv.node.slots import TransferSlots, default_transfers
 from lmcache_memkv.node.store import Fenced, Store
 from lmcache_memkv.transport.rdma import RdmaError
 from lmcache_memkv.transport.tcp import PeerClosed, send_views, tune
@@ -86,13 +87,15 @@ class _Conn:
         "timer", "timer_at",
     )  # fmt: skip
 
-    def __init__(self, sock: socket.socket, host: str, proto: ServerProtocol, reader: FrameReader, auth_deadline: float) -> None:
+    def __init__(
+        self, sock: socket.socket, host: str, proto: ServerProtocol, reader: FrameReader, auth_deadline: float, slots: TransferSlots
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.host = host
         self.proto = proto
         self.reader = reader
-        self.mover = TcpMover(sock)
+        self.mover = TcpMover(sock, slots)
         self.phase = _Phase.HANDSHAKE
         self.buf = bytearray()  # the part of the next header or meta read so far
         self.busy = False
@@ -155,6 +158,7 @@ class NodeServer:
         self._loop_thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._jobs: queue.SimpleQueue[tuple[_Conn, Header | None, Message | None] | None] = queue.SimpleQueue()
+        self.slots = TransferSlots(config.transfers or default_transfers())  # large TCP transfers at once
         # Guards the connection table, the budgets, ownership hand-overs and the timer heap.
         self._lock = threading.Lock()
         self._empty = threading.Condition(self._lock)  # notified when the last connection closes
@@ -199,6 +203,7 @@ class NodeServer:
             self.config.node_id = default_node_id(self.address[1])
             self._m_node = self.config.node_id
             self.metrics = NodeMetrics(self.config.node_id, self.stats)
+        self.metrics.transfers_waiting.labels(self._m_node).set_function(lambda: self.slots.waiting)
         if self.config.metrics_listen:
             self.metrics_address = self.metrics.serve(
                 self.config.metrics_listen, lambda: self.serving.is_set() and not self._stopping.is_set()
@@ -230,7 +235,10 @@ class NodeServer:
             self._workers.append(t)
         self._loop_thread = threading.Thread(target=self._loop, name="memkv-loop", daemon=True)
         self._loop_thread.start()
-        log.info("node %s serving data on %s (%d workers)", self.config.node_id, self.endpoint, self.config.workers)
+        log.info(
+            "node %s serving data on %s (%d workers, %d transfers at once)",
+            self.config.node_id, self.endpoint, self.config.workers, self.slots.count,
+        )
 
     @property
     def endpoint(self) -> str:
@@ -394,7 +402,7 @@ class NodeServer:
         sock.setblocking(False)
         proto = ServerProtocol(cfg.node_id, cfg.auth_key, cfg.limits)
         reader = FrameReader(cfg.limits, max_meta_len=MAX_AUTH_META)  # an AUTH frame is tiny: read no more before it
-        conn = _Conn(sock, host, proto, reader, time.monotonic() + cfg.auth_timeout_s)
+        conn = _Conn(sock, host, proto, reader, time.monotonic() + cfg.auth_timeout_s, self.slots)
         if not self._admit(conn):
             return
         tune(sock)

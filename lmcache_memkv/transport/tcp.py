@@ -10,7 +10,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
 from lmcache_memkv.wire.frames import Header
@@ -19,6 +19,7 @@ from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int
 _GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
 
 
@@ -113,7 +114,7 @@ def poll_queued(sock: socket.socket, poller: select.poll, n: int, deadline: floa
     """``await_queued`` with the caller's poll object (``sock`` registered for POLLIN): True once
     about ``n`` bytes are queued (or the window is full, EOF, an error), False at the deadline."""
     want = min(n, _GATHER_MAX)
-    remaining_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+    remaining_ms = -1 if deadline is None else poll_ms(deadline)
     if want > 1:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
     try:
@@ -121,6 +122,11 @@ def poll_queued(sock: socket.socket, poller: select.poll, n: int, deadline: floa
     finally:
         if want > 1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def poll_ms(until: float) -> int:
+    """``poll``'s timeout for a wait until ``until`` (monotonic), rounded up, within its int range."""
+    return min(max(0, int((until - time.monotonic()) * 1000) + 1), _POLL_MAX_MS)
 
 
 def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | None) -> None:
@@ -133,23 +139,43 @@ def drain(sock: socket.socket, n: int, scratch: memoryview, deadline: float | No
 
 def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | None) -> None:
     """Send every buffer in order with gathered writes, resuming after partial sends."""
-    pending = [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
+    pending = _byte_views(views)
     while pending:
         _arm(sock, deadline)
-        batch = pending[:_IOV_MAX]
         try:
-            sent = sock.sendmsg(batch)
+            sent = sock.sendmsg(pending[:_IOV_MAX])
         except TimeoutError:
             raise MemKVTimeout("timed out while sending") from None
-        # Drop what went out; keep the unsent tail of a partly sent view.
-        i = 0
-        while i < len(batch) and sent >= len(batch[i]):
-            sent -= len(batch[i])
-            i += 1
-        rest = pending[i:]
-        if sent and rest:
-            rest[0] = rest[0][sent:]
-        pending = rest
+        pending = _advance(pending, sent)
+
+
+def send_views_polled(sock: socket.socket, views: Sequence[Buffer], wait: Callable[[], None]) -> None:
+    """``send_views`` on a non-blocking socket: ``wait()`` is called whenever the socket will take
+    nothing more, and returns once it is writable again (or raises: it owns the deadline)."""
+    pending = _byte_views(views)
+    while pending:
+        try:
+            sent = sock.sendmsg(pending[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            wait()
+            continue
+        pending = _advance(pending, sent)
+
+
+def _byte_views(views: Sequence[Buffer]) -> list[memoryview]:
+    return [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
+
+
+def _advance(pending: list[memoryview], sent: int) -> list[memoryview]:
+    """Drop what went out; keep the unsent tail of a partly sent view."""
+    i = 0
+    while i < len(pending) and sent >= len(pending[i]):
+        sent -= len(pending[i])
+        i += 1
+    rest = pending[i:]
+    if sent and rest:
+        rest[0] = rest[0][sent:]
+    return rest
 
 
 def linger_close(sock: socket.socket, timeout_s: float, max_bytes: int) -> None:
