@@ -149,7 +149,7 @@ def test_transfers_setting_is_checked_and_defaults_to_the_cpus() -> None:
     assert default_transfers("/nonexistent") == max(2, len(os.sched_getaffinity(0)))
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000\n", None), ("150000 100000\n", 2), ("100000 100000\n", 2), ("garbage\n", None)])
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000\n", None), ("150000 100000\n", 2), ("100000 100000\n", 2), ("garbage\n", None), ("100000 0\n", None)])
 def test_default_transfers_follow_a_container_cpu_limit(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
     f = tmp_path / "cpu.max"
     f.write_text(cpu_max)

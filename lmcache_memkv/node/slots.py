@@ -23,11 +23,12 @@ def default_transfers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     try:
-        quota, period = open(cpu_max).read().split()[:2]
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
         if quota != "max":
             cpus = min(cpus, -(-int(quota) // int(period)))  # a limit of 2.5 CPUs runs 3 at once
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota visible: the affinity stands
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 quota visible (or none that reads right): the affinity stands
     return max(2, cpus)
 
 
