@@ -63,7 +63,7 @@ class TcpMover:
     A transfer of ``_SLOT_FROM`` bytes or more runs holding one of the node's transfer slots
     (``slots.py``); smaller ones never queue behind them."""
 
-    def __init__(self, sock: socket.socket, slots: TransferSlots | None = None) -> None:
+    def __init__(self, sock: socket.socket, slots: TransferSlots) -> None:
         self.sock = sock
         self.slots = slots
 
@@ -112,7 +112,7 @@ class TcpMover:
     def get(self, plan: GetPlan, deadline: float) -> None:
         # Pinned extents stay put until the plan is released, so an overwrite cannot tear what we send.
         views = plan.views()
-        if self.slots is None or sum(v.nbytes for v in views) < _SLOT_FROM:
+        if sum(v.nbytes for v in views) < _SLOT_FROM:
             send_views(self.sock, [plan.head, *views], deadline)
             return
         sock = self.sock
