@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from lmcache_memkv.adapter.settings import resolve
+from lmcache_memkv.adapter.settings import default_workers, resolve
 from lmcache_memkv.errors import ConfigError
 
 KEY = "ab" * 32
@@ -15,8 +16,22 @@ KEY = "ab" * 32
 def test_defaults_with_only_servers() -> None:
     s = resolve({"type": "memkv", "servers": "127.0.0.1:9901"}, env={})
     assert s.servers == ("127.0.0.1:9901",)
-    assert (s.replicas, s.transport, s.num_workers, s.timeout_s, s.lease_ttl_s, s.prefix) == (1, "auto", 4, 5.0, 30.0, "")
+    assert (s.replicas, s.transport, s.num_workers, s.timeout_s, s.lease_ttl_s, s.prefix) == (1, "auto", 0, 5.0, 30.0, "")
     assert s.auth_key is None
+    assert s.workers == default_workers()
+
+
+def test_workers_default_to_the_cpus_two_to_four(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert default_workers("/nonexistent") == min(4, max(2, cpus))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("50000 100000\n")  # half a CPU: still two threads
+    assert default_workers(str(quota)) == 2
+    quota.write_text("250000 100000\n")  # 2.5 CPUs: three at once
+    assert default_workers(str(quota)) == min(3, max(2, cpus))
+    s = resolve({"servers": "h:1"}, env={"MEMKV_NUM_WORKERS": "7"})
+    assert (s.num_workers, s.workers) == (7, 7)
+    assert resolve({"servers": "h:1", "num_workers": 0}, env={}).workers == default_workers()
 
 
 def test_precedence_yaml_env_json(tmp_path: Path) -> None:
@@ -48,6 +63,7 @@ def test_servers_list_and_env() -> None:
         ({"servers": "h:1", "transport": "carrier-pigeon"}, {}, "'transport' must be one of auto, tcp, rdma"),
         ({"servers": "h:1", "timeout_s": -1}, {}, "'timeout_s' must be a number"),
         ({"servers": "h:1", "num_workers": True}, {}, "'num_workers'"),
+        ({"servers": "h:1", "num_workers": 65}, {}, "'num_workers' must be an integer in 0..64, got 65"),
         ({"servers": "h:1", "bogus": 1}, {}, "unknown field(s) bogus"),
         ({"servers": "h:1", "auth_key": KEY}, {}, "do not put 'auth_key' in the JSON"),
         ({"servers": "h:1"}, {"MEMKV_AUTH_KEY": "xyz"}, "MEMKV_AUTH_KEY: the auth key must be 64 hex characters"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -94,6 +95,14 @@ def key(i: int) -> ObjectKey:
     return ObjectKey(chunk_hash=i.to_bytes(4, "big"), model_name="m", kv_rank=0)
 
 
+def obj() -> Any:
+    import torch
+    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
+
+    t = torch.zeros(64, dtype=torch.uint8)
+    return TensorMemoryObj(t, MemoryObjMetadata(shape=t.shape, dtype=torch.uint8, address=0, phy_size=64, ref_count=1, pin_count=0, fmt=MemoryFormat.KV_2LTD), None)
+
+
 def wait(fd: int, timeout_s: float = 5.0) -> None:
     ready, _, _ = select.select([fd], [], [], timeout_s)
     assert ready, "no completion signalled"
@@ -132,13 +141,6 @@ def test_a_lookup_that_cannot_even_be_encoded_is_still_answered(adapter: MemKVL2
 def test_failures_become_misses_and_a_failed_store(adapter: MemKVL2Adapter, cluster: RecordingCluster) -> None:
     cluster.fail = MemKVTimeout("node did not answer")
     assert lookup(adapter, [key(1), key(2)]) == [False, False]
-    import torch
-    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
-
-    def obj() -> TensorMemoryObj:
-        t = torch.zeros(64, dtype=torch.uint8)
-        return TensorMemoryObj(t, MemoryObjMetadata(shape=t.shape, dtype=torch.uint8, address=0, phy_size=64, ref_count=1, pin_count=0, fmt=MemoryFormat.KV_2LTD), None)
-
     tid = adapter.submit_store_task([key(3)], [obj()])
     wait(adapter.get_store_event_fd())
     result = adapter.pop_completed_store_tasks()[tid]
@@ -153,3 +155,48 @@ def test_after_close_tasks_are_answered_at_once_without_network(cluster: Recordi
     bitmap = a.query_lookup_and_lock_result(tid)
     assert bitmap is not None and not bitmap.test(0)
     assert cluster.calls == before  # no network call after close
+
+
+class GatedCluster(RecordingCluster):
+    """Stores block until ``gate`` opens; ``peak`` is how many ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.running = self.peak = 0
+
+    def put(self, keys: Sequence[bytes], values: Sequence[Any]) -> list[bool]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            assert self.gate.wait(10)
+            return super().put(keys, values)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_stores_run_on_as_many_threads_as_the_workers_setting(num_workers: int) -> None:
+    from lmcache_memkv.adapter.settings import default_workers
+
+    cluster = GatedCluster()
+    a = MemKVL2Adapter(MemKVL2AdapterConfig.from_dict({"servers": "127.0.0.1:1", "num_workers": num_workers}), cluster=cluster)  # type: ignore[arg-type]
+    try:
+        tids = [a.submit_store_task([key(i)], [obj()]) for i in range(8)]
+        want = num_workers or default_workers()
+        deadline = time.monotonic() + 5
+        while cluster.running < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # a pool larger than ``want`` would start more by now
+        assert cluster.running == want
+        cluster.gate.set()
+        done: dict[Any, Any] = {}
+        while len(done) < len(tids):
+            wait(a.get_store_event_fd())
+            done.update(a.pop_completed_store_tasks())
+        assert cluster.peak == want and all(done[t].is_successful() for t in tids)
+    finally:
+        cluster.gate.set()
+        a.close()

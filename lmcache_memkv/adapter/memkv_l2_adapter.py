@@ -100,7 +100,8 @@ class MemKVL2AdapterConfig(L2AdapterConfigBase):
             "- transport (auto|tcp|rdma): data plane (default auto). rdma: value bytes move by verbs\n"
             "  (the node RDMA-READs/WRITEs L1 pages), or the sidecar refuses to start, naming why; auto: verbs\n"
             "  to nodes that advertise rdma when this host has a usable device, else TCP [MEMKV_TRANSPORT]\n"
-            "- num_workers (int 1..64): I/O threads per operation kind (default 4) [MEMKV_NUM_WORKERS]\n"
+            "- num_workers (int 0..64): I/O threads per operation kind; 0: one per CPU this process may use,\n"
+            "  2 to 4 (default 0) [MEMKV_NUM_WORKERS]\n"
             "- timeout_s (float): bound on every remote call; a dead node becomes misses after it\n"
             "  (default 5.0) [MEMKV_TIMEOUT_S]\n"
             "- lease_ttl_s (float): how long a lookup-and-lock lease protects a chunk if never unlocked\n"
@@ -164,7 +165,7 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._inflight = 0
         self._closed = False
         self._efds_closed = False
-        n = s.num_workers
+        n = s.workers
         # Separate pools so a burst of stores never queues ahead of a prefetch.
         self._store_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-store")
         self._fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="memkv-fetch")
@@ -176,9 +177,9 @@ class MemKVL2Adapter(L2AdapterInterface):
         self._usage_thread = threading.Thread(target=self._refresh_usage_loop, name="memkv-usage", daemon=True)
         self._usage_thread.start()
         log.info(
-            "memkv adapter up%s: servers=%s transport=%s replicas=%d",
+            "memkv adapter up%s: servers=%s transport=%s replicas=%d workers=%d",
             "" if self._connected() else " (degraded: no cluster yet, connecting in the background)",
-            ",".join(s.servers), self._transport, s.replicas,
+            ",".join(s.servers), self._transport, s.replicas, n,
         )  # fmt: skip
 
     def _connected(self) -> bool:

@@ -9,27 +9,16 @@ Waiters are served first come, first served: no client's transfers starve behind
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 
+from lmcache_memkv.cpus import CGROUP_CPU_MAX, usable_cpus
 
-def default_transfers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """One transfer per CPU this process may use (its affinity, and a cgroup v2 CPU quota such
-    as a container's CPU limit), at least two."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:
-        with open(cpu_max) as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, -(-int(quota) // int(period)))  # a limit of 2.5 CPUs runs 3 at once
-    except (OSError, ValueError, ZeroDivisionError):
-        pass  # no cgroup v2 quota visible (or none that reads right): the affinity stands
-    return max(2, cpus)
+
+def default_transfers(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """One transfer per CPU this process may use (``usable_cpus``), at least two."""
+    return max(2, usable_cpus(cpu_max))
 
 
 class TransferSlots:
