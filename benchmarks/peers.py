@@ -28,6 +28,10 @@ connections to peer processes, driven at once from as many threads, cycling thro
 buffers of the value size) and single-thread memcpy of the value size (numpy). memkv's load is
 printed as a percentage of raw TCP with as many streams as tasks in flight (1 vs 1, 4 vs 4).
 
+Every bench process runs with ``OMP_NUM_THREADS=1`` (``--bench-omp-threads``): the bench zeroes its
+load buffers with torch right before each timed load round, and torch's OpenMP workers would then
+spin on a CPU through the round (perf: 95% of such a thread in libgomp), whichever system is measured.
+
 CPU per byte: user+system CPU seconds (/proc/PID/stat, all threads) of the store-side processes
 and of the ``lmcache bench l2`` process, sampled when the benchmark logs the end of its warm-up
 store round and when it starts verifying, so interpreter start-up, adapter set-up and first
@@ -208,7 +212,7 @@ def _sample(bench_pid: int, system: System) -> dict[str, float | None]:
     return {"bench": cpu_seconds(bench_pid), **{n: cpu_seconds(p) for n, p in system.pids.items()}}
 
 
-def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds: int, out_dir: Path) -> Run:
+def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds: int, out_dir: Path, omp_threads: int = 1) -> Run:
     run = Run(system.name, value, in_flight)
     try:
         system.before_run()
@@ -225,7 +229,10 @@ def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds:
         "--lookup-max-hit-rate", "1.0", "--format", "json", "--output", str(out),
     ]
     # Not -q: its progress lines ("[Store] Round 1: ...", "[Verify] ...") bound the CPU window.
-    env = node_env(system.env)
+    # lmcache bench l2 zeroes every load buffer with torch just before each timed load round; torch's
+    # OpenMP workers then spin (libgomp's wait policy) on a CPU through the round, taking it from
+    # the store and the adapter alike. One thread (default) removes that harness cost for every system.
+    env = node_env({**({"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {}), **system.env})
     start: dict[str, float | None] | None = None
     end: dict[str, float | None] | None = None
     tail: deque[str] = deque(maxlen=40)
@@ -460,6 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="fewest measured rounds per lmcache bench run (default 5)")
     p.add_argument("--run-bytes", default="512MiB", help="more rounds, up to --max-rounds, until a run stores this much (default 512MiB)")
     p.add_argument("--max-rounds", type=int, default=64, help="most measured rounds per run (default 64)")
+    p.add_argument("--bench-omp-threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of every lmcache bench l2 process (default 1; 0: torch's default, whose "
+                        "OpenMP workers spin through each load round after the bench zeroes its buffers)")
     p.add_argument("--memkv-json", default="", help="extra memkv adapter fields as JSON, e.g. '{\"num_workers\": 8}'")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 64KiB values, in flight 1,4, 1 repeat, 2 rounds of 1MiB a run")
@@ -480,6 +490,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("value sizes must be whole KiB (lmcache bench l2 takes --data-size-kb)")
     if min(args.in_flight) < 1 or min(args.repeat, args.rounds, args.max_rounds, args.max_keys, args.round_bytes) < 1:
         p.error("counts and sizes must be positive")
+    if args.bench_omp_threads < 0:
+        p.error("--bench-omp-threads must be 0 (torch's default) or more")
     return args
 
 
@@ -504,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
           f"stays within {format_size(args.round_bytes)} (at most {args.max_keys}); {WARMUP_ROUNDS} warm-up + "
           f"{args.rounds}-{args.max_rounds} rounds so a run stores {format_size(args.run_bytes)} where it can; "
           f"at most {format_size(per_run)} resident a run; {args.repeat} repeats, system order rotated per repeat; "
-          f"store capacity {format_size(capacity)} each; {os.cpu_count()} CPUs", flush=True)
+          f"store capacity {format_size(capacity)} each; {os.cpu_count()} CPUs; bench OMP_NUM_THREADS="
+          f"{args.bench_omp_threads or 'unset'}", flush=True)
 
     res = Results()
     failures: list[str] = []
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in in_flights:
                     shape = Shape.of(value, f, args)
                     for system in order:
-                        run = run_bench(system, value, f, shape.keys, shape.rounds, Path(tmp))
+                        run = run_bench(system, value, f, shape.keys, shape.rounds, Path(tmp), args.bench_omp_threads)
                         res.runs.append(run)
                         print(f"[{rep + 1}/{args.repeat}] {format_size(value)} in flight {f} {system.name}: "
                               f"store {run.store_gbps:.2f} GB/s, lookup {run.lookup_keys_s:.0f} keys/s, "

@@ -100,5 +100,6 @@ def test_peers_benchmark_runs_quick() -> None:
     assert rows["value @ in_flight"] in cpu_columns, out
     cpu_rows = [r for k, r in rows.items() if re.fullmatch(r"64\.0 KiB @ [14]", k)]
     assert cpu_rows and all(re.fullmatch(_CELL, c) for r in cpu_rows for c in r), out
+    assert "bench OMP_NUM_THREADS=1" in out.splitlines()[0], out  # the harness's torch runs one thread
     assert re.search(r"^runs: \d+, every key verified: yes$", out, re.M), out
     assert re.search(r"^wall time: \d+ s$", out, re.M), out
