@@ -13,7 +13,9 @@ Starts its own ``memkv node``, then measures four paths with the same bytes per 
 Rounds interleave the four paths (raw in, raw out, PUT, GET, raw in, ...), so a machine whose
 loopback speed drifts over seconds (shared VMs do) affects all of them alike. After a warm-up
 it prints the median GB/s (1e9 bytes/s) of each, PUT and GET as a fraction of raw in the same
-direction, and a table. It asserts nothing about speed (the smoke test only runs it).
+direction, a table, and the node's CPU seconds (user + system, /proc, all its threads) per GB
+moved by PUT and by GET over the timed rounds. It asserts nothing about speed (the smoke test
+only runs it).
 """
 
 from __future__ import annotations
@@ -25,11 +27,26 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.node.launcher import NodeProcess
 from lmcache_memkv.sizes import format_size, parse_size
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, all its threads (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15
+
 
 # ----------------------------------------------------------------------------- raw loopback
 
@@ -162,18 +179,28 @@ class Rates:
     raw_out: list[float] = field(default_factory=list)
     put: list[float] = field(default_factory=list)
     get: list[float] = field(default_factory=list)
+    put_cpu: float = 0.0  # the node's CPU seconds in the timed PUTs
+    get_cpu: float = 0.0
 
 
-def measure(raw: RawPair, load: NodeLoad, rounds: int, warmup: int) -> Rates:
+def measure(raw: RawPair, load: NodeLoad, rounds: int, warmup: int, node_cpu: Callable[[], float | None] = lambda: 0.0) -> Rates:
     """Interleaved rounds: raw and node paths see the same machine, whatever else it is doing."""
     rates = Rates()
     for r in range(warmup + rounds):
-        sample = (raw.inbound(), raw.outbound(), load.put(), load.get())
+        raw_in, raw_out = raw.inbound(), raw.outbound()
+        c0 = node_cpu()
+        put = load.put()
+        c1 = node_cpu()
+        get = load.get()
+        c2 = node_cpu()
         if r == 0:
             load.verify()  # byte-exact once, outside the timed rounds
         if r >= warmup:
-            for series, value in zip((rates.raw_in, rates.raw_out, rates.put, rates.get), sample, strict=True):
+            for series, value in zip((rates.raw_in, rates.raw_out, rates.put, rates.get), (raw_in, raw_out, put, get), strict=True):
                 series.append(value)
+            if c0 is not None and c1 is not None and c2 is not None:
+                rates.put_cpu += c1 - c0
+                rates.get_cpu += c2 - c1
     return rates
 
 
@@ -206,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     raw: RawPair | None = None
     try:
         raw = RawPair(value_size, count, args.batch)
-        rates = measure(raw, NodeLoad(node.data, value_size, args.batch, args.batches), args.rounds, args.warmup)
+        pid = node.pid
+        rates = measure(raw, NodeLoad(node.data, value_size, args.batch, args.batches), args.rounds, args.warmup, lambda: cpu_seconds(pid))
     finally:
         if raw is not None:
             raw.close()
@@ -227,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_row("raw TCP, server -> client", rates.raw_out, None))
     print(_row("PUT  client -> node", rates.put, rates.raw_in))
     print(_row("GET  node -> client", rates.get, rates.raw_out))
+    moved = total * args.rounds / 1e9
+    print()
+    print(f"node CPU seconds per GB: PUT {rates.put_cpu / moved:.3f}, GET {rates.get_cpu / moved:.3f} "
+          f"(user + system over the timed rounds; /proc ticks of {1 / _TICK * 1e3:.0f} ms)")
     return 0
 
 

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from node_throughput import RawPair
+from node_throughput import RawPair, cpu_seconds
 from redis_peer import start_redis
 
 from lmcache_memkv.node.launcher import NodeProcess, node_env
@@ -80,7 +80,6 @@ WARMUP_ROUNDS = 1
 BUFFER_SET_BYTES = 32 * MIB  # distinct buffers per side for raw and memcpy: more than a CPU cache holds
 REFERENCE_BYTES = 256 * MIB  # bytes per raw-TCP stream or memcpy sample
 BENCH_TIMEOUT_S = 300  # a run takes seconds to a minute; a stalled one is killed and counted as failed
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -89,16 +88,6 @@ _TICK = os.sysconf("SC_CLK_TCK")
 def _lmcache() -> str:
     exe = Path(sys.executable).with_name("lmcache")
     return str(exe) if exe.exists() else "lmcache"
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, all its threads (None once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15
 
 
 @dataclass

@@ -28,6 +28,7 @@ def test_benchmark_runs_with_tiny_parameters() -> None:
     assert re.search(r"^get: [\d.]+ GB/s = \d+% of raw loopback \([\d.]+ GB/s\)$", out, re.M), out
     for row in ("raw TCP, client -> server", "raw TCP, server -> client", "PUT  client -> node", "GET  node -> client"):
         assert row in out
+    assert re.search(r"^node CPU seconds per GB: PUT [\d.]+, GET [\d.]+ \(", out, re.M), out
 
 
 GOSSIP = Path(__file__).resolve().parents[1] / "benchmarks" / "gossip_traffic.py"

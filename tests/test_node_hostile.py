@@ -69,6 +69,25 @@ def test_a_client_dying_mid_put_evicts_at_most_the_values_it_began(node_factory:
         assert _present(c, keys) == 64 - evicted
 
 
+def test_a_client_dying_mid_put_of_small_values_evicts_only_for_bytes_that_came(node_factory: NodeFactory) -> None:
+    """Small values are reserved ahead of the one being read only once all their bytes are in the
+    node's socket: a client that announces 64 x 16 KiB and sends three and a half values makes the
+    node evict room for at most four."""
+    node = node_factory(capacity="4MiB")
+    with node.client() as c:
+        keys = _fill(c, 256, size=16 << 10)
+        sock = rawwire.connect(node.address)
+        frame = encode(PutRequest(keys=[b"dying/%02d" % i for i in range(64)], sizes=[16 << 10] * 64, versions=CLOCK.next(64)), 1)
+        sock.sendall(frame + b"y" * (3 * (16 << 10) + (8 << 10)))
+        time.sleep(0.3)  # every byte in the node's socket before the hang-up
+        sock.close()
+        wait_until("the node to drop the dead connection", lambda: node.metric("memkv_node_connections") == 1, 5)  # ours is left
+        evicted = node.metric("memkv_node_evictions_total")
+        assert 3 <= evicted <= 4
+        assert _present(c, keys) == 256 - evicted
+        assert c.exists([b"dying/%02d" % i for i in range(4)]) == [16 << 10] * 3 + [None]
+
+
 def test_a_value_that_cannot_fit_fails_at_once_and_evicts_nothing(node_factory: NodeFactory) -> None:
     """Half the arena leased: a value bigger than everything evictable is refused before anything
     is evicted (before the fix it evicted almost everything and then failed anyway)."""

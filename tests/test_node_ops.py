@@ -15,6 +15,7 @@ from nodeproc import NodeFactory, NodeProcess
 
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ServerError
+from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import ErrorCode, Status
 
 MiB = 1 << 20
@@ -63,6 +64,24 @@ def test_many_values_in_one_batch(client: NodeClient) -> None:
     lengths = client.get_into(keys, bufs)
     assert lengths == [len(v) for v in values]
     assert all(bytes(b[:n]) == v for b, n, v in zip(bufs, lengths, values, strict=True) if n is not None)
+
+
+def test_refused_values_inside_a_batch_of_small_values(client: NodeClient) -> None:
+    """The node reads small values whose bytes have all arrived in one call; a refused value among
+    them (STALE: the node holds a newer version) has its bytes skipped, and every value around it,
+    empty ones and a key written twice included, lands whole and in its place."""
+    keys = [f"group/{i:03d}".encode() for i in range(40)]
+    older = CLOCK.next(40)
+    assert client.put([keys[7], keys[20], keys[21]], [b"newer7", b"newer20", b"newer21"]) == [Status.OK] * 3
+    keys[30] = keys[29]  # the same key twice in one batch: the later write wins
+    values = [pattern(i, 0 if i % 9 == 4 else 1000 + 37 * i) for i in range(40)]
+    statuses = client.put(keys, values, versions=older)
+    assert statuses == [Status.STALE if i in (7, 20, 21) else Status.OK for i in range(40)]
+    bufs = [bytearray(3000) for _ in keys]
+    lengths = client.get_into(keys, bufs)
+    for i, (key, buf, n) in enumerate(zip(keys, bufs, lengths, strict=True)):
+        want = {7: b"newer7", 20: b"newer20", 21: b"newer21"}.get(i, values[30] if key == keys[30] else values[i])
+        assert (n, bytes(buf[: n or 0])) == (len(want), want), (i, key)
 
 
 def test_get_misses_and_short_buffers(client: NodeClient) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from lmcache_memkv.errors import ProtocolError
 from lmcache_memkv.node.arena import Arena
@@ -54,11 +56,13 @@ log = logging.getLogger("memkv.node.core")
 
 
 class PutPlan:
-    """One PUT: the mover claims each value's destination in turn, fills it, and reports it landed.
+    """One PUT: the mover claims each value's destination in order, fills it, and reports it landed.
 
     ``claim(i)`` reserves the extent (or refuses the value: NOT_READY while writes are gated,
     STALE, NO_SPACE, TOO_LARGE) and returns the arena view to fill, or None when the mover must
-    discard the value's bytes instead. ``landed`` publishes; ``abandon`` gives the extent back
+    discard the value's bytes instead. ``landed`` publishes the oldest claimed value not yet
+    published (a mover may claim several values whose bytes have all arrived, read them in one
+    call, then report each landed); ``abandon`` gives back every extent claimed and not landed
     when the transfer failed.
     """
 
@@ -70,12 +74,14 @@ class PutPlan:
         self.versions = msg.versions
         self._generation = generation
         self._writable = core.write_gate()  # asked once per request, as before the split
-        self._slot: Extent | None = None
-        self.statuses: list[Status] = []
+        self._next = 0  # the next value to claim
+        self._claimed: deque[tuple[int, Extent]] = deque()  # claimed, not landed, oldest first
+        self.statuses: list[Status | None] = [None] * len(msg.keys)  # None: not answered (yet)
         self._response = RdmaPutResponse if isinstance(msg, RdmaPutRequest) else PutResponse
 
     def claim(self, i: int) -> memoryview | None:
-        assert self._slot is None and i == len(self.statuses), "values are claimed in order, one at a time"
+        assert i == self._next, "values are claimed in order"
+        self._next += 1
         store = self._core.store
         key, size, version = self.keys[i], self.sizes[i], self.versions[i]
         if self._writable:
@@ -83,39 +89,37 @@ class PutPlan:
         else:
             slot = store.refuse(key, version, self._generation)
         if isinstance(slot, Extent):
-            self._slot = slot
+            self._claimed.append((i, slot))
             return self._core.arena.view[slot.offset : slot.offset + size]
-        self.statuses.append(slot)
+        self.statuses[i] = slot
         return None
 
     def landed(self) -> None:
-        slot, self._slot = self._slot, None
-        assert slot is not None
-        i = len(self.statuses)
-        self.statuses.append(self._core.store.publish(self.keys[i], slot, self.versions[i], self._generation))
+        i, slot = self._claimed.popleft()
+        self.statuses[i] = self._core.store.publish(self.keys[i], slot, self.versions[i], self._generation)
 
     def abandon(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._core.store.abort(slot)
+        while self._claimed:
+            self._core.store.abort(self._claimed.popleft()[1])
 
     def quarantine(self) -> None:
-        """Drop the claimed extent without giving it back: the RDMA fence could not confirm that
-        no late READ lands in it, and leaking its bytes is better than serving a torn value."""
-        slot, self._slot = self._slot, None
-        if slot is not None:
+        """Drop the claimed extents without giving them back: the RDMA fence could not confirm
+        that no late READ lands in them, and leaking their bytes is better than serving a torn value."""
+        while self._claimed:
+            slot = self._claimed.popleft()[1]
             log.error("RDMA fence unconfirmed: quarantining %d arena bytes at offset %d", slot.length, slot.offset)
 
     def answer(self) -> bytes:
-        """The PUT's response frame, once every value has been claimed."""
+        """The PUT's response frame, once every value has been claimed and every claim has landed."""
+        assert self._next == len(self.keys) and not self._claimed, "a PUT is answered once every value is settled"
         core = self._core
         core.metrics.bytes_in.labels(core.node_label).inc(sum(self.sizes))
         core.metrics.items.labels(core.node_label, "put").inc(len(self.keys))
-        return encode(self._response(statuses=self.statuses), self.rid)
+        return encode(self._response(statuses=cast(list[Status], self.statuses)), self.rid)
 
     @property
     def outcome(self) -> str:
-        return "ok" if len(self.statuses) == len(self.keys) and all(s == Status.OK for s in self.statuses) else "partial"
+        return "ok" if all(s == Status.OK for s in self.statuses) else "partial"
 
 
 class GetPlan:

@@ -27,7 +27,17 @@ from typing import TYPE_CHECKING, Protocol
 
 from lmcache_memkv.errors import MemKVTimeout, ProtocolError
 from lmcache_memkv.node.slots import TransferSlots
-from lmcache_memkv.transport.tcp import Buffer, PeerClosed, poll_ms, poll_queued, send_views, send_views_polled
+from lmcache_memkv.transport.tcp import (
+    IOV_MAX,
+    Buffer,
+    PeerClosed,
+    advance,
+    poll_ms,
+    poll_queued,
+    queued,
+    send_views,
+    send_views_polled,
+)
 from lmcache_memkv.wire.constants import ErrorCode
 
 if TYPE_CHECKING:
@@ -36,6 +46,8 @@ if TYPE_CHECKING:
     from lmcache_memkv.wire.messages import RdmaGetRequest, RdmaPutRequest
 
 _SCRATCH = 256 << 10  # discard buffer for values a PUT could not store
+_GROUP_BYTES = 256 << 10  # the most a PUT reserves ahead of the value it reads (values that big go alone)
+_GROUP_VALUES = 256  # and the most values it reads in one call (within IOV_MAX)
 _GATHER_FROM = 256 << 10  # PUTs at least this large wait for their bytes to be queued before reading
 _SLOT_FROM = 256 << 10  # transfers at least this large take a transfer slot (smaller ones never queue)
 _QUANTUM = 0.02  # seconds a transfer may hold its slot while it waits on its peer (and nobody queues)
@@ -71,18 +83,23 @@ class TcpMover:
         sock = self.sock
         # Non-blocking reads, polled only when the socket is empty: with a timeout set, Python
         # spends an ioctl and a poll on every read, and the values of a batch are usually in
-        # the socket already (six system calls per value become two).
+        # the socket already (six system calls per value became two; grouped, a few a batch).
         sock.settimeout(0.0)
         total = sum(plan.sizes)
         turn = _Turn(sock, deadline, self.slots if total >= _SLOT_FROM else None)
-        scratch: memoryview | None = None  # only a refused value needs it; most requests never do
-        later = total  # bytes of the values after the one being read
+        later = total  # bytes of the values after the one(s) being read
+        scratch: list[memoryview] = []  # a discard buffer, made only when a value is refused
         try:
             if total >= _GATHER_FROM:
                 # One wake-up once the batch is in (or the window is full), not one per segment,
                 # and without a slot: a slow sender holds none while it sends.
                 turn.wait("timed out waiting for a value's bytes", select.POLLIN, total)
-            for i, size in enumerate(plan.sizes):
+            sizes = plan.sizes
+            n = len(sizes)
+            i = 0
+            behind = True  # whether values queue up faster than the node reads them
+            while i < n:
+                size = sizes[i]
                 later -= size
                 if size:
                     # Reserve only once the value's bytes start to arrive: a peer that announces
@@ -96,15 +113,38 @@ class TcpMover:
                             turn.wait("timed out waiting for a value's bytes", select.POLLIN, size + later)
                 turn.begin()  # the bytes are here: queue for a slot (once; a no-op while one is held)
                 dst = plan.claim(i)
+                i += 1
                 if dst is None:
-                    if scratch is None:
-                        scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
-                    left = size
-                    while left:
-                        left -= _fill(sock, scratch[: min(left, len(scratch))], turn, later + left - min(left, len(scratch)))
+                    _discard(sock, size, later, turn, scratch)
                     continue
-                _fill(sock, dst, turn, later)  # straight into the arena
-                plan.landed()
+                # The values after this one whose bytes have all arrived too join it: reserved
+                # now (their bytes are here) and read with it in one call, so a batch of small
+                # values costs a few system calls, not a peek and a read each.
+                views = [dst]
+                refused = 0  # the size of a refused value that ends the group: drained after it
+                if i < n and size < _GROUP_BYTES and behind:
+                    ready = queued(sock) - size  # bytes of the values after this one, here now
+                    grouped = size
+                    while i < n and len(views) < _GROUP_VALUES:
+                        nxt = sizes[i]
+                        if nxt > ready or grouped + nxt > _GROUP_BYTES:
+                            break
+                        ready -= nxt
+                        grouped += nxt
+                        later -= nxt
+                        more = plan.claim(i)
+                        i += 1
+                        if more is None:
+                            refused = nxt
+                            break
+                        views.append(more)
+                # A read that had to wait means the node is ahead of its sender: the next values
+                # will not be here whole either, so skip the look (a system call) until one is.
+                behind = not _fill_views(sock, views, turn, later + refused)
+                for _ in views:
+                    plan.landed()
+                if refused:
+                    _discard(sock, refused, later, turn, scratch)
         finally:
             turn.end()
         send_views(sock, [plan.answer()], deadline)
@@ -193,6 +233,38 @@ class _Turn:
         if self._events == select.POLLIN:
             return poll_queued(self._sock, self._poll, want, until)
         return bool(self._poll.poll(poll_ms(until)))
+
+
+def _discard(sock: socket.socket, size: int, later: int, turn: _Turn, scratch: list[memoryview]) -> None:
+    """Read and drop a refused value's ``size`` bytes (``later``: bytes the request sends after
+    them), through ``scratch[0]`` (made on first use)."""
+    if size and not scratch:
+        scratch.append(memoryview(bytearray(min(_SCRATCH, size))))
+    left = size
+    while left:
+        chunk = min(left, len(scratch[0]))
+        left -= _fill(sock, scratch[0][:chunk], turn, later + left - chunk)
+
+
+def _fill_views(sock: socket.socket, views: list[memoryview], turn: _Turn, later: int) -> bool:
+    """Fill every view in order from a non-blocking socket, each read scattered over as many of
+    them as it covers (``later``: bytes the request still sends after these); whether it waited."""
+    waited = False
+    pending = [v for v in views if v.nbytes]
+    left = sum(v.nbytes for v in pending)
+    total = left
+    while pending:
+        try:
+            got = sock.recvmsg_into(pending[:IOV_MAX])[0]
+        except (BlockingIOError, InterruptedError):
+            turn.wait(f"timed out after receiving {total - left} of {total} bytes", select.POLLIN, left + later)
+            waited = True
+            continue
+        if got == 0:
+            raise PeerClosed(f"peer closed the connection after {total - left} of {total} bytes")
+        left -= got
+        pending = advance(pending, got)
+    return waited
 
 
 def _fill(sock: socket.socket, view: memoryview, turn: _Turn, later: int) -> int:

@@ -6,9 +6,12 @@ buffer with ``recv_into`` and writes gather memoryviews with ``sendmsg``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
+import sys
+import termios
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,7 +21,7 @@ from lmcache_memkv.wire.messages import Message
 from lmcache_memkv.wire.reader import FrameReader
 
 Buffer = bytes | bytearray | memoryview
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int
 _GATHER_MAX = 1 << 20  # the most a receiver waits to have queued: more, and a lone sender stalls on a full window
 
@@ -124,6 +127,11 @@ def poll_queued(sock: socket.socket, poller: select.poll, n: int, deadline: floa
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
+def queued(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (``FIONREAD``), read without consuming them."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
+
+
 def poll_ms(until: float) -> int:
     """``poll``'s timeout for a wait until ``until`` (monotonic), rounded up, within its int range."""
     return min(max(0, int((until - time.monotonic()) * 1000) + 1), _POLL_MAX_MS)
@@ -143,10 +151,10 @@ def send_views(sock: socket.socket, views: Sequence[Buffer], deadline: float | N
     while pending:
         _arm(sock, deadline)
         try:
-            sent = sock.sendmsg(pending[:_IOV_MAX])
+            sent = sock.sendmsg(pending[:IOV_MAX])
         except TimeoutError:
             raise MemKVTimeout("timed out while sending") from None
-        pending = _advance(pending, sent)
+        pending = advance(pending, sent)
 
 
 def send_views_polled(sock: socket.socket, views: Sequence[Buffer], wait: Callable[[], None]) -> None:
@@ -155,26 +163,27 @@ def send_views_polled(sock: socket.socket, views: Sequence[Buffer], wait: Callab
     pending = _byte_views(views)
     while pending:
         try:
-            sent = sock.sendmsg(pending[:_IOV_MAX])
+            sent = sock.sendmsg(pending[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             wait()
             continue
-        pending = _advance(pending, sent)
+        pending = advance(pending, sent)
 
 
 def _byte_views(views: Sequence[Buffer]) -> list[memoryview]:
     return [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes]
 
 
-def _advance(pending: list[memoryview], sent: int) -> list[memoryview]:
-    """Drop what went out; keep the unsent tail of a partly sent view."""
+def advance(pending: list[memoryview], done: int) -> list[memoryview]:
+    """Drop the views ``done`` bytes cover; keep the rest of a partly covered one (a gathered
+    send or a scattered read that moved ``done`` bytes)."""
     i = 0
-    while i < len(pending) and sent >= len(pending[i]):
-        sent -= len(pending[i])
+    while i < len(pending) and done >= len(pending[i]):
+        done -= len(pending[i])
         i += 1
     rest = pending[i:]
-    if sent and rest:
-        rest[0] = rest[0][sent:]
+    if done and rest:
+        rest[0] = rest[0][done:]
     return rest
 
 
