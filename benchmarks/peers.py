@@ -221,7 +221,11 @@ def run_bench(system: System, value: int, in_flight: int, num_keys: int, rounds:
     # lmcache bench l2 zeroes every load buffer with torch just before each timed load round; torch's
     # OpenMP workers then spin (libgomp's wait policy) on a CPU through the round, taking it from
     # the store and the adapter alike. One thread (default) removes that harness cost for every system.
-    env = node_env({**({"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {}), **system.env})
+    env = node_env(system.env)
+    if omp_threads:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)  # torch's default, whatever this shell set
     start: dict[str, float | None] | None = None
     end: dict[str, float | None] | None = None
     tail: deque[str] = deque(maxlen=40)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,23 @@ def test_defaults_with_only_servers() -> None:
     assert s.workers == default_workers()
 
 
-def test_workers_default_to_the_cpus_two_to_four(tmp_path: Path) -> None:
-    cpus = len(os.sched_getaffinity(0))
-    assert default_workers("/nonexistent") == min(4, max(2, cpus))
+@pytest.mark.parametrize(
+    ("cpus", "cpu_max", "expected"),
+    [(16, None, 4), (16, "max 100000\n", 4), (16, "250000 100000\n", 3), (16, "50000 100000\n", 2), (1, None, 2), (3, None, 3)],
+)
+def test_workers_default_to_the_cpus_two_to_four(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, cpu_max: str | None, expected: int
+) -> None:
+    """One I/O thread per CPU the sidecar may use (its affinity, capped by a container's CPU
+    quota), at least two and at most four."""
+    monkeypatch.setattr("lmcache_memkv.cpus.os.sched_getaffinity", lambda pid: set(range(cpus)))
     quota = tmp_path / "cpu.max"
-    quota.write_text("50000 100000\n")  # half a CPU: still two threads
-    assert default_workers(str(quota)) == 2
-    quota.write_text("250000 100000\n")  # 2.5 CPUs: three at once
-    assert default_workers(str(quota)) == min(3, max(2, cpus))
+    if cpu_max is not None:
+        quota.write_text(cpu_max)
+    assert default_workers(str(quota)) == expected
+
+
+def test_workers_setting_overrides_the_default() -> None:
     s = resolve({"servers": "h:1"}, env={"MEMKV_NUM_WORKERS": "7"})
     assert (s.num_workers, s.workers) == (7, 7)
     assert resolve({"servers": "h:1", "num_workers": 0}, env={}).workers == default_workers()

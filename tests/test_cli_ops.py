@@ -165,6 +165,20 @@ def test_bench_rejects_bad_sizes(cluster_env: dict[str, str]) -> None:
     assert out.returncode == 2 and "--value-size" in out.stderr
 
 
+@pytest.mark.parametrize(("ours", "theirs"), [(None, "1"), ("3", "3")])
+def test_bench_runs_torch_on_one_thread_unless_told(monkeypatch: pytest.MonkeyPatch, ours: str | None, theirs: str) -> None:
+    """The bench's torch spins OpenMP workers through each timed load round: one thread by
+    default, an operator's OMP_NUM_THREADS kept."""
+    from lmcache_memkv.cli.bench import _run
+
+    if ours is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", ours)
+    code, out = _run([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"], 30, False)
+    assert (code, out) == (0, theirs)
+
+
 # ---------------------------------------------------------------------------- keygen and help
 
 

@@ -718,7 +718,7 @@ def check_memkv_config(cfg: dict[str, Any], where: str) -> None:
     if "transport" in cfg:
         assert cfg["transport"] in ("auto", "tcp", "rdma"), where
     if "num_workers" in cfg:
-        assert isinstance(cfg["num_workers"], int) and cfg["num_workers"] >= 1, where
+        assert isinstance(cfg["num_workers"], int) and 0 <= cfg["num_workers"] <= 64, where
     for name in ("timeout_s", "lease_ttl_s"):
         if name in cfg:
             assert isinstance(cfg[name], (int, float)) and cfg[name] > 0, f"{where}: {name}"

@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import rawwire
 from nodeproc import NodeFactory, NodeProcess
 
 from lmcache_memkv.client import NodeClient
 from lmcache_memkv.errors import ConnectError, MemKVTimeout, ServerError
 from lmcache_memkv.versions import CLOCK
 from lmcache_memkv.wire.constants import ErrorCode, Status
+from lmcache_memkv.wire.messages import PutRequest, encode
 
 MiB = 1 << 20
 
@@ -82,6 +84,31 @@ def test_refused_values_inside_a_batch_of_small_values(client: NodeClient) -> No
     for i, (key, buf, n) in enumerate(zip(keys, bufs, lengths, strict=True)):
         want = {7: b"newer7", 20: b"newer20", 21: b"newer21"}.get(i, values[30] if key == keys[30] else values[i])
         assert (n, bytes(buf[: n or 0])) == (len(want), want), (i, key)
+
+
+def test_small_values_read_together_on_a_nearly_full_node_land_as_one_at_a_time(node_factory: NodeFactory) -> None:
+    """Room for one 60 KiB value, the rest leased: a PUT of two (both queued, so read in one call)
+    lands both, the second evicting the first, as value-by-value reads would; the same key twice
+    keeps the later value. Claiming the second before the first landed refused it (NO_SPACE, and
+    the key's tombstone made the first STALE)."""
+    node = node_factory(capacity="1MiB", args=["--lease-budget", "950KiB"])
+    with node.client() as c:
+        pinned = [b"pin/%02d" % i for i in range(19)]
+        assert c.put(pinned, [b"p" * (50 << 10)] * 19) == [Status.OK] * 19
+        assert all(c.lookup(pinned, lease_ttl_s=60).lease_ids)
+        first, second = pattern(1, 60 << 10), pattern(2, 60 << 10)
+        for keys in ([b"full/a", b"full/b"], [b"full/k", b"full/k"]):
+            sock = rawwire.connect(node.address)
+            try:
+                frame = encode(PutRequest(keys=keys, sizes=[60 << 10] * 2, versions=CLOCK.next(2)), 1)
+                sock.sendall(frame + first + second)
+                assert list(rawwire.read_frame(sock)[1].statuses) == [Status.OK, Status.OK]  # type: ignore[attr-defined]
+            finally:
+                sock.close()
+            buf = bytearray(64 << 10)
+            assert c.get_into([keys[1]], [buf]) == [60 << 10]
+            assert bytes(buf[: 60 << 10]) == second
+        assert c.stats()["no_space"] == 0
 
 
 def test_get_misses_and_short_buffers(client: NodeClient) -> None:

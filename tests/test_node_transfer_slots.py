@@ -149,12 +149,26 @@ def test_transfers_setting_is_checked_and_defaults_to_the_cpus() -> None:
     assert default_transfers("/nonexistent") == max(2, len(os.sched_getaffinity(0)))
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000\n", None), ("150000 100000\n", 2), ("100000 100000\n", 2), ("garbage\n", None), ("100000 0\n", None)])
-def test_default_transfers_follow_a_container_cpu_limit(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+@pytest.mark.parametrize(
+    ("cpus", "cpu_max", "expected"),
+    [
+        (16, "max 100000\n", 16),
+        (16, "150000 100000\n", 2),
+        (16, "250000 100000\n", 3),
+        (16, "garbage\n", 16),
+        (16, "100000 0\n", 16),
+        (1, "max 100000\n", 2),
+    ],
+)
+def test_default_transfers_follow_a_container_cpu_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, cpu_max: str, expected: int
+) -> None:
+    """One slot per CPU the node may use (a container's CPU quota caps its affinity; a quota file
+    that does not parse is ignored), at least two."""
+    monkeypatch.setattr("lmcache_memkv.cpus.os.sched_getaffinity", lambda pid: set(range(cpus)))
     f = tmp_path / "cpu.max"
     f.write_text(cpu_max)
-    cpus = max(2, len(os.sched_getaffinity(0)))
-    assert default_transfers(str(f)) == (cpus if expected is None else min(cpus, expected))
+    assert default_transfers(str(f)) == expected
 
 
 def test_transfers_from_the_command_line_and_the_settings_file(node_factory: NodeFactory, tmp_path: Path) -> None:

@@ -73,8 +73,8 @@ MAX_DEFAULT_WORKERS = 4
 def default_workers(cpu_max: str = CGROUP_CPU_MAX) -> int:
     """I/O threads per operation kind when ``num_workers`` is 0: one per CPU this process may use,
     2 to 4. Each runs one transfer at a time; on a host with few CPUs, more transfers at once than
-    CPUs fight over them and the GIL and move less in all (peers.py at 64 KiB on 2 CPUs: store
-    +15-40% with 2 threads rather than 4; no change at 1 and 8 MiB)."""
+    CPUs fight over them and the GIL and move less in all (peers.py on 2 CPUs, 2 threads rather
+    than 4: store at 64 KiB +3-40%; at 1 and 8 MiB within the noise, store at 16 in flight ~5% less)."""
     return min(MAX_DEFAULT_WORKERS, max(2, usable_cpus(cpu_max)))
 
 

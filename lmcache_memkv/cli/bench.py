@@ -272,6 +272,9 @@ def _run(cmd: list[str], timeout_s: float, show_progress: bool) -> tuple[int, st
     """Run the benchmark, following its log on a spinner; (exit code, its whole output)."""
     env = dict(os.environ, LMCACHE_TRACK_USAGE="false", LMCACHE_DISABLE_BANNER="1", LMCACHE_LOG_LEVEL="WARNING")
     env.setdefault("PYTHONWARNINGS", "ignore")  # third-party FutureWarnings say nothing about MemKV
+    # The bench zeroes its load buffers with torch before each timed round; torch's OpenMP workers
+    # then spin through the round on a CPU the adapter needs (benchmarks/peers.py measured it).
+    env.setdefault("OMP_NUM_THREADS", "1")
     lines: deque[str] = deque(maxlen=5000)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True

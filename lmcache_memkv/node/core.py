@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Literal, cast
 
 from lmcache_memkv.errors import ProtocolError
 from lmcache_memkv.node.arena import Arena
@@ -80,14 +80,27 @@ class PutPlan:
         self._response = RdmaPutResponse if isinstance(msg, RdmaPutRequest) else PutResponse
 
     def claim(self, i: int) -> memoryview | None:
+        view = self._claim(i, tentative=False)
+        assert view is not False
+        return view
+
+    def claim_ahead(self, i: int) -> memoryview | Literal[False] | None:
+        """``claim``, for a value read together with the claimed ones before it, not yet landed:
+        False, nothing claimed, where the node has no room for it. One at a time the node could
+        have evicted those (just landed) for it; claimed again once they land, it still can."""
+        return self._claim(i, tentative=True)
+
+    def _claim(self, i: int, tentative: bool) -> memoryview | Literal[False] | None:
         assert i == self._next, "values are claimed in order"
-        self._next += 1
         store = self._core.store
         key, size, version = self.keys[i], self.sizes[i], self.versions[i]
         if self._writable:
-            slot = store.reserve(key, size, version, self._generation)
+            slot = store.reserve(key, size, version, self._generation, tentative)
+            if slot is None:
+                return False
         else:
             slot = store.refuse(key, version, self._generation)
+        self._next += 1
         if isinstance(slot, Extent):
             self._claimed.append((i, slot))
             return self._core.arena.view[slot.offset : slot.offset + size]

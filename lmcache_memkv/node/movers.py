@@ -129,10 +129,12 @@ class TcpMover:
                         nxt = sizes[i]
                         if nxt > ready or grouped + nxt > _GROUP_BYTES:
                             break
+                        more = plan.claim_ahead(i)
+                        if more is False:  # no room: claimed on its own once these landed
+                            break
                         ready -= nxt
                         grouped += nxt
                         later -= nxt
-                        more = plan.claim(i)
                         i += 1
                         if more is None:
                             refused = nxt

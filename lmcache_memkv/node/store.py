@@ -142,12 +142,15 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def reserve(self, key: bytes, size: int, version: int, generation: int) -> Extent | Status:
+    def reserve(
+        self, key: bytes, size: int, version: int, generation: int, tentative: bool = False
+    ) -> Extent | Status | None:
         """An unpublished extent for a value of ``size`` bytes, evicting LRU entries as needed.
 
         Refused at once, evicting nothing: STALE (the node holds something newer), TOO_LARGE, or
         NO_SPACE when free plus evictable bytes cannot hold it. TOO_LARGE and NO_SPACE drop the
-        key's older value, so this replica serves no stale value.
+        key's older value, so this replica serves no stale value. ``tentative``: None instead of
+        TOO_LARGE or NO_SPACE, the key's value kept (the caller asks again later).
         """
         need = align_up(max(size, 1))
         with self._lock:
@@ -156,21 +159,22 @@ class Store:
                 self.counters.stale += 1
                 return Status.STALE
             if need > self.arena.capacity:
-                self._invalidate(key, version)
-                return Status.TOO_LARGE
+                return None if tentative else self._refuse_for_space(key, version, Status.TOO_LARGE)
             self._expire_leases(self._clock())
             if self.arena.capacity - self.arena.allocated + self._lru_bytes < need:
-                self.counters.no_space += 1
-                self._invalidate(key, version)
-                return Status.NO_SPACE
+                return None if tentative else self._refuse_for_space(key, version, Status.NO_SPACE)
             while True:
                 offset = self.arena.alloc(size)
                 if offset is not None:
                     return Extent(offset=offset, length=size)
                 if not self._evict_one():  # fragmentation around pinned or leased extents
-                    self.counters.no_space += 1
-                    self._invalidate(key, version)
-                    return Status.NO_SPACE
+                    return None if tentative else self._refuse_for_space(key, version, Status.NO_SPACE)
+
+    def _refuse_for_space(self, key: bytes, version: int, status: Status) -> Status:
+        if status == Status.NO_SPACE:
+            self.counters.no_space += 1
+        self._invalidate(key, version)
+        return status
 
     def refuse(self, key: bytes, version: int, generation: int) -> Status:
         """Refuse a write that may not be taken now (NOT_READY), dropping the key's older value
