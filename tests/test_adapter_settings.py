@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def test_workers_default_to_the_cpus_two_to_four(
     if cpu_max is not None:
         quota.write_text(cpu_max)
     assert default_workers(str(quota)) == expected
+
+
+def test_workers_default_on_this_machine() -> None:
+    assert default_workers("/nonexistent") == min(4, max(2, len(os.sched_getaffinity(0))))
 
 
 def test_workers_setting_overrides_the_default() -> None:

@@ -154,6 +154,7 @@ def test_transfers_setting_is_checked_and_defaults_to_the_cpus() -> None:
     [
         (16, "max 100000\n", 16),
         (16, "150000 100000\n", 2),
+        (16, "100000 100000\n", 2),
         (16, "250000 100000\n", 3),
         (16, "garbage\n", 16),
         (16, "100000 0\n", 16),
